@@ -1,0 +1,3 @@
+from medlandmark.cli import main
+
+raise SystemExit(main())

@@ -1,0 +1,163 @@
+"""Command line: argument parsing only; each verb is one call into the package."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import traceback
+from pathlib import Path
+
+from rich.markup import escape
+
+from medlandmark import __version__
+from medlandmark.console import configure, console
+from medlandmark.errors import MedlandmarkError
+
+EXIT_PROBLEMS = 1
+EXIT_ERROR = 2
+
+
+def _radii(text: str) -> list[float]:
+    try:
+        radii = [float(r) for r in text.split(",") if r.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"radii must be numbers in mm, e.g. 2,2.5,3,4; got {text!r}") from None
+    if not radii or any(r <= 0 for r in radii):
+        raise argparse.ArgumentTypeError("radii must be positive millimetres")
+    return radii
+
+
+_COMMON = argparse.ArgumentParser(add_help=False)
+_COMMON.add_argument("-q", "--quiet", action="store_true", help="print only results and errors")
+_COMMON.add_argument("-v", "--verbose", action="store_true", help="more detail; tracebacks on errors")
+
+
+def _verb(sub, name: str, summary: str, description: str, example: str) -> argparse.ArgumentParser:
+    return sub.add_parser(
+        name, help=summary, description=f"{summary}\n\n{description}\n\nexample:\n  {example}",
+        formatter_class=argparse.RawDescriptionHelpFormatter, parents=[_COMMON],
+    )  # fmt: skip
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="medlandmark",
+        description=(
+            "Find anatomical landmarks in 2D radiographs and 3D CT/MRI, in world millimetres.\n\n"
+            "A dataset is a folder with dataset.json, images/ and landmarks/; the verbs below\n"
+            "convert public datasets into it, check it, and evaluate predictions against it."
+        ),
+        epilog="Run 'medlandmark VERB --help' for each verb's inputs, outputs and an example.",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("--version", action="version", version=f"medlandmark {__version__}")
+    sub = parser.add_subparsers(dest="verb", required=True, metavar="VERB")
+
+    convert = _verb(
+        sub, "convert", "Convert a public dataset into a medlandmark dataset folder.",
+        "Writes OUT/dataset.json, OUT/images/ and OUT/landmarks/ (world mm), plus splits.",
+        "medlandmark convert isbi2015 ../shared/data/isbi2015 data/isbi2015",
+    )
+    kinds = convert.add_subparsers(dest="kind", required=True, metavar="KIND")
+    isbi = _verb(
+        kinds, "isbi2015", "ISBI 2015 cephalometric X-rays (19 landmarks, 0.1 mm pixels).",
+        "SRC is the official layout (RawImage/, AnnotationsByMD/). Splits: train 001-150,\n"
+        "test1 151-300, test2 301-400 when present. Ground truth: the annotators' mean by default.",
+        "medlandmark convert isbi2015 ../shared/data/isbi2015 data/isbi2015 --annotator senior",
+    )
+    isbi.add_argument("src", type=Path, help="folder with RawImage/ and AnnotationsByMD/")
+    isbi.add_argument("out", type=Path, help="dataset folder to create")
+    isbi.add_argument("--annotator", choices=["mean", "senior", "junior"], default="mean")
+    hand = _verb(
+        kinds, "hand-xray", "Digital Hand Atlas radiographs (37 landmarks).",
+        "SRC holds images/*.mha and landmarks_px.csv (id,x1,y1,...; pixels); spacing comes from\n"
+        "each MHA header.",
+        "medlandmark convert hand-xray ../shared/data/hand_xray data/hand",
+    )
+    hand.add_argument("src", type=Path, help="folder with images/ and landmarks_px.csv")
+    hand.add_argument("out", type=Path, help="dataset folder to create")
+    afids = _verb(
+        kinds, "afids", "One 3D case from an image and a 3D Slicer fiducial file (AFIDs).",
+        "Writes the image and its 32 AFIDs landmarks (Slicer .mrk.json, LPS) as one case.",
+        "medlandmark convert afids ../shared/data/afids_mni152/tpl-MNI152NLin2009cAsym_res-01_T1w.nii.gz "
+        "../shared/data/afids_mni152/tpl-MNI152NLin2009cAsym_res-01_desc-groundtruth_afids.fcsv data/afids",
+    )
+    afids.add_argument("image", type=Path, help="3D image (NIfTI, NRRD, MHA...)")
+    afids.add_argument("fcsv", type=Path, help="Slicer .fcsv or .mrk.json with the 32 AFIDs")
+    afids.add_argument("out", type=Path, help="dataset folder to create (or add the case to)")
+    afids.add_argument("--case-id", default=None, help="case id (default: the image file name)")
+
+    check = _verb(
+        sub, "check", "Check a dataset folder and report every problem, each with its file.",
+        "Reads every image and landmark file. Exit 0 when clean (warnings allowed), 1 with problems.",
+        "medlandmark check data/isbi2015",
+    )
+    check.add_argument("dataset", type=Path, help="dataset folder (with dataset.json)")
+
+    evaluate = _verb(
+        sub, "evaluate", "Compare predicted landmarks with ground truth, in world mm.",
+        "Evaluates the cases in --pred; writes OUT/metrics.json, OUT/report.md and PNG plots.",
+        "medlandmark evaluate --pred runs/isbi/pred --gt data/isbi2015 --out runs/isbi/eval",
+    )
+    evaluate.add_argument("--pred", type=Path, required=True, help="folder of predicted landmark files")
+    evaluate.add_argument("--gt", type=Path, required=True, help="dataset folder or folder of landmark files")
+    evaluate.add_argument("--out", type=Path, required=True, help="folder for metrics.json, report.md, plots")
+    evaluate.add_argument("--radii", type=_radii, default=[2.0, 2.5, 3.0, 4.0], help="SDR radii in mm")
+
+    demo = _verb(
+        sub, "demo", "Walk through the pipeline on a built-in synthetic dataset.",
+        "Makes a synthetic 2D dataset, checks it, and evaluates a perturbed copy of its\n"
+        "landmarks against it (the training and prediction steps join as they are built).",
+        "medlandmark demo -o demo_output",
+    )
+    demo.add_argument("-o", "--out", type=Path, default=Path("demo_output"), help="output folder")
+    return parser
+
+
+def run(args: argparse.Namespace) -> int:
+    """Dispatch one parsed command; returns the exit code."""
+    if args.verb == "convert":
+        from medlandmark.datasets import converters
+
+        if args.kind == "isbi2015":
+            converters.convert_isbi2015(args.src, args.out, annotator=args.annotator)
+        elif args.kind == "hand-xray":
+            converters.convert_hand_xray(args.src, args.out)
+        else:
+            converters.convert_afids(args.image, args.fcsv, args.out, case_id=args.case_id)
+        return 0
+    if args.verb == "check":
+        from medlandmark.datasets.check import check_dataset, print_check_report
+
+        report = check_dataset(args.dataset)
+        print_check_report(report)
+        return 0 if report.ok else EXIT_PROBLEMS
+    if args.verb == "evaluate":
+        from medlandmark.evaluation import evaluate, print_summary
+
+        print_summary(evaluate(args.pred, args.gt, args.out, radii=args.radii), args.out)
+        return 0
+    if args.verb == "demo":
+        from medlandmark.demo import run_demo
+
+        return run_demo(args.out)
+    raise AssertionError(f"unhandled verb {args.verb}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    configure(quiet=getattr(args, "quiet", False), verbose=getattr(args, "verbose", False))
+    try:
+        return run(args)
+    except MedlandmarkError as error:
+        if args.verbose:
+            traceback.print_exc()
+        console.print(f"[red]error:[/red] {escape(str(error))}", soft_wrap=True)
+        return EXIT_ERROR
+    except KeyboardInterrupt:
+        console.print("interrupted")
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

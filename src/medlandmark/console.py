@@ -1,0 +1,80 @@
+"""Messages and progress for long steps: a live bar on a terminal, plain lines in CI logs."""
+
+from __future__ import annotations
+
+import logging
+import sys
+import time
+from collections.abc import Iterable, Iterator
+from typing import TypeVar
+
+from rich.console import Console
+from rich.progress import (
+    BarColumn,
+    MofNCompleteColumn,
+    Progress,
+    TextColumn,
+    TimeElapsedColumn,
+    TimeRemainingColumn,
+)
+
+T = TypeVar("T")
+log = logging.getLogger("medlandmark")
+console = Console(stderr=True, highlight=False)
+_state = {"quiet": False, "verbose": False}
+
+
+def configure(quiet: bool = False, verbose: bool = False) -> None:
+    """Set how much the package prints (``--quiet`` / ``--verbose``)."""
+    _state.update(quiet=quiet, verbose=verbose)
+    level = logging.DEBUG if verbose else logging.WARNING if quiet else logging.INFO
+    logging.basicConfig(level=level, format="%(message)s", stream=sys.stderr, force=True)
+    log.setLevel(level)
+
+
+def is_verbose() -> bool:
+    return _state["verbose"]
+
+
+def info(message: str) -> None:
+    """A line for the user (suppressed by ``--quiet``)."""
+    if not _state["quiet"]:
+        console.print(message)
+
+
+def warn(message: str) -> None:
+    console.print(f"[yellow]warning:[/yellow] {message}")
+
+
+def progress(items: Iterable[T], total: int | None = None, description: str = "") -> Iterator[T]:
+    """Yield ``items`` while showing progress: a bar with count and rate on a terminal; in a
+    log (not a terminal) a line at every tenth of the way; nothing with ``--quiet``."""
+    if total is None and hasattr(items, "__len__"):
+        total = len(items)  # type: ignore[arg-type]
+    if _state["quiet"]:
+        yield from items
+        return
+    if console.is_terminal:
+        columns = (
+            TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
+            TextColumn("{task.speed:>6.1f}/s" if total else ""), TimeElapsedColumn(),
+            TimeRemainingColumn(),
+        )  # fmt: skip
+        with Progress(*columns, console=console, transient=False) as bar:
+            task = bar.add_task(description, total=total)
+            for item in items:
+                yield item
+                bar.advance(task)
+        return
+    yield from _logged(items, total, description)
+
+
+def _logged(items: Iterable[T], total: int | None, description: str) -> Iterator[T]:
+    start = time.monotonic()
+    step = max(1, (total or 10) // 10)
+    for done, item in enumerate(items, start=1):
+        yield item
+        if done % step == 0 or done == total:
+            rate = done / max(time.monotonic() - start, 1e-9)
+            of = f"/{total}" if total else ""
+            console.print(f"{description}: {done}{of} ({rate:.1f}/s)")

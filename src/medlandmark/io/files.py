@@ -1,0 +1,80 @@
+"""File naming and atomic writes: a file either appears whole under its name or not at all."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+
+COMPOUND_SUFFIXES = (".nii.gz", ".mrk.json", ".seg.nrrd")
+
+
+def full_suffix(path: str | Path) -> str:
+    """The format suffix of a file, lower-case, compound ones kept whole (``.nii.gz``)."""
+    name = Path(path).name.lower()
+    for suffix in COMPOUND_SUFFIXES:
+        if name.endswith(suffix):
+            return suffix
+    return Path(name).suffix
+
+
+def stem(path: str | Path) -> str:
+    """The file name without its (possibly compound) format suffix."""
+    name = Path(path).name
+    suffix = full_suffix(path)
+    return name[: len(name) - len(suffix)] if suffix else name
+
+
+@contextlib.contextmanager
+def atomic_path(path: str | Path) -> Iterator[Path]:
+    """Yield a temporary path beside ``path`` with the same suffix; rename it into place on success.
+
+    On any error the temporary file is removed and ``path`` is untouched.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp_name = tempfile.mkstemp(
+        prefix=f".{stem(path)}.partial-", suffix=full_suffix(path), dir=path.parent
+    )
+    os.close(fd)
+    tmp = Path(tmp_name)
+    try:
+        yield tmp
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+
+
+@contextlib.contextmanager
+def atomic_directory_write(path: str | Path) -> Iterator[Path]:
+    """Yield ``tmpdir/<name>`` for writers that make several files named after ``path``.
+
+    MetaImage ``.mhd`` headers name their ``.raw`` file, so the files are written under their
+    final names in a temporary folder beside ``path`` and moved in, the header last.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp_dir = Path(tempfile.mkdtemp(prefix=f".{stem(path)}.partial-", dir=path.parent))
+    try:
+        yield tmp_dir / path.name
+        written = sorted(tmp_dir.iterdir(), key=lambda p: p.name == path.name)
+        for item in written:
+            os.replace(item, path.parent / item.name)
+    finally:
+        shutil.rmtree(tmp_dir, ignore_errors=True)
+
+
+def atomic_write_text(path: str | Path, text: str) -> None:
+    """Write ``text`` (UTF-8) to ``path`` atomically."""
+    with atomic_path(path) as tmp:
+        tmp.write_text(text, encoding="utf-8")
+
+
+def atomic_write_bytes(path: str | Path, data: bytes) -> None:
+    """Write ``data`` to ``path`` atomically."""
+    with atomic_path(path) as tmp:
+        tmp.write_bytes(data)

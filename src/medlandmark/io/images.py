@@ -1,0 +1,320 @@
+"""Read and write images with their geometry through SimpleITK.
+
+Every image comes back as :class:`ImageData`: a channels-first array ``(C, *spatial)`` in array
+axis order and the :class:`~medlandmark.io.geometry.Geometry` that places it in the world.
+RGB(A) radiographs become one grey channel; a 3D image with a single slice is a 2D image.
+"""
+
+from __future__ import annotations
+
+import gzip
+import os
+import struct
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import SimpleITK as sitk
+
+from medlandmark.errors import ImageError
+from medlandmark.io.files import atomic_directory_write, atomic_path, full_suffix
+from medlandmark.io.geometry import Geometry
+
+# Formats whose files carry no trustworthy physical spacing: it comes from dataset.json or the CLI.
+FORMATS_WITHOUT_SPACING = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
+IMAGE_SUFFIXES = (
+    ".nii", ".nii.gz", ".nrrd", ".mha", ".mhd", ".dcm", *FORMATS_WITHOUT_SPACING,
+)  # fmt: skip
+MAX_VOXELS = int(os.environ.get("MEDLANDMARK_MAX_VOXELS", 1_500_000_000))
+
+sitk.ProcessObject.SetGlobalWarningDisplay(False)
+
+
+@dataclass
+class ImageData:
+    """Voxels ``(C, *spatial)`` in array axis order, and where they lie in the world."""
+
+    array: np.ndarray
+    geometry: Geometry
+
+    @property
+    def channels(self) -> int:
+        return self.array.shape[0]
+
+    @property
+    def ndim(self) -> int:
+        return self.geometry.ndim
+
+
+@dataclass(frozen=True)
+class ImageInfo:
+    """What the header says, read without loading the voxels."""
+
+    geometry: Geometry
+    channels: int
+    pixel_type: str
+    spacing_from_file: bool
+
+
+def is_image_path(path: str | Path) -> bool:
+    """True for a file with a supported image suffix, or a folder (a DICOM series)."""
+    path = Path(path)
+    return path.is_dir() or full_suffix(path) in IMAGE_SUFFIXES
+
+
+def read_image_info(
+    path: str | Path,
+    spacing_xy_mm: Sequence[float] | None = None,
+    allow_missing_spacing: bool = False,
+) -> ImageInfo:
+    """Geometry, channel count and pixel type from the header alone (no voxels are read)."""
+    path = Path(path)
+    if path.is_dir():
+        return _info_from_image(path, _read_dicom_series(path), spacing_xy_mm, allow_missing_spacing)
+    reader = _file_reader(path)
+    try:
+        reader.ReadImageInformation()
+    except RuntimeError as error:
+        raise ImageError(f"not a readable image ({_itk_reason(error)})", path) from None
+    size = reader.GetSize()
+    _refuse_too_large(path, size, reader.GetNumberOfComponents())
+    geometry, from_file = _geometry(
+        path, size, reader.GetSpacing(), reader.GetOrigin(), reader.GetDirection(),
+        spacing_xy_mm, allow_missing_spacing,
+    )  # fmt: skip
+    channels = _channels_after_conversion(reader.GetNumberOfComponents())
+    pixel_type = sitk.GetPixelIDValueAsString(reader.GetPixelID())
+    return ImageInfo(geometry, channels, pixel_type, from_file)
+
+
+def read_image(
+    path: str | Path,
+    spacing_xy_mm: Sequence[float] | None = None,
+    allow_missing_spacing: bool = False,
+    require_finite: bool = True,
+) -> ImageData:
+    """Read an image file or a DICOM series folder as ``(C, *spatial)`` voxels plus geometry.
+
+    ``spacing_xy_mm`` (x then y, as headers list it) is used for PNG/JPEG/BMP/TIFF, which carry
+    no trustworthy spacing; without it such a file is an error unless ``allow_missing_spacing``
+    (1 mm pixels). NaN or infinite voxels are an error when ``require_finite``.
+    """
+    path = Path(path)
+    if path.is_dir():
+        image = _read_dicom_series(path)
+    else:
+        read_image_info(path, spacing_xy_mm, allow_missing_spacing)  # header checks before allocating
+        _check_complete(path)
+        try:
+            image = sitk.ReadImage(str(path))
+        except RuntimeError as error:
+            raise ImageError(
+                f"image data cannot be read, the file may be truncated or corrupt "
+                f"({_itk_reason(error)})", path,
+            ) from None  # fmt: skip
+    geometry, _ = _geometry(
+        path, image.GetSize(), image.GetSpacing(), image.GetOrigin(), image.GetDirection(),
+        spacing_xy_mm, allow_missing_spacing,
+    )  # fmt: skip
+    array = _channels_first(sitk.GetArrayFromImage(image), image.GetNumberOfComponentsPerPixel())
+    array = array.reshape((array.shape[0], *geometry.shape))
+    if require_finite and np.issubdtype(array.dtype, np.floating):
+        bad = int(np.count_nonzero(~np.isfinite(array)))
+        if full_suffix(path) in (".nii", ".nii.gz"):
+            bad = max(bad, _count_nonfinite_nifti_voxels(path))
+        if bad:
+            raise ImageError(f"{bad} voxels are NaN or infinite", path)
+    return ImageData(array, geometry)
+
+
+def write_image(path: str | Path, array: np.ndarray, geometry: Geometry) -> None:
+    """Write ``(C, *spatial)`` or ``spatial`` voxels with their geometry, atomically.
+
+    The format follows the suffix; 2D formats without spacing (PNG...) lose the geometry.
+    """
+    path = Path(path)
+    array = np.asarray(array)
+    if array.ndim == geometry.ndim:
+        array = array[None]
+    if array.shape[1:] != geometry.shape:
+        raise ImageError(f"array shape {array.shape} does not match geometry {geometry.shape}", path)
+    if array.dtype == np.bool_:
+        array = array.astype(np.uint8)
+    channels = array.shape[0]
+    voxels = np.moveaxis(array, 0, -1) if channels > 1 else array[0]
+    image = sitk.GetImageFromArray(np.ascontiguousarray(voxels), isVector=channels > 1)
+    spacing, origin, direction = geometry.to_itk()
+    image.SetSpacing(spacing)
+    image.SetOrigin(origin)
+    image.SetDirection(direction)
+    writer = atomic_directory_write if full_suffix(path) == ".mhd" else atomic_path
+    with writer(path) as tmp:
+        try:
+            sitk.WriteImage(image, str(tmp), useCompression=full_suffix(path) in (".nrrd", ".mha"))
+        except RuntimeError as error:
+            raise ImageError(f"cannot write image ({_itk_reason(error)})", path) from None
+
+
+def _file_reader(path: Path) -> sitk.ImageFileReader:
+    if not path.exists():
+        raise ImageError("image file does not exist", path)
+    if path.stat().st_size == 0:
+        raise ImageError("image file is empty (0 bytes)", path)
+    reader = sitk.ImageFileReader()
+    reader.SetFileName(str(path))
+    return reader
+
+
+def _read_dicom_series(folder: Path) -> sitk.Image:
+    series_ids = sitk.ImageSeriesReader.GetGDCMSeriesIDs(str(folder))
+    if not series_ids:
+        raise ImageError("folder holds no DICOM series", folder)
+    if len(series_ids) > 1:
+        raise ImageError(
+            f"folder holds {len(series_ids)} DICOM series ({', '.join(series_ids)}); "
+            "put each series in a folder of its own", folder,
+        )  # fmt: skip
+    files = sitk.ImageSeriesReader.GetGDCMSeriesFileNames(str(folder), series_ids[0])
+    reader = sitk.ImageSeriesReader()
+    reader.SetFileNames(files)
+    try:
+        return reader.Execute()
+    except RuntimeError as error:
+        raise ImageError(f"DICOM series cannot be read ({_itk_reason(error)})", folder) from None
+
+
+def _info_from_image(
+    path: Path, image: sitk.Image, spacing_xy_mm: Sequence[float] | None, allow_missing: bool
+) -> ImageInfo:
+    geometry, from_file = _geometry(
+        path, image.GetSize(), image.GetSpacing(), image.GetOrigin(), image.GetDirection(),
+        spacing_xy_mm, allow_missing,
+    )  # fmt: skip
+    channels = _channels_after_conversion(image.GetNumberOfComponentsPerPixel())
+    return ImageInfo(geometry, channels, image.GetPixelIDTypeAsString(), from_file)
+
+
+def _geometry(
+    path: Path,
+    size: Sequence[int],
+    spacing: Sequence[float],
+    origin: Sequence[float],
+    direction: Sequence[float],
+    spacing_xy_mm: Sequence[float] | None,
+    allow_missing_spacing: bool,
+) -> tuple[Geometry, bool]:
+    """Geometry of the image as we hold it (2D when it has a single slice) and whether the
+    spacing came from the file."""
+    ndim = len(size)
+    if ndim not in (2, 3):
+        raise ImageError(f"image has {ndim} dimensions; only 2D and 3D images are supported", path)
+    direction = np.asarray(direction, dtype=np.float64).reshape(ndim, ndim)
+    if ndim == 3 and size[2] == 1:
+        size, spacing, origin = size[:2], spacing[:2], origin[:2]
+        direction = direction[:2, :2]
+        ndim = 2
+    from_file = full_suffix(path) not in FORMATS_WITHOUT_SPACING
+    if not from_file:
+        if spacing_xy_mm is not None:
+            spacing = tuple(float(s) for s in spacing_xy_mm)
+            if len(spacing) == 1:
+                spacing = spacing * ndim
+            if len(spacing) != ndim:
+                raise ImageError(f"spacing {spacing_xy_mm} given for a {ndim}D image", path)
+        elif not allow_missing_spacing:
+            raise ImageError(
+                f"{full_suffix(path)} files store no pixel spacing: give it as 'spacing_mm' in "
+                "dataset.json or with --spacing MM", path,
+            )  # fmt: skip
+        else:
+            spacing = (1.0,) * ndim
+        origin, direction = (0.0,) * ndim, np.eye(ndim)
+    geometry = Geometry.from_itk(spacing, origin, direction.ravel(), size)
+    return geometry.validated(path), from_file
+
+
+def _channels_after_conversion(components: int) -> int:
+    return 1 if components in (3, 4) else components
+
+
+def _channels_first(voxels: np.ndarray, components: int) -> np.ndarray:
+    """``(*spatial[, comp])`` -> ``(C, *spatial)``; RGB(A) becomes one grey channel."""
+    if components == 1:
+        return voxels[None]
+    channels = np.moveaxis(voxels, -1, 0)
+    if components in (3, 4):
+        rgb = channels[:3]
+        if np.array_equal(rgb[0], rgb[1]) and np.array_equal(rgb[0], rgb[2]):
+            return rgb[:1]
+        weights = np.array([0.299, 0.587, 0.114], dtype=np.float32)
+        return np.tensordot(weights, rgb.astype(np.float32), axes=1)[None]
+    return channels
+
+
+def _refuse_too_large(path: Path, size: Sequence[int], components: int) -> None:
+    voxels = int(np.prod(size, dtype=np.int64)) * max(components, 1)
+    if voxels > MAX_VOXELS:
+        raise ImageError(
+            f"image header declares {' x '.join(map(str, size))} pixels ({voxels:,} values), "
+            f"more than the limit of {MAX_VOXELS:,}; refusing to allocate it "
+            "(raise MEDLANDMARK_MAX_VOXELS if it is genuine)", path,
+        )  # fmt: skip
+
+
+def _check_complete(path: Path) -> None:
+    """Catch truncated JPEG/PNG/BMP files, which SimpleITK decodes silently with grey fill."""
+    suffix = full_suffix(path)
+    size = path.stat().st_size
+    with path.open("rb") as handle:
+        head = handle.read(32)
+        handle.seek(max(0, size - 16))
+        tail = handle.read()
+    truncated = (
+        (suffix in (".jpg", ".jpeg") and b"\xff\xd9" not in tail)
+        or (suffix == ".png" and b"IEND" not in tail)
+        or (suffix == ".bmp" and len(head) >= 6 and int.from_bytes(head[2:6], "little") > size)
+    )
+    if truncated:
+        raise ImageError("image file is truncated (its end marker is missing)", path)
+
+
+_NIFTI_FLOAT_TYPES = {16: np.float32, 32: np.float32, 64: np.float64, 1792: np.float64}
+
+
+def _count_nonfinite_nifti_voxels(path: Path) -> int:
+    """Count NaN/inf voxels in the file itself: ITK's NIfTI reader (before ITK 6) silently
+    turns them into 0, which would hide a corrupt image."""
+    opener = gzip.open if full_suffix(path) == ".nii.gz" else open
+    with opener(path, "rb") as handle:
+        header = handle.read(540)
+        sizeof_hdr = struct.unpack("<i", header[:4])[0]
+        order = "<" if sizeof_hdr in (348, 540) else ">"
+        if struct.unpack(f"{order}i", header[:4])[0] == 348:
+            datatype = struct.unpack(f"{order}h", header[70:72])[0]
+            offset = int(struct.unpack(f"{order}f", header[108:112])[0])
+        else:
+            datatype = struct.unpack(f"{order}h", header[12:14])[0]
+            offset = struct.unpack(f"{order}q", header[168:176])[0]
+        if datatype not in _NIFTI_FLOAT_TYPES:
+            return 0
+        dtype = np.dtype(_NIFTI_FLOAT_TYPES[datatype]).newbyteorder(order)
+        handle.seek(offset)
+        bad = 0
+        chunk_bytes = dtype.itemsize * (1 << 22)
+        while chunk := handle.read(chunk_bytes):
+            values = np.frombuffer(chunk[: len(chunk) - len(chunk) % dtype.itemsize], dtype)
+            bad += int(np.count_nonzero(~np.isfinite(values)))
+    return bad
+
+
+def _itk_reason(error: RuntimeError) -> str:
+    """The useful sentence of a multi-line ITK exception."""
+    text = str(error)
+    for marker in ("Unable to determine ImageIO reader", "Reason:", "ITK ERROR:", "sitk::ERROR:"):
+        if marker in text:
+            reason = text.split(marker, 1)[1].strip().splitlines()[0].strip()
+            if marker.startswith("Unable"):
+                return "unknown format or wrong magic bytes"
+            return reason
+    return text.strip().splitlines()[-1] if text.strip() else "unknown error"
