@@ -218,15 +218,7 @@ class Dataset:
         if path.is_file():
             if self.spec.splits:
                 raise DatasetError("splits are given in both dataset.json and splits.json", self.root)
-            try:
-                data = json.loads(path.read_text(encoding="utf-8"))
-            except (UnicodeDecodeError, json.JSONDecodeError) as error:
-                raise DatasetError(f"invalid JSON ({error})", path) from None
-            if not isinstance(data, dict) or not all(
-                isinstance(v, list) and all(isinstance(i, str) for i in v) for v in data.values()
-            ):
-                raise DatasetError("splits.json must map split names to lists of case ids", path)
-            return data
+            return read_splits_file(path)
         return dict(self.spec.splits or {})
 
     def split(self, name: str) -> list[str]:
@@ -235,6 +227,21 @@ class Dataset:
             known = ", ".join(splits) or "none"
             raise DatasetError(f"no split named '{name}' (known: {known})", self.root)
         return splits[name]
+
+
+def read_splits_file(path: Path) -> dict[str, list[str]]:
+    """``splits.json``: split name -> list of case ids."""
+    try:
+        data = json.loads(path.read_bytes().decode("utf-8-sig"))
+    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as error:
+        raise DatasetError(f"invalid JSON ({error})", path) from None
+    except OSError as error:
+        raise DatasetError(f"cannot read file ({error.strerror})", path) from None
+    if not isinstance(data, dict) or not all(
+        isinstance(ids, list) and all(isinstance(i, str) for i in ids) for ids in data.values()
+    ):
+        raise DatasetError("splits.json must map split names to lists of case ids", path)
+    return data
 
 
 def _is_image_entry(path: Path) -> bool:

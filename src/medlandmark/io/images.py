@@ -10,6 +10,7 @@ from __future__ import annotations
 import gzip
 import os
 import struct
+import zlib
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -263,8 +264,11 @@ def _refuse_too_large(path: Path, size: Sequence[int], components: int) -> None:
 
 
 def _check_complete(path: Path) -> None:
-    """Catch truncated JPEG/PNG/BMP files, which SimpleITK decodes silently with grey fill."""
+    """Catch truncated JPEG/PNG/BMP/NIfTI files, which SimpleITK decodes silently (filling in
+    grey or 0)."""
     suffix = full_suffix(path)
+    if suffix in (".nii", ".nii.gz") and _nifti_truncated(path):
+        raise ImageError("image file is truncated (less voxel data than its header declares)", path)
     size = path.stat().st_size
     with path.open("rb") as handle:
         head = handle.read(32)
@@ -277,6 +281,49 @@ def _check_complete(path: Path) -> None:
     )
     if truncated:
         raise ImageError("image file is truncated (its end marker is missing)", path)
+
+
+def _nifti_truncated(path: Path) -> bool:
+    """True when a NIfTI file ends before the voxel data its header declares. A .nii.gz whose
+    gzip trailer records the expected size is trusted; otherwise it is decompressed to count."""
+    compressed = full_suffix(path) == ".nii.gz"
+    try:
+        with (gzip.open if compressed else open)(path, "rb") as handle:
+            end = _nifti_data_end(handle.read(540))
+        if end is None:
+            return False
+        if not compressed:
+            return path.stat().st_size < end
+        with path.open("rb") as handle:
+            handle.seek(-4, os.SEEK_END)
+            if int.from_bytes(handle.read(4), "little") == end % (1 << 32):
+                return False
+        with gzip.open(path, "rb") as handle:
+            length = sum(len(chunk) for chunk in iter(lambda: handle.read(1 << 24), b""))
+        return length < end
+    except (EOFError, zlib.error, gzip.BadGzipFile):
+        return True
+
+
+def _nifti_data_end(header: bytes) -> int | None:
+    """Byte offset where a NIfTI-1/2 file's voxel data ends, from its header (None: unknown)."""
+    for order in "<>":
+        if len(header) >= 348 and struct.unpack(f"{order}i", header[:4])[0] == 348:
+            dims = struct.unpack(f"{order}8h", header[40:56])
+            bitpix = struct.unpack(f"{order}h", header[72:74])[0]
+            offset = int(struct.unpack(f"{order}f", header[108:112])[0])
+            break
+        if len(header) >= 540 and struct.unpack(f"{order}i", header[:4])[0] == 540:
+            dims = struct.unpack(f"{order}8q", header[16:80])
+            bitpix = struct.unpack(f"{order}h", header[14:16])[0]
+            offset = struct.unpack(f"{order}q", header[168:176])[0]
+            break
+    else:
+        return None
+    if not 1 <= dims[0] <= 7 or bitpix <= 0:
+        return None
+    voxels = int(np.prod([max(int(d), 1) for d in dims[1 : dims[0] + 1]], dtype=np.int64))
+    return int(offset) + (voxels * int(bitpix) + 7) // 8
 
 
 _NIFTI_FLOAT_TYPES = {16: np.float32, 32: np.float32, 64: np.float64, 1792: np.float64}
@@ -311,6 +358,8 @@ def _count_nonfinite_nifti_voxels(path: Path) -> int:
 def _itk_reason(error: RuntimeError) -> str:
     """The useful sentence of a multi-line ITK exception."""
     text = str(error)
+    if "No such file or directory" in text and "Reason:" in text:
+        return "ITK could not read all of its data"  # a stale errno, not the file's absence
     for marker in ("Unable to determine ImageIO reader", "Reason:", "ITK ERROR:", "sitk::ERROR:"):
         if marker in text:
             reason = text.split(marker, 1)[1].strip().splitlines()[0].strip()
