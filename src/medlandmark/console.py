@@ -22,6 +22,7 @@ T = TypeVar("T")
 log = logging.getLogger("medlandmark")
 console = Console(stderr=True, highlight=False)
 _state = {"quiet": False, "verbose": False}
+LOG_INTERVAL_S = 2.0
 
 
 def configure(quiet: bool = False, verbose: bool = False) -> None:
@@ -48,7 +49,7 @@ def warn(message: str) -> None:
 
 def progress(items: Iterable[T], total: int | None = None, description: str = "") -> Iterator[T]:
     """Yield ``items`` while showing progress: a bar with count and rate on a terminal; in a
-    log (not a terminal) a line at every tenth of the way; nothing with ``--quiet``."""
+    log (not a terminal) occasional plain lines; nothing with ``--quiet``."""
     if total is None and hasattr(items, "__len__"):
         total = len(items)  # type: ignore[arg-type]
     if _state["quiet"]:
@@ -70,11 +71,17 @@ def progress(items: Iterable[T], total: int | None = None, description: str = ""
 
 
 def _logged(items: Iterable[T], total: int | None, description: str) -> Iterator[T]:
-    start = time.monotonic()
+    """Plain lines for logs: one per tenth of the way at most every few seconds, and the last."""
+    start = last = time.monotonic()
     step = max(1, (total or 10) // 10)
+    done = 0
     for done, item in enumerate(items, start=1):
         yield item
-        if done % step == 0 or done == total:
-            rate = done / max(time.monotonic() - start, 1e-9)
-            of = f"/{total}" if total else ""
-            console.print(f"{description}: {done}{of} ({rate:.1f}/s)")
+        now = time.monotonic()
+        if done != total and (done % step or now - last < LOG_INTERVAL_S):
+            continue
+        last = now
+        of = f"/{total}" if total else ""
+        console.print(f"{description}: {done}{of} ({done / max(now - start, 1e-9):.1f}/s)")
+    if total is None and done:
+        console.print(f"{description}: {done} done")

@@ -1,0 +1,238 @@
+"""Evaluate predicted landmark files against ground truth, in world millimetres.
+
+:func:`evaluate` reads one prediction file per case (``<case_id>.<ext>``, any world-coordinate
+landmark format), pairs it by case id and landmark name with the ground truth (a dataset folder
+or a plain folder of landmark files), and writes ``metrics.json``, ``radial_errors.csv``,
+``report.md`` and PNG plots. The metrics themselves are in :mod:`.metrics`, the rendering in
+:mod:`.report`.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from medlandmark.console import info, progress
+from medlandmark.errors import DatasetError, LandmarkFileError
+from medlandmark.evaluation import metrics as m
+from medlandmark.evaluation.report import print_summary, write_report
+from medlandmark.io.files import atomic_write_text, full_suffix, stem
+from medlandmark.io.landmarks import FORMAT_BY_SUFFIX, LandmarkSet, read_landmarks
+
+__all__ = ["evaluate", "print_summary"]
+
+DEFAULT_RADII_MM = (2.0, 2.5, 3.0, 4.0)
+METRICS_FILE = "metrics.json"
+ERRORS_FILE = "radial_errors.csv"
+
+
+@dataclass
+class Pairs:
+    """Predictions and ground truth of the evaluated cases, ``(N, K, D)`` world mm each."""
+
+    case_ids: list[str]
+    names: list[str]
+    pred_mm: np.ndarray
+    gt_mm: np.ndarray
+    gt_cases_without_prediction: int
+
+
+def evaluate(
+    pred_dir: str | Path,
+    gt: str | Path,
+    out_dir: str | Path,
+    radii: Sequence[float] = DEFAULT_RADII_MM,
+) -> dict:
+    """Evaluate the cases of ``pred_dir`` against ``gt`` (dataset folder or folder of landmark
+    files); write ``metrics.json``, ``radial_errors.csv``, ``report.md`` and plots to ``out_dir``
+    and return the metrics."""
+    pred_dir, gt, out_dir = Path(pred_dir), Path(gt), Path(out_dir)
+    radii_mm = _checked_radii(radii)
+    pairs = load_pairs(pred_dir, gt)
+    errors_mm = m.radial_errors_mm(pairs.pred_mm, pairs.gt_mm)
+    pred_present = ~np.isnan(pairs.pred_mm).any(axis=-1)
+    gt_present = ~np.isnan(pairs.gt_mm).any(axis=-1)
+    metrics = {
+        "pred_dir": str(pred_dir),
+        "gt": str(gt),
+        "ndim": int(pairs.pred_mm.shape[-1]),
+        "n_gt_cases_without_prediction": pairs.gt_cases_without_prediction,
+        **m.summarize(errors_mm, pred_present, gt_present, pairs.case_ids, pairs.names, radii_mm),
+    }
+    out_dir.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(
+        out_dir / ERRORS_FILE, _errors_csv(pairs, errors_mm, pred_present, gt_present)
+    )
+    metrics["files"] = {
+        "errors_csv": ERRORS_FILE,
+        **write_report(out_dir, metrics, errors_mm, pairs.names),
+    }
+    metrics = _rounded(metrics)
+    atomic_write_text(out_dir / METRICS_FILE, json.dumps(metrics, indent=2, allow_nan=False) + "\n")
+    return metrics
+
+
+def load_pairs(pred_dir: Path, gt: Path) -> Pairs:
+    """Read every prediction of ``pred_dir`` and its ground truth, matched by landmark name."""
+    predictions = prediction_files(pred_dir)
+    truth = _GroundTruth.open(gt)
+    for case_id, path in predictions.items():
+        if case_id not in truth.files:
+            raise DatasetError(
+                f"prediction for case '{case_id}' has no ground truth in {gt} "
+                "(remove it or add the case's landmarks)", path,
+            )  # fmt: skip
+    names: list[str] | None = None
+    pred_sets, gt_sets = [], []
+    for case_id, path in progress(
+        predictions.items(), total=len(predictions), description="evaluating"
+    ):
+        gt_set, pred_set = truth.read_pair(case_id, path, names)
+        if names is None:
+            names = gt_set.names
+        elif pred_set.ndim != pred_sets[0].shape[1]:
+            raise LandmarkFileError(
+                f"{pred_set.ndim}D landmarks, but other cases are {pred_sets[0].shape[1]}D", path
+            )
+        pred_sets.append(pred_set.points_mm)
+        gt_sets.append(gt_set.points_mm)
+    unpredicted = len(set(truth.files) - set(predictions))
+    if unpredicted:
+        info(f"{unpredicted} ground-truth cases have no prediction and are not evaluated")
+    return Pairs(
+        list(predictions), names or [], np.stack(pred_sets), np.stack(gt_sets), unpredicted
+    )
+
+
+def prediction_files(pred_dir: Path) -> dict[str, Path]:
+    """Case id -> landmark file of a folder (hidden files and other file types are skipped)."""
+    files = landmark_files(pred_dir, "prediction")
+    if not files:
+        raise DatasetError(
+            f"no prediction files here (one landmark file per case: <case_id>"
+            f"{'|'.join(FORMAT_BY_SUFFIX)})", pred_dir,
+        )  # fmt: skip
+    return files
+
+
+def landmark_files(folder: Path, role: str) -> dict[str, Path]:
+    """Case id -> landmark file in ``folder``, sorted by case id; two files for one case is an error."""
+    if not folder.is_dir():
+        raise DatasetError(f"{role} folder does not exist or is not a folder", folder)
+    found: dict[str, Path] = {}
+    for path in sorted(folder.iterdir()):
+        if (
+            path.name.startswith(".")
+            or not path.is_file()
+            or full_suffix(path) not in FORMAT_BY_SUFFIX
+        ):
+            continue
+        case_id = stem(path)
+        if case_id in found:
+            raise DatasetError(
+                f"two {role} files for case '{case_id}' (also {found[case_id].name})", path
+            )
+        found[case_id] = path
+    return dict(sorted(found.items()))
+
+
+class _GroundTruth:
+    """Ground-truth landmarks by case id, from a dataset folder or a folder of landmark files."""
+
+    def __init__(self, files: dict[str, Path], dataset=None):
+        self.files = files
+        self.dataset = dataset
+
+    @classmethod
+    def open(cls, gt: Path) -> _GroundTruth:
+        from medlandmark.datasets.dataset import DATASET_FILE, Dataset
+
+        if (gt / DATASET_FILE).is_file():
+            dataset = Dataset(gt)
+            files = {
+                c.case_id: c.landmarks_path for c in dataset.cases if c.landmarks_path is not None
+            }
+            if not files:
+                raise DatasetError(
+                    "dataset has no landmark files to evaluate against", gt / "landmarks"
+                )
+            return cls(files, dataset)
+        files = landmark_files(gt, "ground-truth")
+        if not files:
+            raise DatasetError(
+                "no ground truth here: give a dataset folder (with dataset.json) or a folder of "
+                "landmark files named <case_id>.<ext>", gt,
+            )  # fmt: skip
+        return cls(files)
+
+    def read_pair(
+        self, case_id: str, pred_path: Path, names: Sequence[str] | None
+    ) -> tuple[LandmarkSet, LandmarkSet]:
+        """Ground truth and prediction of one case, in the same landmark order and dimension."""
+        if self.dataset is not None:
+            return self._read_dataset_pair(case_id, pred_path)
+        gt_path = self.files[case_id]
+        gt_set = read_landmarks(gt_path, names=names)
+        pred_set = read_landmarks(pred_path, names=gt_set.names)
+        if pred_set.ndim != gt_set.ndim:
+            gt_set, pred_set = _as_2d(gt_set, gt_path), _as_2d(pred_set, pred_path)
+        return gt_set, pred_set
+
+    def _read_dataset_pair(self, case_id: str, pred_path: Path) -> tuple[LandmarkSet, LandmarkSet]:
+        from medlandmark.io.images import read_image_info
+
+        spec = self.dataset.spec
+        geometry = read_image_info(self.dataset.case(case_id).image_path, spec.spacing_mm).geometry
+        gt_set = read_landmarks(self.files[case_id], geometry=geometry, names=spec.landmarks)
+        pred_set = read_landmarks(pred_path, geometry=geometry, names=spec.landmarks)
+        return gt_set, pred_set
+
+
+def _as_2d(landmarks: LandmarkSet, path: Path) -> LandmarkSet:
+    """2D points of a 3D set whose z is 0 (a 2D case saved in a 3D format such as Slicer's)."""
+    if landmarks.ndim == 2:
+        return landmarks
+    z = landmarks.points_mm[landmarks.present, 2]
+    if not np.allclose(z, 0.0, atol=1e-6):
+        raise LandmarkFileError(
+            "3D landmarks (z not 0) cannot be compared with the 2D landmarks of the other side",
+            path,
+        )
+    return LandmarkSet(landmarks.names, landmarks.points_mm[:, :2], None, landmarks.confidence)
+
+
+def _checked_radii(radii: Sequence[float]) -> list[float]:
+    values = sorted({float(r) for r in radii})
+    if not values or any(not np.isfinite(r) or r <= 0 for r in values):
+        raise ValueError(f"SDR radii must be positive millimetres, got {list(radii)}")
+    return values
+
+
+def _errors_csv(
+    pairs: Pairs, errors_mm: np.ndarray, pred_present: np.ndarray, gt_present: np.ndarray
+) -> str:
+    out = io.StringIO()
+    writer = csv.writer(out, lineterminator="\n")
+    writer.writerow(["case_id", "landmark", "radial_error_mm", "pred_present", "gt_present"])
+    for i, case_id in enumerate(pairs.case_ids):
+        for k, name in enumerate(pairs.names):
+            error = "" if np.isnan(errors_mm[i, k]) else f"{errors_mm[i, k]:.6f}"
+            writer.writerow([case_id, name, error, int(pred_present[i, k]), int(gt_present[i, k])])
+    return out.getvalue()
+
+
+def _rounded(value, digits: int = 6):
+    """Floats rounded for a readable metrics.json (1e-6 mm is far below any landmark error)."""
+    if isinstance(value, float):
+        return round(value, digits)
+    if isinstance(value, dict):
+        return {k: _rounded(v, digits) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_rounded(v, digits) for v in value]
+    return value

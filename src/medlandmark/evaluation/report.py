@@ -1,0 +1,193 @@
+"""Render evaluation metrics: PNG plots, ``report.md`` and the console summary (no metrics here)."""
+
+from __future__ import annotations
+
+import io
+from collections.abc import Sequence
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+from rich.markup import escape  # noqa: E402
+from rich.table import Table  # noqa: E402
+
+from medlandmark.console import console  # noqa: E402
+from medlandmark.evaluation.metrics import (  # noqa: E402
+    evaluated,
+    radius_key,
+    sdr_curve,
+    success_detection_rates,
+)
+from medlandmark.io.files import atomic_write_bytes, atomic_write_text  # noqa: E402
+
+REPORT_FILE = "report.md"
+BOXPLOT_FILE = "radial_errors_per_landmark.png"
+SDR_CURVE_FILE = "sdr_curve.png"
+WORST_CASES_SHOWN = 5
+
+
+def write_report(out_dir: Path, metrics: dict, errors_mm: np.ndarray, names: Sequence[str]) -> dict:
+    """Write the plots and ``report.md`` into ``out_dir``; return their file names."""
+    out_dir = Path(out_dir)
+    save_png(out_dir / BOXPLOT_FILE, landmark_boxplot(errors_mm, names))
+    save_png(out_dir / SDR_CURVE_FILE, sdr_curve_figure(errors_mm, metrics["radii_mm"]))
+    atomic_write_text(out_dir / REPORT_FILE, report_markdown(metrics))
+    return {"report": REPORT_FILE, "plots": [BOXPLOT_FILE, SDR_CURVE_FILE]}
+
+
+def save_png(path: Path, figure: plt.Figure) -> None:
+    """Render ``figure`` to PNG bytes and write them atomically; the figure is closed."""
+    buffer = io.BytesIO()
+    try:
+        figure.savefig(buffer, format="png", dpi=110, bbox_inches="tight")
+    finally:
+        plt.close(figure)
+    atomic_write_bytes(path, buffer.getvalue())
+
+
+def landmark_boxplot(errors_mm: np.ndarray, names: Sequence[str]) -> plt.Figure:
+    """Box plot of the radial errors of each landmark (evaluated points only)."""
+    errors_mm = np.asarray(errors_mm, dtype=np.float64).reshape(-1, len(names))
+    columns = [evaluated(errors_mm[:, k]) for k in range(len(names))]
+    figure, axes = plt.subplots(figsize=(max(6.0, 0.45 * len(names) + 2.0), 4.5))
+    positions = np.arange(1, len(names) + 1)
+    axes.boxplot(columns, positions=positions, showfliers=True, flierprops={"markersize": 3})
+    axes.set_xticks(positions, list(names), rotation=60, ha="right", fontsize=8)
+    axes.set_ylabel("radial error (mm)")
+    axes.set_title("Radial error per landmark")
+    axes.set_ylim(bottom=0)
+    axes.grid(axis="y", alpha=0.3)
+    return figure
+
+
+def sdr_curve_figure(errors_mm: np.ndarray, radii_mm: Sequence[float]) -> plt.Figure:
+    """Percent of points within ``r`` for ``r`` from 0 to twice the largest radius."""
+    radii, percent = sdr_curve(errors_mm, 2.0 * max(radii_mm))
+    figure, axes = plt.subplots(figsize=(6.0, 4.5))
+    axes.plot(radii, percent, color="tab:blue")
+    marked = success_detection_rates(errors_mm, radii_mm)
+    axes.plot(radii_mm, marked, "o", color="tab:red")
+    for r, p in zip(radii_mm, marked, strict=True):
+        if not np.isnan(p):
+            axes.annotate(
+                f"{p:.1f}%", (r, p), textcoords="offset points", xytext=(4, -12), fontsize=8
+            )
+    axes.set_xlabel("radius r (mm)")
+    axes.set_ylabel("points within r (%)")
+    axes.set_title("Success detection rate")
+    axes.set_xlim(0, radii[-1])
+    axes.set_ylim(0, 100)
+    axes.grid(alpha=0.3)
+    return figure
+
+
+def report_markdown(metrics: dict) -> str:
+    """The text of ``report.md``: summary, SDR, per-landmark, missing points, worst cases, plots."""
+    radii = [radius_key(r) for r in metrics["radii_mm"]]
+    lines = [
+        "# Landmark evaluation report",
+        "",
+        f"Predictions: `{metrics.get('pred_dir', '?')}`  ",
+        f"Ground truth: `{metrics.get('gt', '?')}`  ",
+        f"All distances are Euclidean radial errors in world millimetres ({metrics.get('ndim', '?')}D).",
+        "",
+        "## Summary",
+        "",
+        "| cases | points | MRE (mm) | SD (mm) | median (mm) | max (mm) |",
+        "|---:|---:|---:|---:|---:|---:|",
+        f"| {metrics['n_cases']} | {metrics['n_points']} | {_mm(metrics['mre_mm'])} | "
+        f"{_mm(metrics['sd_mm'])} | {_mm(metrics['median_mm'])} | {_mm(metrics.get('max_mm'))} |",
+        "",
+    ]
+    unpredicted = metrics.get("n_gt_cases_without_prediction", 0)
+    if unpredicted:
+        lines += [f"{unpredicted} ground-truth cases have no prediction and are not evaluated.", ""]
+    lines += [
+        "## Success detection rate",
+        "",
+        "| " + " | ".join(f"SDR {r} mm" for r in radii) + " |",
+        "|" + "---:|" * len(radii),
+        "| " + " | ".join(_percent(metrics["sdr"][r]) for r in radii) + " |",
+        "",
+        "## Per landmark",
+        "",
+        "| landmark | n | MRE (mm) | SD (mm) | " + " | ".join(f"SDR {r}" for r in radii) + " |",
+        "|---|---:|---:|---:|" + "---:|" * len(radii),
+    ]
+    for name, row in metrics["per_landmark"].items():
+        sdr = " | ".join(_percent(row["sdr"][r]) for r in radii)
+        lines.append(
+            f"| {_cell(name)} | {row['n']} | {_mm(row['mre_mm'])} | {_mm(row['sd_mm'])} | {sdr} |"
+        )
+    missing = metrics["missing"]
+    lines += [
+        "",
+        "## Missing landmarks",
+        "",
+        "| | truly missing | truly present |",
+        "|---|---:|---:|",
+        f"| predicted missing | {missing['tp']} (tp) | {missing['fp']} (fp) |",
+        f"| predicted present | {missing['fn']} (fn) | {missing['tn']} (tn) |",
+        "",
+        "## Worst cases",
+        "",
+        "| case | MRE (mm) | max (mm) | worst landmark |",
+        "|---|---:|---:|---|",
+    ]
+    for row in metrics["worst_cases"][:WORST_CASES_SHOWN]:
+        lines.append(
+            f"| {_cell(row['case_id'])} | {_mm(row['mre_mm'])} | {_mm(row['max_mm'])} | "
+            f"{_cell(row['worst_landmark'])} |"
+        )
+    lines += [
+        "",
+        "## Plots",
+        "",
+        f"![Radial error per landmark]({BOXPLOT_FILE})",
+        "",
+        f"![Success detection rate]({SDR_CURVE_FILE})",
+        "",
+        "## Conventions",
+        "",
+        "- Radial error: only points present in both the prediction and the ground truth.",
+        f"- SD: {metrics['sd_convention']}.",
+        f"- SDR: {metrics['sdr_rule']}.",
+        f"- Missing landmarks: {metrics['missing_rule']}.",
+        "",
+    ]
+    return "\n".join(lines)
+
+
+def print_summary(metrics: dict, out_dir: Path) -> None:
+    """Print the main figures as a table, then where the report is."""
+    table = Table(title="Landmark evaluation", show_header=False, title_justify="left")
+    table.add_column("metric", style="bold")
+    table.add_column("value", justify="right")
+    table.add_row("cases", str(metrics["n_cases"]))
+    table.add_row("points", str(metrics["n_points"]))
+    table.add_row("MRE ± SD", f"{_mm(metrics['mre_mm'])} ± {_mm(metrics['sd_mm'])} mm")
+    table.add_row("median", f"{_mm(metrics['median_mm'])} mm")
+    for radius, percent in metrics["sdr"].items():
+        table.add_row(f"SDR {radius} mm", _percent(percent))
+    missing = metrics["missing"]
+    table.add_row(
+        "missing tp/fp/fn/tn", f"{missing['tp']}/{missing['fp']}/{missing['fn']}/{missing['tn']}"
+    )
+    console.print(table)
+    console.print(f"report: {escape(str(Path(out_dir) / REPORT_FILE))}", soft_wrap=True)
+
+
+def _cell(text: str) -> str:
+    """Text safe inside a Markdown table cell."""
+    return str(text).replace("|", "\\|").replace("\n", " ")
+
+
+def _mm(value: float | None) -> str:
+    return "n/a" if value is None else f"{value:.3f}"
+
+
+def _percent(value: float | None) -> str:
+    return "n/a" if value is None else f"{value:.2f}%"
