@@ -111,3 +111,32 @@ def test_invalid_geometry_is_refused_with_reason(spacing, direction, needle) -> 
     geometry = Geometry(spacing, (0.0, 0.0), direction, (3, 3))
     with pytest.raises(ImageError, match=needle):
         geometry.validated("case.nii.gz")
+
+
+def test_resampled_geometry_keeps_field_of_view_edges_and_matches_torch_sampling() -> None:
+    import torch
+
+    from medlandmark.io.geometry import resampled_geometry
+
+    geometry = Geometry((2.0, 0.5), (3.0, -4.0), ((0.6, -0.8), (0.8, 0.6)), (7, 10))
+    resampled = resampled_geometry(geometry, (3, 25))
+    for corner_old, corner_new in (([-0.5, -0.5], [-0.5, -0.5]), ([6.5, 9.5], [2.5, 24.5])):
+        assert np.allclose(index_to_world(corner_old, geometry), index_to_world(corner_new, resampled))
+    ramp = np.arange(10, dtype=np.float64)[None, :].repeat(7, 0)  # value = old column index
+    sampled = torch.nn.functional.interpolate(
+        torch.from_numpy(ramp)[None, None], size=(3, 25), mode="bilinear", align_corners=False
+    )[0, 0].numpy()
+    old_index = world_to_index(index_to_world(np.array([[1.0, j] for j in range(3, 22)]), resampled), geometry)
+    np.testing.assert_allclose(sampled[1, 3:22], old_index[:, 1], atol=1e-9)
+
+
+def test_transposed_and_cropped_geometry_follow_the_array() -> None:
+    from medlandmark.io.geometry import cropped_geometry, transposed_geometry
+
+    direction = _rotation(3, 11)
+    geometry = Geometry((3.0, 0.7, 0.5), (1.0, 2.0, 3.0), tuple(map(tuple, direction)), (4, 5, 6))
+    index = np.array([[1.0, 2.0, 3.0]])
+    moved = transposed_geometry(geometry, (2, 0, 1))
+    np.testing.assert_allclose(index_to_world(index[:, [2, 0, 1]], moved), index_to_world(index, geometry))
+    crop = cropped_geometry(geometry, (1, -2, 3), (2, 2, 2))
+    np.testing.assert_allclose(index_to_world(index - [1, -2, 3], crop), index_to_world(index, geometry))

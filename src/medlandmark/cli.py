@@ -32,6 +32,16 @@ _COMMON.add_argument("-q", "--quiet", action="store_true", help="print only resu
 _COMMON.add_argument("-v", "--verbose", action="store_true", help="more detail; tracebacks on errors")
 
 
+def _positive(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"must be positive, got {text}")
+    return value
+
+
 def _verb(sub, name: str, summary: str, description: str, example: str) -> argparse.ArgumentParser:
     return sub.add_parser(
         name, help=summary, description=f"{summary}\n\n{description}\n\nexample:\n  {example}",
@@ -45,7 +55,8 @@ def build_parser() -> argparse.ArgumentParser:
         description=(
             "Find anatomical landmarks in 2D radiographs and 3D CT/MRI, in world millimetres.\n\n"
             "A dataset is a folder with dataset.json, images/ and landmarks/; the verbs below\n"
-            "convert public datasets into it, check it, and evaluate predictions against it."
+            "convert public datasets into it, check it, plan and preprocess it, and evaluate\n"
+            "predictions against it."
         ),
         epilog="Run 'medlandmark VERB --help' for each verb's inputs, outputs and an example.",
         formatter_class=argparse.RawDescriptionHelpFormatter,
@@ -94,6 +105,29 @@ def build_parser() -> argparse.ArgumentParser:
     )
     check.add_argument("dataset", type=Path, help="dataset folder (with dataset.json)")
 
+    plan = _verb(
+        sub, "plan", "Fingerprint a dataset and decide every size: write plans.json.",
+        "Computes (or reuses) PREPROCESSED/fingerprint.json, then writes PREPROCESSED/plans.json:\n"
+        "target spacing, normalisation, patch sizes, networks and the coarse-to-fine cascade.\n"
+        "PREPROCESSED defaults to DATASET/preprocessed.",
+        "medlandmark plan data/isbi2015 --gpu-memory 8",
+    )
+    plan.add_argument("dataset", type=Path, help="dataset folder (with dataset.json)")
+    plan.add_argument("--preprocessed", type=Path, default=None, help="folder for plans and caches")
+    plan.add_argument("--gpu-memory", type=_positive, default=8.0, metavar="GB", help="GPU memory budget (default 8)")
+    plan.add_argument("--workers", type=int, default=2, help="parallel readers (default 2)")
+
+    preprocess = _verb(
+        sub, "preprocess", "Resample and normalise every case into the cache, as plans.json says.",
+        "Writes PREPROCESSED/<data>/<case>.npy (float16, memory-mappable) and <case>.json (geometry,\n"
+        "landmarks in cache voxels). Up-to-date cases are skipped; interrupted runs resume.",
+        "medlandmark preprocess data/isbi2015 -c 2d_coarse 2d_fine --workers 2",
+    )
+    preprocess.add_argument("dataset", type=Path, help="dataset folder (with dataset.json)")
+    preprocess.add_argument("--preprocessed", type=Path, default=None, help="folder with plans.json")
+    preprocess.add_argument("-c", "--configurations", nargs="+", default=None, help="default: all in the plan")
+    preprocess.add_argument("--workers", type=int, default=2, help="parallel processes (default 2)")
+
     evaluate = _verb(
         sub, "evaluate", "Compare predicted landmarks with ground truth, in world mm.",
         "Evaluates the cases in --pred; writes OUT/metrics.json, OUT/report.md and PNG plots.",
@@ -132,6 +166,16 @@ def run(args: argparse.Namespace) -> int:
         report = check_dataset(args.dataset)
         print_check_report(report)
         return 0 if report.ok else EXIT_PROBLEMS
+    if args.verb == "plan":
+        from medlandmark.planning import plan_dataset
+
+        plan_dataset(args.dataset, args.preprocessed, gpu_memory_gb=args.gpu_memory, workers=args.workers)
+        return 0
+    if args.verb == "preprocess":
+        from medlandmark.preprocessing import preprocess_dataset
+
+        preprocess_dataset(args.dataset, args.preprocessed, args.configurations, workers=args.workers)
+        return 0
     if args.verb == "evaluate":
         from medlandmark.evaluation import evaluate, print_summary
 

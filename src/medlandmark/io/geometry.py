@@ -195,3 +195,33 @@ def lps_to_ras(points_mm: np.ndarray) -> np.ndarray:
 
 
 ras_to_lps = lps_to_ras
+
+
+def resampled_geometry(geometry: Geometry, shape: Sequence[int]) -> Geometry:
+    """Geometry of the same field of view sampled on ``shape`` voxels (edges kept in place).
+
+    New voxel ``j`` sits at old continuous index ``(j + 0.5) * N / M - 0.5`` per axis, which is
+    what ``torch.nn.functional.interpolate(..., align_corners=False)`` samples.
+    """
+    old = np.asarray(geometry.shape, dtype=np.float64)
+    new = np.asarray(shape, dtype=np.float64)
+    ratio = old / new
+    spacing = np.asarray(geometry.spacing_mm) * ratio
+    origin = index_to_world(0.5 * ratio - 0.5, geometry)
+    return Geometry(tuple(spacing), tuple(origin), geometry.direction, tuple(int(n) for n in shape))
+
+
+def transposed_geometry(geometry: Geometry, axes: Sequence[int]) -> Geometry:
+    """Geometry of ``array.transpose(axes)`` (spatial axes only)."""
+    axes = list(axes)
+    direction = geometry.direction_matrix[:, axes]
+    return Geometry(
+        tuple(geometry.spacing_mm[a] for a in axes), geometry.origin_mm,
+        tuple(map(tuple, direction)), tuple(geometry.shape[a] for a in axes),
+    )  # fmt: skip
+
+
+def cropped_geometry(geometry: Geometry, start: Sequence[int], shape: Sequence[int]) -> Geometry:
+    """Geometry of ``array[start : start + shape]`` (``start`` may be negative: padding)."""
+    origin = index_to_world(np.asarray(start, dtype=np.float64), geometry)
+    return Geometry(geometry.spacing_mm, tuple(origin), geometry.direction, tuple(shape))

@@ -1,0 +1,76 @@
+"""Self-configuration: dataset fingerprint -> plans.json (spacing, patches, networks, cascade)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from medlandmark.console import info
+from medlandmark.datasets.dataset import Dataset
+from medlandmark.errors import MedlandmarkError
+from medlandmark.io.files import atomic_write_text
+from medlandmark.planning.fingerprint import (
+    compute_fingerprint,
+    dataset_signature,
+    write_fingerprint,
+)
+from medlandmark.planning.planner import PLANS_VERSION, make_plan, plan_summary
+
+FINGERPRINT_FILE = "fingerprint.json"
+PLANS_FILE = "plans.json"
+
+__all__ = ["load_plan", "make_plan", "plan_dataset", "plan_summary", "preprocessed_folder"]
+
+
+def preprocessed_folder(dataset_root: str | Path, preprocessed: str | Path | None = None) -> Path:
+    """Where fingerprint, plans and caches live: ``--preprocessed`` or ``DATASET/preprocessed``."""
+    return Path(preprocessed) if preprocessed is not None else Path(dataset_root) / "preprocessed"
+
+
+def plan_dataset(
+    dataset_root: str | Path, preprocessed: str | Path | None = None, gpu_memory_gb: float = 8.0,
+    workers: int = 4,
+) -> dict:
+    """Fingerprint the dataset (reusing an up-to-date ``fingerprint.json``), plan, write
+    ``plans.json`` and print the plan's summary."""
+    dataset = Dataset(dataset_root)
+    folder = preprocessed_folder(dataset_root, preprocessed)
+    fingerprint = _cached_fingerprint(folder / FINGERPRINT_FILE, dataset)
+    if fingerprint is None:
+        fingerprint = compute_fingerprint(dataset, workers=workers)
+        write_fingerprint(folder / FINGERPRINT_FILE, fingerprint)
+    plan = make_plan(fingerprint, gpu_memory_gb=gpu_memory_gb)
+    plan["dataset_path"] = str(Path(dataset_root).resolve())
+    atomic_write_text(folder / PLANS_FILE, json.dumps(plan, indent=1) + "\n")
+    info(plan_summary(plan))
+    info(f"wrote {folder / PLANS_FILE}")
+    return plan
+
+
+def load_plan(folder: str | Path) -> dict:
+    """Read ``plans.json`` from a preprocessed folder, checking its schema version."""
+    path = Path(folder) / PLANS_FILE
+    if not path.is_file():
+        raise MedlandmarkError("no plans.json: run 'medlandmark plan DATASET' first", path)
+    try:
+        plan = json.loads(path.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise MedlandmarkError(f"invalid JSON ({error})", path) from None
+    if not isinstance(plan, dict) or plan.get("version") != PLANS_VERSION:
+        raise MedlandmarkError(f"plans.json version {plan.get('version')!r} is not {PLANS_VERSION}; re-run plan", path)
+    return plan
+
+
+def _cached_fingerprint(path: Path, dataset: Dataset) -> dict | None:
+    if not path.is_file():
+        return None
+    try:
+        fingerprint = json.loads(path.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError):
+        return None
+    case_ids = fingerprint.get("case_ids", [])
+    try:
+        current = dataset_signature(dataset, case_ids)
+    except MedlandmarkError:
+        return None
+    return fingerprint if fingerprint.get("input_signature") == current else None

@@ -1,0 +1,303 @@
+"""From a fingerprint to a plan: every size the pipeline uses, decided by written rules.
+
+The rules start from nnU-Net v2's (see ../shared/design/ANCHORS.md) and adapt them to landmark
+heatmaps: a coarse-to-fine cascade whenever the image is much larger than one patch, a heatmap
+sigma from the spacing and the landmark statistics, and sizes for every architecture.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import numpy as np
+
+PLANS_VERSION = 1
+ANISOTROPY_THRESHOLD = 3.0
+MIN_FEATURE_MAP = 4
+MAX_POOLS = {2: 6, 3: 5}
+INITIAL_PATCH_VOXELS = {2: 2048**2, 3: 256**3}
+MAX_FEATURES = {2: 512, 3: 320}
+BASE_FEATURES = 32
+# Landmark identity needs global context (which incisor, which side), so unlike nnU-Net's 4x
+# rule for segmentation, a cascade starts as soon as one patch sees less than half the image.
+CASCADE_AREA_RATIO = 2.0
+MIN_FINE_PATCH = {2: 64, 3: 32}
+HEATMAP_SIGMA_VOXELS = (2.0, 5.0)  # bounds; 3 voxels without landmark statistics
+BYTES_PER_ACTIVATION = 2  # bf16/fp16 activations under mixed precision
+ACTIVATIONS_PER_STAGE = 15  # conv, norm, nonlinearity x2 per side, transposed conv, skip concat
+BYTES_PER_PARAMETER = 16  # fp32 weight, gradient and two AdamW moments
+RESERVED_GPU_GB = 0.75  # CUDA context and allocator slack
+BATCH_DATASET_FRACTION = 0.05
+MIN_BATCH = 2
+
+
+def target_spacing_mm(spacings_mm: np.ndarray, shapes: np.ndarray) -> np.ndarray:
+    """Median spacing per axis; for an axis much coarser than the others that also has few
+    voxels, its 10th percentile instead (never finer than the other axes)."""
+    spacings_mm, shapes = np.asarray(spacings_mm, float), np.asarray(shapes, float)
+    target = np.median(spacings_mm, axis=0)
+    if len(target) < 3:
+        return target
+    median_shape = np.median(shapes * spacings_mm / target, axis=0)
+    worst = int(np.argmax(target))
+    others = [a for a in range(len(target)) if a != worst]
+    anisotropic_spacing = target[worst] > ANISOTROPY_THRESHOLD * target[others].max()
+    few_voxels = median_shape[worst] * ANISOTROPY_THRESHOLD < median_shape[others].min()
+    if anisotropic_spacing and few_voxels:
+        finer = np.percentile(spacings_mm[:, worst], 10)
+        target[worst] = max(finer, target[others].max() + 1e-5)
+    return target
+
+
+def transpose_axes(spacing_mm: Sequence[float]) -> list[int]:
+    """Axis order for the cache: a 3D volume's coarsest axis goes first when it is anisotropic."""
+    spacing = np.asarray(spacing_mm)
+    if len(spacing) == 3 and spacing.max() > ANISOTROPY_THRESHOLD * spacing.min():
+        worst = int(np.argmax(spacing))
+        return [worst] + [a for a in range(3) if a != worst]
+    return list(range(len(spacing)))
+
+
+def network_topology(patch_size: Sequence[int], spacing_mm: Sequence[float]) -> dict:
+    """Pooling per axis and kernel sizes per stage (nnU-Net's rules), and the patch size
+    rounded up to be divisible by the total pooling of each axis."""
+    ndim = len(patch_size)
+    size, spacing = [float(s) for s in patch_size], [float(s) for s in spacing_mm]
+    kernel = [1] * ndim
+    pools_per_axis = [0] * ndim
+    strides, kernels = [[1] * ndim], []
+    while True:
+        finest = min(spacing)
+        for axis in range(ndim):
+            if spacing[axis] / finest < 2:
+                kernel[axis] = 3
+        axes = [
+            a for a in range(ndim)
+            if size[a] >= 2 * MIN_FEATURE_MAP and spacing[a] / finest < 2 and pools_per_axis[a] < MAX_POOLS[ndim]
+        ]  # fmt: skip
+        if len(axes) == 1 and size[axes[0]] < 3 * MIN_FEATURE_MAP:
+            axes = []
+        kernels.append(list(kernel))
+        if not axes or len(strides) > MAX_POOLS[ndim]:
+            break
+        stride = [2 if a in axes else 1 for a in range(ndim)]
+        for a in axes:
+            pools_per_axis[a] += 1
+            spacing[a] *= 2
+            size[a] = math.ceil(size[a] / 2)
+        strides.append(stride)
+    kernels[-1] = [3] * ndim  # the bottleneck always sees 3 voxels per axis
+    divisor = [2**p for p in pools_per_axis]
+    patch = [int(math.ceil(p / d) * d) for p, d in zip(patch_size, divisor, strict=True)]
+    return {
+        "patch_size": patch, "strides": strides, "kernel_sizes": kernels,
+        "pools_per_axis": pools_per_axis, "divisor": divisor,
+        "features_per_stage": [min(BASE_FEATURES * 2**i, MAX_FEATURES[ndim]) for i in range(len(strides))],
+    }  # fmt: skip
+
+
+def training_memory_gb(topology: dict, batch_size: int, num_landmarks: int) -> float:
+    """Estimated GPU memory of one training step of the U-Net: activations kept for the
+    backward pass (both sides of every stage) plus weights, gradients and optimiser state."""
+    voxels = float(np.prod(topology["patch_size"]))
+    activations, parameters = 0.0, 0.0
+    in_features = 1
+    for stride, kernel, features in zip(
+        topology["strides"], topology["kernel_sizes"], topology["features_per_stage"], strict=True
+    ):
+        voxels /= float(np.prod(stride))
+        activations += voxels * features * ACTIVATIONS_PER_STAGE
+        taps = float(np.prod(kernel))
+        parameters += taps * features * (in_features + 3 * features) + float(np.prod(stride)) * features**2
+        in_features = features
+    activations += float(np.prod(topology["patch_size"])) * num_landmarks * 3
+    total_bytes = batch_size * activations * BYTES_PER_ACTIVATION + parameters * BYTES_PER_PARAMETER
+    return total_bytes / 1024**3
+
+
+def fit_patch_to_budget(
+    spacing_mm: Sequence[float], median_shape: Sequence[float], gpu_memory_gb: float, num_landmarks: int,
+    initial_voxels: float | None = None,
+) -> dict:
+    """The largest patch (aspect ratio 1/spacing, at most the median shape) whose training step
+    at batch size 2 fits the budget; shrinks the axis largest relative to the image first."""
+    ndim = len(spacing_mm)
+    budget = gpu_memory_gb - RESERVED_GPU_GB
+    initial_voxels = initial_voxels or INITIAL_PATCH_VOXELS[ndim]
+    inverse = 1.0 / np.asarray(spacing_mm, float)
+    patch = inverse * (initial_voxels / np.prod(inverse)) ** (1.0 / ndim)
+    patch = np.minimum(np.round(patch), np.asarray(median_shape, float)).astype(int)
+    topology = network_topology(patch, spacing_mm)
+    while training_memory_gb(topology, MIN_BATCH, num_landmarks) > budget:
+        ratio = np.asarray(topology["patch_size"]) / np.asarray(median_shape, float)
+        axis = int(np.argmax(ratio))
+        patch = np.asarray(topology["patch_size"])
+        patch[axis] -= topology["divisor"][axis]
+        if patch[axis] < 2 * MIN_FEATURE_MAP:
+            raise ValueError(f"no patch fits in {gpu_memory_gb} GB of GPU memory")
+        topology = network_topology(patch, spacing_mm)
+    return topology
+
+
+def batch_size(topology: dict, gpu_memory_gb: float, num_landmarks: int, dataset_voxels: float) -> int:
+    """As many samples as fit the budget, at most 5 % of the dataset's voxels, at least 2."""
+    budget = gpu_memory_gb - RESERVED_GPU_GB
+    size = MIN_BATCH
+    while training_memory_gb(topology, size + 1, num_landmarks) <= budget:
+        size += 1
+    cap = int(BATCH_DATASET_FRACTION * dataset_voxels / float(np.prod(topology["patch_size"])))
+    return max(MIN_BATCH, min(size, cap))
+
+
+def heatmap_sigma_mm(spacing_mm: Sequence[float], smallest_distance_mm: float | None) -> float:
+    """Gaussian sigma: half the typical (median over cases) smallest distance between two
+    landmarks of a case, so that neighbours' targets barely overlap (exp(-2) at the other
+    point), kept between 2 and 5 voxels of the configuration's coarsest axis."""
+    voxel = float(max(spacing_mm))
+    low, high = HEATMAP_SIGMA_VOXELS
+    if not smallest_distance_mm:
+        return 3.0 * voxel
+    return float(np.clip(smallest_distance_mm / 2.0, low * voxel, high * voxel))
+
+
+def normalization(modalities: Sequence[str], intensity: Sequence[dict]) -> list[dict]:
+    """CT: clip to the global 0.5/99.5 percentiles then the global z-score; otherwise per image."""
+    schemes = []
+    for modality, stats in zip(modalities, intensity, strict=True):
+        if modality == "ct":
+            schemes.append({
+                "scheme": "ct", "clip": [stats["percentile_00_5"], stats["percentile_99_5"]],
+                "mean": stats["mean"], "std": max(stats["std"], 1e-8),
+            })  # fmt: skip
+        else:
+            schemes.append({"scheme": "zscore_per_image"})
+    return schemes
+
+
+def architecture_sizes(topology: dict, spatial_dims: int, gpu_memory_gb: float) -> dict:
+    """Sizes for every architecture, from the patch and the budget."""
+    patch = np.asarray(topology["patch_size"])
+    width = float(np.clip(math.sqrt(gpu_memory_gb / 24.0), 0.25, 1.0))
+    width = math.floor(width * 8) / 8
+    sizes = {"unet": {
+        "features_per_stage": topology["features_per_stage"], "strides": topology["strides"],
+        "kernel_sizes": topology["kernel_sizes"], "n_conv_per_stage": 2, "deep_supervision": True,
+    }}  # fmt: skip
+    if spatial_dims == 2:
+        regions = []
+        for stage, reference in enumerate((16, 16, 16, 8, 8), start=1):
+            side = int(patch.min()) // 2**stage
+            regions.append(int(np.clip(side // 4, 1, reference)))
+        sizes["hyatt"] = {
+            "width_multiplier": width, "depths": [1, 1, 1, 1, 1], "n_win": regions,
+            "topk": [1, 4, 8, 16, -1], "kv_pool": 4, "mlp_ratios": [8, 8, 8, 4, 4], "head_dim": 32,
+        }
+    else:
+        feature = patch // 4  # after the stride-4 stem
+        reference = np.array([4, 4, 2]) if patch[0] <= patch[-1] else np.array([2, 4, 4])
+        regions = np.clip(feature // 4, 1, reference).astype(int).tolist()
+        sizes["h3de"] = {
+            "width_multiplier": width, "widths": [64, 128, 256, 512], "depths": [2, 2, 4, 2],
+            "n_win": regions, "topk": [1, 4, 16, 16], "mlp_ratio": 4,
+        }
+    return sizes
+
+
+def _configuration(
+    name: str, stage: str, spacing_mm: np.ndarray, topology: dict, fingerprint: dict,
+    gpu_memory_gb: float, dataset_voxels: float, data_identifier: str, **extra: object,
+) -> dict:
+    stats = fingerprint["landmark_statistics"]
+    num_landmarks = len(fingerprint["landmarks"])
+    sigma_mm = heatmap_sigma_mm(spacing_mm, stats.get("median_smallest_distance_mm"))
+    return {
+        "name": name, "stage": stage, "data_identifier": data_identifier,
+        "spacing_mm": [float(s) for s in spacing_mm],
+        "patch_size": topology["patch_size"],
+        "batch_size": batch_size(topology, gpu_memory_gb, num_landmarks, dataset_voxels),
+        "heatmap_sigma_mm": sigma_mm,
+        "heatmap_sigma_voxels": [sigma_mm / s for s in spacing_mm],
+        "estimated_gpu_memory_gb": round(training_memory_gb(topology, MIN_BATCH, num_landmarks), 3),
+        "topology": {k: topology[k] for k in ("strides", "kernel_sizes", "pools_per_axis", "features_per_stage")},
+        "architectures": architecture_sizes(topology, len(spacing_mm), gpu_memory_gb),
+        **extra,
+    }  # fmt: skip
+
+
+def make_plan(fingerprint: dict, gpu_memory_gb: float = 8.0) -> dict:
+    """The whole plan for a fingerprint: spacing, transposition, normalisation, configurations."""
+    ndim = fingerprint["spatial_dims"]
+    spacings = np.asarray(fingerprint["spacings_mm"], float)
+    shapes = np.asarray(fingerprint["shapes"], float)
+    axes = transpose_axes(np.median(spacings, axis=0))
+    spacings, shapes = spacings[:, axes], shapes[:, axes]
+    target = target_spacing_mm(spacings, shapes)
+    shapes_at_target = shapes * spacings / target
+    median_shape = np.median(shapes_at_target, axis=0)
+    dataset_voxels = float(np.prod(shapes_at_target, axis=1).sum())
+    num_landmarks = len(fingerprint["landmarks"])
+    full = fit_patch_to_budget(target, median_shape, gpu_memory_gb, num_landmarks)
+    base = "2d" if ndim == 2 else "3d"
+    configurations = {}
+    needs_cascade = np.prod(median_shape) > CASCADE_AREA_RATIO * np.prod(full["patch_size"])
+    if needs_cascade:
+        factor = float(np.max(median_shape / np.asarray(full["patch_size"])))
+        coarse_spacing = target * factor
+        coarse_shape = np.ceil(median_shape / factor)
+        coarse = network_topology(coarse_shape.astype(int), coarse_spacing)
+        fine_patch = np.maximum(np.asarray(full["patch_size"]) / factor, MIN_FINE_PATCH[ndim])
+        fine = network_topology(np.minimum(fine_patch, median_shape).astype(int), target)
+        configurations[f"{base}_coarse"] = _configuration(
+            f"{base}_coarse", "coarse", coarse_spacing, coarse, fingerprint, gpu_memory_gb,
+            dataset_voxels / factor**ndim, "data_coarse", next_stage=f"{base}_fine",
+            downsampling_factor=factor,
+        )  # fmt: skip
+        configurations[f"{base}_fine"] = _configuration(
+            f"{base}_fine", "fine", target, fine, fingerprint, gpu_memory_gb, dataset_voxels,
+            "data_fullres", previous_stage=f"{base}_coarse",
+        )  # fmt: skip
+    full_name = "2d" if ndim == 2 else "3d_fullres"
+    configurations[full_name] = _configuration(
+        full_name, "full", target, full, fingerprint, gpu_memory_gb, dataset_voxels, "data_fullres",
+    )  # fmt: skip
+    return {
+        "version": PLANS_VERSION,
+        "dataset": fingerprint["dataset"],
+        "spatial_dims": ndim,
+        "landmarks": fingerprint["landmarks"],
+        "modalities": fingerprint["modalities"],
+        "gpu_memory_gb": gpu_memory_gb,
+        "fingerprint_signature": fingerprint["input_signature"],
+        "transpose_forward": axes,
+        "transpose_backward": [int(i) for i in np.argsort(axes)],
+        "target_spacing_mm": [float(s) for s in target],
+        "median_shape_at_target": [float(s) for s in median_shape],
+        "normalization": normalization(fingerprint["modalities"], fingerprint["intensity"]),
+        "default_configuration": f"{base}_coarse" if needs_cascade else full_name,
+        "configurations": configurations,
+    }
+
+
+def plan_summary(plan: dict) -> str:
+    """A few human-readable lines describing the plan's decisions."""
+    lines = [
+        f"dataset {plan['dataset']}: {plan['spatial_dims']}D, {len(plan['landmarks'])} landmarks, "
+        f"GPU budget {plan['gpu_memory_gb']} GB",
+        f"target spacing {_mm(plan['target_spacing_mm'])} (axes {plan['transpose_forward']}), "
+        f"median image {'x'.join(str(round(s)) for s in plan['median_shape_at_target'])} voxels",
+        "normalisation: " + ", ".join(n["scheme"] for n in plan["normalization"]),
+    ]
+    for name, config in plan["configurations"].items():
+        lines.append(
+            f"  {name:<10} {config['stage']:<6} spacing {_mm(config['spacing_mm'])}  patch "
+            f"{'x'.join(map(str, config['patch_size']))}  batch {config['batch_size']}  "
+            f"stages {len(config['topology']['strides'])}  sigma {config['heatmap_sigma_mm']:.3g} mm  "
+            f"~{config['estimated_gpu_memory_gb']:.1f} GB"
+        )
+    lines.append(f"default configuration: {plan['default_configuration']}")
+    return "\n".join(lines)
+
+
+def _mm(values: Sequence[float]) -> str:
+    return "x".join(f"{v:.3g}" for v in values) + " mm"

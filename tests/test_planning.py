@@ -1,0 +1,133 @@
+"""Planner decisions on synthetic fingerprints, checked against the written rules."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from medlandmark.io.geometry import Geometry
+from medlandmark.planning.fingerprint import landmark_statistics, orientation_code
+from medlandmark.planning.planner import (
+    CASCADE_AREA_RATIO,
+    make_plan,
+    network_topology,
+    target_spacing_mm,
+    training_memory_gb,
+)
+
+
+def fingerprint(spacings, shapes, modality="mr", num_landmarks=5, smallest=10.0, spread=3.0) -> dict:
+    """A fingerprint as compute_fingerprint writes it, with chosen spacings and shapes."""
+    spacings, shapes = np.asarray(spacings, float), np.asarray(shapes, float)
+    names = [f"L{i}" for i in range(num_landmarks)]
+    return {
+        "dataset": "synthetic", "spatial_dims": spacings.shape[1], "landmarks": names,
+        "modalities": [modality], "num_cases": len(spacings), "input_signature": "x",
+        "spacings_mm": spacings.tolist(), "shapes": shapes.tolist(),
+        "intensity": [{"mean": 40.0, "std": 300.0, "median": 30.0, "min": -1024.0, "max": 3000.0,
+                       "percentile_00_5": -1000.0, "percentile_99_5": 1500.0}],
+        "landmark_statistics": {"smallest_distance_mm": smallest / 3, "median_smallest_distance_mm": smallest,
+                                "median_spread_mm": spread, "fraction_missing": dict.fromkeys(names, 0.0)},
+    }  # fmt: skip
+
+
+def _rounds(n: int, value) -> list:
+    return [value] * n
+
+
+def test_isotropic_mr_plans_one_isotropic_fullres_configuration() -> None:
+    plan = make_plan(fingerprint(_rounds(30, [1.0, 1.0, 1.0]), _rounds(30, [120, 140, 130])))
+    assert plan["target_spacing_mm"] == [1.0, 1.0, 1.0]
+    assert plan["transpose_forward"] == [0, 1, 2]
+    assert list(plan["configurations"]) == ["3d_fullres"]  # one patch covers over half the image
+    config = plan["configurations"]["3d_fullres"]
+    patch = np.asarray(config["patch_size"])
+    divisor = 2 ** np.asarray(config["topology"]["pools_per_axis"])
+    assert (patch <= np.ceil(np.array([120, 140, 130]) / divisor) * divisor).all()  # within the image
+    assert np.prod(patch) * CASCADE_AREA_RATIO >= 120 * 140 * 130  # why there is no cascade
+    assert all(k == [3, 3, 3] for k in config["topology"]["kernel_sizes"])
+    assert len(set(config["topology"]["pools_per_axis"])) == 1  # pooled alike on every axis
+    assert plan["normalization"] == [{"scheme": "zscore_per_image"}]
+    assert config["estimated_gpu_memory_gb"] <= 8.0 - 0.75
+    assert config["heatmap_sigma_mm"] == pytest.approx(5.0)  # half the smallest distance, within 2-5 voxels
+
+
+def test_anisotropic_ct_takes_10th_percentile_spacing_transposes_and_skips_pooling_thick_axis() -> None:
+    rng = np.random.default_rng(0)
+    thick = rng.choice([2.5, 3.0, 5.0, 5.0, 5.0], size=40)
+    spacings = [[0.7, 0.7, float(z)] for z in thick]  # (x, y, z)-like array order: thick axis last
+    shapes = [[512, 512, int(300 / z)] for z in thick]
+    plan = make_plan(fingerprint(spacings, shapes, modality="ct"))
+    assert plan["transpose_forward"] == [2, 0, 1]  # thick axis first
+    assert plan["transpose_backward"] == [1, 2, 0]
+    assert plan["target_spacing_mm"][0] == pytest.approx(np.percentile(thick, 10))
+    assert plan["target_spacing_mm"][1:] == [0.7, 0.7]
+    config = plan["configurations"][next(iter(plan["configurations"]))]
+    first_kernel = config["topology"]["kernel_sizes"][0]
+    assert first_kernel == [1, 3, 3]  # 2.5 mm is over 2x the in-plane spacing
+    assert config["topology"]["strides"][1] == [1, 2, 2]  # in-plane pooled first
+    assert plan["normalization"][0]["scheme"] == "ct"
+    assert plan["normalization"][0]["clip"] == [-1000.0, 1500.0]
+
+
+def test_median_spacing_when_thick_axis_has_many_voxels() -> None:
+    spacings = np.array([[0.8, 0.8, 4.0]] * 10)
+    shapes = np.array([[256, 256, 400]] * 10)  # long but coarse axis: not "few voxels"
+    assert target_spacing_mm(spacings, shapes).tolist() == [0.8, 0.8, 4.0]
+
+
+def test_large_radiograph_gets_a_cascade_covering_the_whole_image() -> None:
+    plan = make_plan(fingerprint(_rounds(150, [0.1, 0.1]), _rounds(150, [2400, 1935]), modality="xray", smallest=1.5))
+    configs = plan["configurations"]
+    assert {"2d_coarse", "2d_fine", "2d"} <= set(configs)
+    coarse, fine = configs["2d_coarse"], configs["2d_fine"]
+    assert plan["default_configuration"] == "2d_coarse"
+    assert coarse["next_stage"] == "2d_fine" and fine["previous_stage"] == "2d_coarse"
+    assert fine["spacing_mm"] == [0.1, 0.1]
+    coarse_image = np.array([2400, 1935]) * 0.1 / np.array(coarse["spacing_mm"])
+    assert (np.asarray(coarse["patch_size"]) >= np.floor(coarse_image)).all()  # whole image in one patch
+    assert np.prod(configs["2d"]["patch_size"]) * CASCADE_AREA_RATIO < 2400 * 1935
+    assert coarse["data_identifier"] != fine["data_identifier"] == configs["2d"]["data_identifier"]
+    # sigma: half of 1.5 mm = 0.75 mm; at 0.1 mm that is over 5 voxels, so 0.5 mm
+    assert fine["heatmap_sigma_mm"] == pytest.approx(0.5)
+    assert "hyatt" in fine["architectures"] and "h3de" not in fine["architectures"]
+
+
+def test_tiny_2d_image_is_one_patch_with_minimum_batch() -> None:
+    plan = make_plan(fingerprint(_rounds(20, [0.5, 0.5]), _rounds(20, [64, 64]), modality="xray"))
+    assert list(plan["configurations"]) == ["2d"]
+    config = plan["configurations"]["2d"]
+    assert config["patch_size"] == [64, 64]
+    assert config["batch_size"] == 2  # 5 % of 20 images is less than one patch: the minimum
+    assert config["topology"]["pools_per_axis"] == [4, 4]  # down to 4 x 4 feature maps
+
+
+def test_bigger_budget_never_gives_a_smaller_patch() -> None:
+    fp = fingerprint(_rounds(10, [1.0, 1.0, 1.0]), _rounds(10, [300, 300, 300]))
+    sizes = [np.prod(make_plan(fp, gpu_memory_gb=gb)["configurations"]["3d_fullres"]["patch_size"]) for gb in (4, 8, 16, 40)]
+    assert sizes == sorted(sizes)
+    assert sizes[0] < sizes[-1]
+
+
+def test_topology_patch_is_divisible_and_memory_grows_with_batch() -> None:
+    topology = network_topology([100, 90], [1.0, 1.0])
+    assert all(p % d == 0 for p, d in zip(topology["patch_size"], topology["divisor"], strict=True))
+    assert training_memory_gb(topology, 4, 10) > training_memory_gb(topology, 2, 10)
+
+
+def test_landmark_statistics_on_known_points() -> None:
+    shape = np.array([[0.0, 0.0], [3.0, 4.0], [10.0, 0.0]])
+    points = np.stack([shape + [5.0, 7.0], shape + [-2.0, 1.0], shape.copy()])
+    points[2, 2] = np.nan
+    stats = landmark_statistics(points, np.array([[100.0, 100.0]] * 3), ["a", "b", "c"])
+    assert stats["fraction_missing"] == {"a": 0.0, "b": 0.0, "c": pytest.approx(1 / 3)}
+    assert stats["smallest_distance_mm"] == pytest.approx(5.0)
+    assert stats["cloud_extent_fraction"] == pytest.approx(0.1)
+    # translated copies: no spread once centred, except where the missing point moved the centroid
+    assert stats["spread_mm"]["a"] < 3.0
+
+
+def test_orientation_code_reads_direction() -> None:
+    assert orientation_code(Geometry.identity((4, 5, 6))) == "SPL"
+    flipped = Geometry((1, 1, 1), (0, 0, 0), ((-1, 0, 0), (0, -1, 0), (0, 0, 1)), (2, 2, 2))
+    assert orientation_code(flipped) == "RAS"
