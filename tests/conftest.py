@@ -27,3 +27,24 @@ def shared_path(relative: str) -> Path:
 def shared_data() -> Path:
     """The ../shared/data folder (skips the test when it is absent)."""
     return shared_path("")
+
+
+@pytest.fixture(scope="session")
+def real_datasets(tmp_path_factory) -> dict[str, Path]:
+    """ISBI 2015, hand X-ray and AFIDs converted from ../shared/data and planned (8 GB budget)."""
+    from medlandmark.datasets.converters import convert_afids, convert_hand_xray, convert_isbi2015
+    from medlandmark.planning import plan_dataset
+
+    root = tmp_path_factory.mktemp("real")
+    afids = shared_path("afids_mni152")
+    roots = {
+        "isbi2015": convert_isbi2015(shared_path("isbi2015"), root / "isbi2015"),
+        "hand_xray": convert_hand_xray(shared_path("hand_xray"), root / "hand_xray"),
+        "afids": convert_afids(
+            afids / "tpl-MNI152NLin2009cAsym_res-01_T1w.nii.gz",
+            afids / "tpl-MNI152NLin2009cAsym_res-01_desc-groundtruth_afids.fcsv", root / "afids",
+        ),
+    }  # fmt: skip
+    for dataset in roots.values():
+        plan_dataset(dataset)
+    return roots

@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import json
+import os
+from pathlib import Path
+
 import numpy as np
 import pytest
 
@@ -131,3 +135,34 @@ def test_orientation_code_reads_direction() -> None:
     assert orientation_code(Geometry.identity((4, 5, 6))) == "SPL"
     flipped = Geometry((1, 1, 1), (0, 0, 0), ((-1, 0, 0), (0, -1, 0), (0, 0, 1)), (2, 2, 2))
     assert orientation_code(flipped) == "RAS"
+
+
+GOLDEN = Path(__file__).parent / "golden"
+RUN_SPECIFIC = ("dataset_path", "fingerprint_signature")
+
+
+def _close(actual, expected, where: str = "") -> None:
+    if isinstance(expected, dict):
+        assert set(actual) == set(expected), where
+        for key in expected:
+            _close(actual[key], expected[key], f"{where}.{key}")
+    elif isinstance(expected, list):
+        assert len(actual) == len(expected), where
+        for i, (a, e) in enumerate(zip(actual, expected, strict=True)):
+            _close(a, e, f"{where}[{i}]")
+    elif isinstance(expected, float):
+        assert actual == pytest.approx(expected, rel=1e-9, abs=1e-12), where
+    else:
+        assert actual == expected, where
+
+
+@pytest.mark.parametrize("name", ["isbi2015", "hand_xray", "afids"])
+def test_plans_of_the_real_datasets_match_the_golden_files(real_datasets: dict[str, Path], name: str) -> None:
+    """A change of any planning decision shows up here; regenerate deliberately with
+    MEDLANDMARK_UPDATE_GOLDEN=1 and review the diff."""
+    plan = json.loads((real_datasets[name] / "preprocessed" / "plans.json").read_text())
+    plan = {k: v for k, v in plan.items() if k not in RUN_SPECIFIC}
+    golden = GOLDEN / f"plans_{name}.json"
+    if os.environ.get("MEDLANDMARK_UPDATE_GOLDEN") == "1":
+        golden.write_text(json.dumps(plan, indent=1) + "\n")
+    _close(plan, json.loads(golden.read_text()), name)

@@ -18,8 +18,6 @@ from medlandmark.io.landmarks import LandmarkSet, read_landmarks, write_landmark
 from medlandmark.planning import load_plan, plan_dataset
 from medlandmark.preprocessing import cache_folder, load_cached_case, preprocess_dataset
 
-from .conftest import shared_path
-
 NAMES = ["a", "b", "c"]
 
 
@@ -138,7 +136,6 @@ def test_parallel_workers_write_the_same_cache(tmp_path: Path) -> None:
 
 
 def _assert_round_trip(root: Path, configurations: list[str] | None = None) -> int:
-    plan_dataset(root)
     preprocess_dataset(root, workers=min(2, os.cpu_count() or 1), configurations=configurations)
     plan = load_plan(root / "preprocessed")
     checked = 0
@@ -159,16 +156,7 @@ def _assert_round_trip(root: Path, configurations: list[str] | None = None) -> i
     return checked
 
 
-def test_real_datasets_round_trip_through_the_cache(tmp_path: Path) -> None:
-    from medlandmark.datasets.converters import convert_afids, convert_hand_xray, convert_isbi2015
-
-    isbi = convert_isbi2015(shared_path("isbi2015"), tmp_path / "isbi")
-    hand = convert_hand_xray(shared_path("hand_xray"), tmp_path / "hand")
-    afids_dir = shared_path("afids_mni152")
-    afids = convert_afids(
-        afids_dir / "tpl-MNI152NLin2009cAsym_res-01_T1w.nii.gz",
-        afids_dir / "tpl-MNI152NLin2009cAsym_res-01_desc-groundtruth_afids.fcsv", tmp_path / "afids",
-    )  # fmt: skip
-    assert _assert_round_trip(isbi, ["2d_coarse"]) == 300  # resampled: the full-res cache is a copy
-    assert _assert_round_trip(hand) == 9
-    assert _assert_round_trip(afids) == 2  # coarse and full resolution
+def test_real_datasets_round_trip_through_the_cache(real_datasets: dict[str, Path]) -> None:
+    assert _assert_round_trip(real_datasets["isbi2015"], ["2d_coarse"]) == 300  # full res: a copy
+    assert _assert_round_trip(real_datasets["hand_xray"]) == 9
+    assert _assert_round_trip(real_datasets["afids"]) == 2  # coarse and full resolution
