@@ -128,6 +128,16 @@ def build_parser() -> argparse.ArgumentParser:
     preprocess.add_argument("-c", "--configurations", nargs="+", default=None, help="default: all in the plan")
     preprocess.add_argument("--workers", type=int, default=2, help="parallel processes (default 2)")
 
+    models = _verb(
+        sub, "models", "Print each network's parameter count and forward FLOPs for a plan.",
+        "Builds every architecture that fits the plan (unet; hyatt in 2D; h3de in 3D) at the\n"
+        "configuration's patch size, counting on the meta device (no memory, no compute).",
+        "medlandmark models data/isbi2015 -c 2d_coarse",
+    )
+    models.add_argument("dataset", type=Path, help="dataset folder whose plan to read")
+    models.add_argument("--preprocessed", type=Path, default=None, help="folder with plans.json")
+    models.add_argument("-c", "--configuration", default=None, help="default: every configuration")
+
     evaluate = _verb(
         sub, "evaluate", "Compare predicted landmarks with ground truth, in world mm.",
         "Evaluates the cases in --pred; writes OUT/metrics.json, OUT/report.md and PNG plots.",
@@ -175,6 +185,14 @@ def run(args: argparse.Namespace) -> int:
         from medlandmark.preprocessing import preprocess_dataset
 
         preprocess_dataset(args.dataset, args.preprocessed, args.configurations, workers=args.workers)
+        return 0
+    if args.verb == "models":
+        from medlandmark.models import describe_models, print_model_table
+        from medlandmark.planning import load_plan, preprocessed_folder
+
+        plan = load_plan(preprocessed_folder(args.dataset, args.preprocessed))
+        names = [args.configuration] if args.configuration else list(plan["configurations"])
+        print_model_table([row for name in names for row in describe_models(plan, name)])
         return 0
     if args.verb == "evaluate":
         from medlandmark.evaluation import evaluate, print_summary

@@ -1,0 +1,65 @@
+"""Networks: routing attention, U-Net, HYATT-Net, H3DE-Net, and the registry build_model."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+from torch.utils.flop_counter import FlopCounterMode
+
+from medlandmark.errors import MedlandmarkError
+from medlandmark.models.registry import available_models, build_model, register_model
+
+__all__ = ["available_models", "build_model", "count_parameters", "forward_flops", "register_model"]
+
+
+def count_parameters(model: nn.Module) -> int:
+    """Number of trainable parameters."""
+    return sum(p.numel() for p in model.parameters() if p.requires_grad)
+
+
+def forward_flops(model: nn.Module, input_shape: tuple[int, ...]) -> int:
+    """Floating-point operations of one forward pass (a multiply-add counts 2), counted on the
+    meta device: no memory is allocated and nothing is computed."""
+    model = model.to("meta").eval()
+    with FlopCounterMode(display=False) as counter, torch.no_grad():
+        model(torch.empty(input_shape, device="meta"))
+    return int(counter.get_total_flops())
+
+
+def describe_models(plan: dict, configuration: str) -> list[dict]:
+    """Parameters and forward FLOPs (batch 1, the configuration's patch) of every architecture
+    that fits the plan's dimensionality."""
+    if configuration not in plan["configurations"]:
+        known = ", ".join(plan["configurations"])
+        raise MedlandmarkError(f"no configuration '{configuration}' in the plan (it has {known})")
+    config = plan["configurations"][configuration]
+    shape = (1, len(plan["modalities"]), *config["patch_size"])
+    rows = []
+    for arch, dims in sorted(available_models().items()):
+        if len(config["patch_size"]) not in dims or arch not in config.get("architectures", {}):
+            continue
+        model = build_model(arch, config, len(plan["landmarks"]), len(plan["modalities"]))
+        rows.append({
+            "architecture": arch, "configuration": configuration, "patch_size": config["patch_size"],
+            "parameters": count_parameters(model), "forward_flops": forward_flops(model, shape),
+        })  # fmt: skip
+    return rows
+
+
+def print_model_table(rows: list[dict]) -> None:
+    """A table of architectures with their parameter counts and FLOPs."""
+    from rich.table import Table
+
+    from medlandmark.console import console
+
+    table = Table(title="Networks sized by the plan")
+    for column in ("architecture", "configuration", "patch", "parameters", "forward GFLOP"):
+        table.add_column(
+            column, justify="right" if column in ("parameters", "forward GFLOP") else "left"
+        )
+    for row in rows:
+        table.add_row(
+            row["architecture"], row["configuration"], "x".join(map(str, row["patch_size"])),
+            f"{row['parameters'] / 1e6:.2f} M", f"{row['forward_flops'] / 1e9:.1f}",
+        )  # fmt: skip
+    console.print(table)

@@ -1,0 +1,285 @@
+"""HYATT-Net: 2D hybrid CNN + bi-level routing attention landmark network (see ANCHORS.md).
+
+Backbone: 5 stages (strides 2/4/8/16/32), each a 4x4 stride-2 patch-embedding conv, BiFormer
+block(s) and an Attention Residual Module (ARM, with CBAM). Neck: FPN over stages 2-5 giving
+stride-4 features. Heads (deep supervision): stride-4 heatmaps, stride-2 heatmaps (4x4/2 deconv)
+and the Feature Fusion Correction Module (FFCM) giving full-resolution heatmaps.
+
+Sizes: inputs whose sides are not multiples of 32 (``divisor``) are zero-padded at the
+bottom/right and every output is cropped back, to ``ceil(side / stride)`` pixels. Pixel ``i`` of
+a stride-``s`` output is centred on input coordinate ``s * i + (s - 1) / 2`` (pixel-area
+convention, as ``F.interpolate(align_corners=False)``). Training with batch 1 needs more than
+one stride-32 pixel (BatchNorm), i.e. a side over 32. The plan's region grids (``n_win``) are used
+as given: on a map smaller than the grid, BRA's regions are single pixels and its empty padded
+regions are never attended, which is exactly ``min(n_win, side)`` (tested).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from medlandmark.models.blocks import BiFormerBlock
+from medlandmark.models.registry import register_model
+
+BASE_WIDTHS = (64, 128, 320, 512, 1024)
+FPN_BASE_CHANNELS = 256
+FFCM_IMAGE_CHANNELS = 32
+FFCM_BASE_CHANNELS = 64
+DIVISOR = 32
+
+DEFAULT_HYATT = {
+    "width_multiplier": 1.0,
+    "depths": [1, 1, 1, 1, 1],
+    "n_win": [16, 16, 16, 8, 8],
+    "topk": [1, 4, 8, 16, -1],
+    "kv_pool": 4,
+    "mlp_ratios": [8, 8, 8, 4, 4],
+    "head_dim": 32,
+    "drop_path": 0.1,
+}
+
+
+def round_width(channels: float, multiple: int) -> int:
+    """``channels`` rounded to the nearest multiple of ``multiple`` (halves up), at least one."""
+    return max(multiple, int(channels / multiple + 0.5) * multiple)
+
+
+def stage_widths(width_multiplier: float, head_dim: int) -> list[int]:
+    """Widths of the 5 stages: 64*[1,2,5,8,16]*multiplier rounded to multiples of ``head_dim``."""
+    return [round_width(w * width_multiplier, head_dim) for w in BASE_WIDTHS]
+
+
+def hyatt_config(
+    width_multiplier: float = 0.25, patch_size: Sequence[int] = (128, 128), **overrides
+) -> dict:
+    """A plan configuration holding only what ``build_hyatt`` reads (for tests and scripts)."""
+    arch = {**DEFAULT_HYATT, "width_multiplier": width_multiplier, **overrides}
+    return {"patch_size": list(patch_size), "architectures": {"hyatt": arch}}
+
+
+class CBAM(nn.Module):
+    """Convolutional block attention: channel attention (shared MLP on avg- and max-pooled
+    descriptors, sigmoid) then spatial attention (7x7 conv on channel mean/max, sigmoid)."""
+
+    def __init__(self, channels: int, reduction: int = 16, spatial_kernel: int = 7):
+        super().__init__()
+        hidden = max(1, channels // reduction)
+        self.mlp = nn.Sequential(
+            nn.Conv2d(channels, hidden, 1, bias=False),
+            nn.ReLU(inplace=True),
+            nn.Conv2d(hidden, channels, 1, bias=False),
+        )
+        self.spatial = nn.Conv2d(2, 1, spatial_kernel, padding=spatial_kernel // 2, bias=False)
+
+    def channel_weights(self, x: torch.Tensor) -> torch.Tensor:
+        """(B, C, 1, 1) channel attention in (0, 1)."""
+        avg = self.mlp(x.mean((2, 3), keepdim=True))
+        peak = self.mlp(x.amax((2, 3), keepdim=True))
+        return torch.sigmoid(avg + peak)
+
+    def spatial_weights(self, x: torch.Tensor) -> torch.Tensor:
+        """(B, 1, H, W) spatial attention in (0, 1)."""
+        maps = torch.cat([x.mean(1, keepdim=True), x.amax(1, keepdim=True)], dim=1)
+        return torch.sigmoid(self.spatial(maps))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x * self.channel_weights(x)
+        return x * self.spatial_weights(x)
+
+
+def conv_bn(in_channels: int, out_channels: int, kernel: int, dilation: int = 1) -> nn.Sequential:
+    """'Same' conv (no bias) -> BatchNorm."""
+    padding = dilation * (kernel // 2)
+    return nn.Sequential(
+        nn.Conv2d(
+            in_channels, out_channels, kernel, padding=padding, dilation=dilation, bias=False
+        ),
+        nn.BatchNorm2d(out_channels),
+    )
+
+
+class AttentionResidualModule(nn.Module):
+    """ARM: conv3x3-BN-ReLU -> conv3x3 (dilation 2)-BN -> CBAM, plus a 3x3 conv shortcut; ReLU."""
+
+    def __init__(self, channels: int):
+        super().__init__()
+        self.body = nn.Sequential(
+            conv_bn(channels, channels, 3),
+            nn.ReLU(inplace=True),
+            conv_bn(channels, channels, 3, dilation=2),
+            CBAM(channels),
+        )
+        self.shortcut = nn.Conv2d(channels, channels, 3, padding=1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.relu(self.body(x) + self.shortcut(x))
+
+
+class HyattStage(nn.Module):
+    """4x4 stride-2 patch embedding (conv + BN) -> BiFormer block(s) -> ARM."""
+
+    def __init__(
+        self, in_channels: int, width: int, depth: int, num_heads: int, n_win: int | Sequence[int],
+        topk: int, kv_pool: int | None, mlp_ratio: float, drop_paths: Sequence[float],
+    ):  # fmt: skip
+        super().__init__()
+        self.embed = nn.Sequential(
+            nn.Conv2d(in_channels, width, 4, stride=2, padding=1, bias=False),
+            nn.BatchNorm2d(width),
+        )
+        n_win = n_win if isinstance(n_win, int) else tuple(n_win)
+        self.blocks = nn.Sequential(
+            *(
+                BiFormerBlock(
+                    width, num_heads, n_win, topk, 2, mlp_ratio, kv_pool, rate, lepe_kernel=5
+                )
+                for rate in drop_paths[:depth]
+            )
+        )
+        self.arm = AttentionResidualModule(width)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.arm(self.blocks(self.embed(x)))
+
+
+class FeaturePyramidNeck(nn.Module):
+    """FPN over stages 2-5: 3x3 laterals, top-down nearest upsampling + add, 3x3 smoothing of
+    the finest (stride-4) level with BN-ReLU; returns the stride-4 features only."""
+
+    def __init__(self, in_widths: Sequence[int], channels: int):
+        super().__init__()
+        self.laterals = nn.ModuleList(nn.Conv2d(w, channels, 3, padding=1) for w in in_widths)
+        self.smooth = nn.Sequential(conv_bn(channels, channels, 3), nn.ReLU(inplace=True))
+
+    def forward(self, features: Sequence[torch.Tensor]) -> torch.Tensor:
+        top = self.laterals[-1](features[-1])
+        for lateral, feature in zip(
+            reversed(self.laterals[:-1]), reversed(features[:-1]), strict=True
+        ):
+            top = lateral(feature) + F.interpolate(top, size=feature.shape[2:], mode="nearest")
+        return self.smooth(top)
+
+
+class FeatureFusionCorrection(nn.Module):
+    """FFCM: the half-resolution image through a 1x1 conv (32 ch), concatenated with the stride-2
+    features and heatmaps -> conv3x3-BN-ReLU -> 1x1 -> x2 bilinear to full resolution."""
+
+    def __init__(self, in_channels: int, feature_channels: int, num_landmarks: int, hidden: int):
+        super().__init__()
+        self.image = nn.Conv2d(in_channels, FFCM_IMAGE_CHANNELS, 1)
+        fused = FFCM_IMAGE_CHANNELS + feature_channels + num_landmarks
+        self.fuse = nn.Sequential(conv_bn(fused, hidden, 3), nn.ReLU(inplace=True))
+        self.head = nn.Conv2d(hidden, num_landmarks, 1)
+
+    def forward(
+        self, image: torch.Tensor, features: torch.Tensor, heatmaps: torch.Tensor
+    ) -> torch.Tensor:
+        half = self.image(F.avg_pool2d(image, 2))
+        fused = self.fuse(torch.cat([half, features, heatmaps], dim=1))
+        return F.interpolate(self.head(fused), scale_factor=2, mode="bilinear", align_corners=False)
+
+
+class HyattNet(nn.Module):
+    """HYATT-Net: ``forward`` returns ``[full-res FFCM, stride-2, stride-4]`` heatmaps.
+
+    Loss weights (``output_weights``) are the paper's 3000/3000/1000 in output order.
+    ``heatmap_sigma_scale`` gives each output's Gaussian sigma, in that output's own pixels,
+    relative to the full-resolution sigma in input pixels (the plan's ``heatmap_sigma_voxels``):
+    the paper's 4 px at full resolution and 2 px at the stride-2 and stride-4 heads, i.e. in mm
+    sigma, sigma and 2 * sigma. See ``output_sigma_voxels``.
+    """
+
+    output_strides = [(1, 1), (2, 2), (4, 4)]
+    output_weights = [3000.0, 3000.0, 1000.0]
+    heatmap_sigma_scale = [1.0, 0.5, 0.5]
+    divisor = (DIVISOR, DIVISOR)
+
+    def __init__(
+        self, in_channels: int, num_landmarks: int, width_multiplier: float = 1.0,
+        depths: Sequence[int] = (1, 1, 1, 1, 1), n_win: Sequence = (16, 16, 16, 8, 8),
+        topk: Sequence[int] = (1, 4, 8, 16, -1), kv_pool: int | None = 4,
+        mlp_ratios: Sequence[float] = (8, 8, 8, 4, 4), head_dim: int = 32, drop_path: float = 0.1,
+    ):  # fmt: skip
+        super().__init__()
+        lists = {"depths": depths, "n_win": n_win, "topk": topk, "mlp_ratios": mlp_ratios}
+        for name, value in lists.items():
+            if len(value) != len(BASE_WIDTHS):
+                raise ValueError(
+                    f"HYATT-Net {name} needs {len(BASE_WIDTHS)} entries, got {value!r}"
+                )
+        self.widths = stage_widths(width_multiplier, head_dim)
+        rates = torch.linspace(0.0, drop_path, sum(depths)).tolist()
+        self.stages = nn.ModuleList()
+        channels = in_channels
+        settings = zip(self.widths, depths, n_win, topk, mlp_ratios, strict=True)
+        for i, (width, depth, wins, k, ratio) in enumerate(settings):
+            stage_rates = rates[sum(depths[:i]) : sum(depths[: i + 1])]
+            heads = width // head_dim
+            self.stages.append(
+                HyattStage(channels, width, depth, heads, wins, k, kv_pool, ratio, stage_rates)
+            )
+            channels = width
+        fpn_channels = round_width(FPN_BASE_CHANNELS * width_multiplier, 32)
+        self.neck = FeaturePyramidNeck(self.widths[1:], fpn_channels)
+        self.head4 = nn.Conv2d(fpn_channels, num_landmarks, 1)
+        self.up2 = nn.Sequential(
+            nn.ConvTranspose2d(fpn_channels, fpn_channels, 4, stride=2, padding=1, bias=False),
+            nn.BatchNorm2d(fpn_channels),
+            nn.ReLU(inplace=True),
+        )
+        self.head2 = nn.Conv2d(fpn_channels, num_landmarks, 1)
+        ffcm_channels = round_width(FFCM_BASE_CHANNELS * width_multiplier, 32)
+        self.ffcm = FeatureFusionCorrection(in_channels, fpn_channels, num_landmarks, ffcm_channels)
+
+    def output_sigma_voxels(self, sigma_voxels: Sequence[float]) -> list[tuple[float, ...]]:
+        """Per output, the target sigma in that output's own pixels for a full-resolution sigma
+        ``sigma_voxels`` (input pixels, per axis); in input pixels: sigma, sigma, 2 * sigma."""
+        return [tuple(float(s) * scale for s in sigma_voxels) for scale in self.heatmap_sigma_scale]
+
+    def forward(self, x: torch.Tensor) -> list[torch.Tensor]:
+        if x.dim() != 4:
+            raise ValueError(f"HYATT-Net expects (B, C, H, W), got {tuple(x.shape)}")
+        sizes = tuple(x.shape[2:])
+        padded = self._pad(x)
+        features = []
+        h = padded
+        for stage in self.stages:
+            h = stage(h)
+            features.append(h)
+        stride4 = self.neck(features[1:])
+        heatmaps4 = self.head4(stride4)
+        stride2 = self.up2(stride4)
+        heatmaps2 = self.head2(stride2)
+        full = self.ffcm(padded, stride2, heatmaps2)
+        outputs = [full, heatmaps2, heatmaps4]
+        return [_crop(t, sizes, s) for t, s in zip(outputs, self.output_strides, strict=True)]
+
+    @staticmethod
+    def _pad(x: torch.Tensor) -> torch.Tensor:
+        """``x`` zero-padded at the bottom/right to multiples of 32."""
+        pad_h = -x.shape[2] % DIVISOR
+        pad_w = -x.shape[3] % DIVISOR
+        return F.pad(x, (0, pad_w, 0, pad_h)) if pad_h or pad_w else x
+
+
+def _crop(t: torch.Tensor, sizes: tuple[int, ...], stride: tuple[int, ...]) -> torch.Tensor:
+    """A stride-``stride`` output cropped to ``ceil(size / stride)`` pixels per axis."""
+    keep = tuple(math.ceil(n / s) for n, s in zip(sizes, stride, strict=True))
+    if keep == tuple(t.shape[2:]):
+        return t
+    return t[:, :, : keep[0], : keep[1]]
+
+
+@register_model("hyatt", spatial_dims=(2,))
+def build_hyatt(plan_config: dict, num_landmarks: int, in_channels: int) -> HyattNet:
+    """HYATT-Net sized by ``plan_config["architectures"]["hyatt"]`` (missing keys: paper values)."""
+    arch = {**DEFAULT_HYATT, **plan_config.get("architectures", {}).get("hyatt", {})}
+    unknown = sorted(set(arch) - set(DEFAULT_HYATT))
+    if unknown:
+        raise ValueError(f"unknown HYATT-Net settings in the plan: {', '.join(unknown)}")
+    return HyattNet(in_channels, num_landmarks, **arch)
