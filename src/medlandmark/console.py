@@ -85,3 +85,40 @@ def _logged(items: Iterable[T], total: int | None, description: str) -> Iterator
         console.print(f"{description}: {done}{of} ({done / max(now - start, 1e-9):.1f}/s)")
     if total is None and done:
         console.print(f"{description}: {done} done")
+
+
+class ProgressBar:
+    """A progress bar with live fields (loss, learning rate...): rich on a terminal, a plain
+    line every few seconds in logs, nothing with ``--quiet``. Use as a context manager."""
+
+    def __init__(self, total: int, description: str, completed: int = 0):
+        self.total, self.description, self.completed = total, description, completed
+        self._bar: Progress | None = None
+        self._last_line = time.monotonic()
+
+    def __enter__(self) -> ProgressBar:
+        if not _state["quiet"] and console.is_terminal:
+            self._bar = Progress(
+                TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
+                TextColumn("{task.fields[status]}"), TimeElapsedColumn(), TimeRemainingColumn(),
+                console=console,
+            )  # fmt: skip
+            self._bar.__enter__()
+            self._task = self._bar.add_task(self.description, total=self.total, completed=self.completed, status="")
+        return self
+
+    def update(self, advance: int = 1, **fields: object) -> None:
+        """Advance and show ``fields`` (numbers are formatted compactly)."""
+        self.completed += advance
+        status = "  ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in fields.items())
+        if self._bar is not None:
+            self._bar.update(self._task, advance=advance, status=status)
+        elif not _state["quiet"]:
+            now = time.monotonic()
+            if now - self._last_line >= LOG_INTERVAL_S * 5 or self.completed == self.total:
+                self._last_line = now
+                console.print(f"{self.description}: {self.completed}/{self.total}  {status}")
+
+    def __exit__(self, *exc: object) -> None:
+        if self._bar is not None:
+            self._bar.__exit__(*exc)

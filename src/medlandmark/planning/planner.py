@@ -276,7 +276,21 @@ def make_plan(fingerprint: dict, gpu_memory_gb: float = 8.0) -> dict:
         "normalization": normalization(fingerprint["modalities"], fingerprint["intensity"]),
         "default_configuration": f"{base}_coarse" if needs_cascade else full_name,
         "configurations": configurations,
+        "training": training_defaults(),
     }
+
+
+def training_defaults() -> dict:
+    """How to train, unless the command line says otherwise: AdamW with a linear warm-up and
+    a cosine decay; learning rates per architecture from their papers (HYATT-Net 4.5e-4,
+    H3DE-Net 1e-3) and 1e-3 for the U-Net; nnU-Net's gradient clipping and landmark share."""
+    return {
+        "epochs": 200, "iterations_per_epoch": 250, "optimizer": "adamw", "schedule": "cosine",
+        "learning_rate": {"unet": 1e-3, "hyatt": 4.5e-4, "h3de": 1e-3},
+        "weight_decay": 0.01, "sgd_momentum": 0.99, "warmup_epochs": 10, "grad_clip": 12.0,
+        "landmark_fraction": 0.33, "validate_every": 10, "ema_decay": None, "loss": "mse",
+        "missing_target": "mask", "folds": 5,
+    }  # fmt: skip
 
 
 def plan_summary(plan: dict) -> str:
