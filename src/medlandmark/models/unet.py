@@ -2,7 +2,8 @@
 
 Each encoder stage is ``n_conv`` conv-norm-LeakyReLU units (the first strided by the plan);
 each decoder stage upsamples by a transposed convolution, concatenates the skip and applies
-``n_conv`` units; every decoder stage has a 1x1 heatmap head (deep supervision).
+``n_conv`` units. Decoder stages have 1x1 heatmap heads for deep supervision with nnU-Net's
+weights 1/2^i, except the lowest, which nnU-Net leaves unsupervised and so has no head.
 """
 
 from __future__ import annotations
@@ -50,11 +51,11 @@ class DecoderStage(nn.Module):
         units = [ConvNormAct(2 * skip, skip, kernel, spatial_dims)]
         units += [ConvNormAct(skip, skip, kernel, spatial_dims) for _ in range(n_conv - 1)]
         self.convs = nn.Sequential(*units)
-        self.head = CONV[spatial_dims](skip, num_landmarks, 1)
+        self.head = None if num_landmarks is None else CONV[spatial_dims](skip, num_landmarks, 1)
 
-    def forward(self, deep: torch.Tensor, skip: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def forward(self, deep: torch.Tensor, skip: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
         features = self.convs(torch.cat([self.upsample(deep), skip], dim=1))
-        return features, self.head(features)
+        return features, None if self.head is None else self.head(features)
 
 
 class UNet(nn.Module):
@@ -74,27 +75,18 @@ class UNet(nn.Module):
                 EncoderStage(channels, features, kernel, stride, n_conv_per_stage, spatial_dims)
             )
             channels = features
+        levels = len(features_per_stage) - 1
+        supervised = max(1, levels - 1) if deep_supervision else 1
         self.decoder = nn.ModuleList(
             DecoderStage(
-                features_per_stage[s + 1],
-                features_per_stage[s],
-                kernel_sizes[s],
-                strides[s + 1],
-                n_conv_per_stage,
-                spatial_dims,
-                num_landmarks,
+                features_per_stage[s + 1], features_per_stage[s], kernel_sizes[s], strides[s + 1],
+                n_conv_per_stage, spatial_dims, num_landmarks if s < supervised else None,
             )  # fmt: skip
-            for s in reversed(range(len(features_per_stage) - 1))
+            for s in reversed(range(levels))
         )
-        self.deep_supervision = deep_supervision
         cumulative = np.cumprod(np.asarray(strides), axis=0)
-        levels = len(features_per_stage) - 1
-        self.output_strides = [
-            tuple(int(v) for v in cumulative[s]) for s in range(levels if deep_supervision else 1)
-        ]
-        weights = np.array([1 / 2**i for i in range(len(self.output_strides))])
-        if len(weights) > 1:
-            weights[-1] = 0.0  # nnU-Net: the lowest resolution output is not supervised
+        self.output_strides = [tuple(int(v) for v in cumulative[s]) for s in range(supervised)]
+        weights = np.array([1 / 2**i for i in range(supervised)])
         self.output_weights = (weights / weights.sum()).tolist()
         self.divisor = tuple(int(v) for v in cumulative[-1])
 
@@ -106,9 +98,10 @@ class UNet(nn.Module):
         outputs = []
         for decoder, skip in zip(self.decoder, reversed(skips[:-1]), strict=True):
             x, heatmaps = decoder(x, skip)
-            outputs.append(heatmaps)
+            if heatmaps is not None:
+                outputs.append(heatmaps)
         outputs.reverse()  # full resolution first
-        return outputs if self.deep_supervision else outputs[:1]
+        return outputs
 
 
 @register_model("unet", spatial_dims=(2, 3))
