@@ -138,6 +138,33 @@ def build_parser() -> argparse.ArgumentParser:
     models.add_argument("--preprocessed", type=Path, default=None, help="folder with plans.json")
     models.add_argument("-c", "--configuration", default=None, help="default: every configuration")
 
+    train = _verb(
+        sub, "train", "Train a landmark network on the preprocessed cache.",
+        "Writes RUN_DIR/run.json, checkpoint_latest.pt (resumable), model_best.safetensors,\n"
+        "model_final.safetensors, log.csv and training_curve.png. Ctrl-C or SIGTERM saves and stops;\n"
+        "--resume continues. Under torchrun every process trains on its own shard (DDP).",
+        "medlandmark train data/isbi2015 -c 2d_coarse -a hyatt --fold 0 -o runs/isbi_coarse",
+    )
+    train.add_argument("dataset", type=Path, help="dataset folder (planned and preprocessed)")
+    train.add_argument("-o", "--out", type=Path, required=True, help="run folder")
+    train.add_argument("-c", "--configuration", default=None, help="plan configuration (default: the plan's)")
+    train.add_argument("-a", "--arch", default="unet", choices=["unet", "hyatt", "h3de"])
+    train.add_argument("--fold", default="0", help="cross-validation fold (0..4) or 'all' (no validation)")
+    train.add_argument("--epochs", type=int, default=None)
+    train.add_argument("--iterations", type=int, default=None, help="iterations per epoch")
+    train.add_argument("--batch-size", type=int, default=None)
+    train.add_argument("--lr", type=_positive, default=None, help="base learning rate")
+    train.add_argument("--validate-every", type=int, default=None, help="epochs between validations")
+    train.add_argument("--max-steps", type=int, default=None, help="stop (resumably) after this many steps")
+    train.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
+    train.add_argument("--amp", default="auto", choices=["auto", "bf16", "fp16", "off"])
+    train.add_argument("--ema", type=float, default=None, metavar="DECAY", help="keep a weight moving average")
+    train.add_argument("--missing-target", choices=["mask", "zero"], default=None)
+    train.add_argument("--seed", type=int, default=0)
+    train.add_argument("--deterministic", action="store_true", help="deterministic algorithms (slower)")
+    train.add_argument("--resume", action="store_true", help="continue the run in --out")
+    train.add_argument("--preprocessed", type=Path, default=None, help="folder with plans.json and caches")
+
     evaluate = _verb(
         sub, "evaluate", "Compare predicted landmarks with ground truth, in world mm.",
         "Evaluates the cases in --pred; writes OUT/metrics.json, OUT/report.md and PNG plots.",
@@ -194,6 +221,20 @@ def run(args: argparse.Namespace) -> int:
         names = [args.configuration] if args.configuration else list(plan["configurations"])
         print_model_table([row for name in names for row in describe_models(plan, name)])
         return 0
+    if args.verb == "train":
+        from medlandmark.training.loop import TrainOptions, train
+
+        options = TrainOptions(
+            configuration=args.configuration, arch=args.arch,
+            fold=args.fold if args.fold == "all" else int(args.fold), epochs=args.epochs,
+            iterations_per_epoch=args.iterations, batch_size=args.batch_size, learning_rate=args.lr,
+            validate_every=args.validate_every, max_steps=args.max_steps, device=args.device,
+            seed=args.seed, deterministic=args.deterministic, amp=args.amp, ema_decay=args.ema,
+            missing_target=args.missing_target,
+            preprocessed=None if args.preprocessed is None else str(args.preprocessed),
+        )  # fmt: skip
+        record = train(args.dataset, args.out, options, resume=args.resume)
+        return 130 if record["status"] == "interrupted" else 0
     if args.verb == "evaluate":
         from medlandmark.evaluation import evaluate, print_summary
 

@@ -1,0 +1,1 @@
+"""Inference: sliding-window heatmaps, the coarse-to-fine cascade, and the predictor."""

@@ -1,0 +1,1 @@
+"""Training engine: sampling, augmentation on the device, heatmap losses, checkpoints, DDP."""

@@ -1,0 +1,134 @@
+"""Training engine end to end on small data: loss falls, resume is exact, signals, torchrun."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from medlandmark.datasets.dataset import DatasetSpec, write_spec
+from medlandmark.datasets.synthetic import make_synthetic_dataset
+from medlandmark.planning import plan_dataset
+from medlandmark.preprocessing import preprocess_dataset
+from medlandmark.training.checkpoint import load_checkpoint
+from medlandmark.training.loop import TrainOptions, train
+
+from .conftest import shared_path
+
+SMALL_FEATURES = 8
+
+
+def shrink_networks(dataset: Path, base: int = SMALL_FEATURES) -> None:
+    """Narrow the plan's U-Net so that CPU tests run in seconds (sizes otherwise unchanged)."""
+    path = dataset / "preprocessed" / "plans.json"
+    plan = json.loads(path.read_text())
+    for config in plan["configurations"].values():
+        unet = config["architectures"]["unet"]
+        unet["features_per_stage"] = [min(base * 2**i, 64) for i in range(len(unet["features_per_stage"]))]
+    path.write_text(json.dumps(plan))
+
+
+def _log_losses(run: Path) -> list[float]:
+    import csv
+
+    return [float(row["train_loss"]) for row in csv.DictReader((run / "log.csv").open())]
+
+
+@pytest.fixture(scope="module")
+def synthetic(tmp_path_factory) -> Path:
+    root = make_synthetic_dataset(tmp_path_factory.mktemp("train") / "ds", num_cases=10, size_px=48, spacing_mm=1.0)
+    plan_dataset(root, gpu_memory_gb=2.0)
+    shrink_networks(root)
+    preprocess_dataset(root, workers=1)
+    return root
+
+
+def test_training_writes_a_complete_run_and_the_loss_falls(synthetic: Path, tmp_path: Path) -> None:
+    run = tmp_path / "run"
+    record = train(synthetic, run, TrainOptions(epochs=4, iterations_per_epoch=10, validate_every=2, seed=1))
+    assert record["status"] == "finished" and record["step"] == 40
+    for name in ("run.json", "checkpoint_latest.pt", "model_best.safetensors", "model_final.safetensors", "log.csv", "training_curve.png"):
+        assert (run / name).is_file(), name
+    losses = _log_losses(run)
+    assert len(losses) == 4 and losses[-1] < 0.7 * losses[0], losses
+    saved = json.loads((run / "run.json").read_text())
+    assert saved["best"]["val_mre_mm"] > 0 and 0 < saved["presence_threshold"] < 1
+    assert set(saved["val_cases"]).isdisjoint(saved["train_cases"])
+
+
+def test_resume_after_a_stop_equals_an_uninterrupted_run(synthetic: Path, tmp_path: Path) -> None:
+    options = {"epochs": 2, "iterations_per_epoch": 5, "validate_every": 1, "deterministic": True, "seed": 3}
+    whole = train(synthetic, tmp_path / "whole", TrainOptions(**options))
+    first = train(synthetic, tmp_path / "split", TrainOptions(**options, max_steps=5))
+    assert first["status"] == "stopped" and first["step"] == 5
+    second = train(synthetic, tmp_path / "split", TrainOptions(**options), resume=True)
+    assert whole["step"] == second["step"] == 10
+    a = load_checkpoint(tmp_path / "whole" / "checkpoint_latest.pt")["model"]
+    b = load_checkpoint(tmp_path / "split" / "checkpoint_latest.pt")["model"]
+    for name in a:
+        assert torch.allclose(a[name].float(), b[name].float(), atol=1e-6, rtol=0), name
+
+
+def test_sigterm_saves_a_checkpoint_and_resume_continues(synthetic: Path, tmp_path: Path) -> None:
+    run = tmp_path / "run"
+    command = [sys.executable, "-m", "medlandmark", "train", str(synthetic), "-o", str(run), "--epochs", "40", "--iterations", "3", "--fold", "all"]
+    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    deadline = time.monotonic() + 120
+    while not (run / "log.csv").is_file() and time.monotonic() < deadline and process.poll() is None:
+        time.sleep(0.2)
+    process.send_signal(signal.SIGTERM)
+    output = process.communicate(timeout=120)[0].decode()
+    assert process.returncode == 130, output
+    record = json.loads((run / "run.json").read_text())
+    assert record["status"] == "interrupted", output
+    stopped_at = load_checkpoint(run / "checkpoint_latest.pt")["step"]
+    assert stopped_at == record["step"] >= 3
+    resumed = subprocess.run([*command, "--resume", "--max-steps", str(stopped_at + 3)], capture_output=True, text=True, timeout=300)
+    assert resumed.returncode == 0, resumed.stdout + resumed.stderr
+    assert json.loads((run / "run.json").read_text())["step"] == stopped_at + 3
+
+
+def test_torchrun_two_processes_keep_identical_weights(synthetic: Path, tmp_path: Path) -> None:
+    run = tmp_path / "ddp"
+    environment = {**os.environ, "OMP_NUM_THREADS": "1"}
+    result = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "medlandmark",
+         "train", str(synthetic), "-o", str(run), "--epochs", "1", "--iterations", "4", "--fold", "all", "-q"],
+        capture_output=True, text=True, timeout=300, env=environment,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stdout + result.stderr
+    record = json.loads((run / "run.json").read_text())
+    checksums = record["weight_checksum_per_rank"]
+    assert len(checksums) == 2 and checksums[0] == checksums[1]
+    assert record["step"] == 4 and record["status"] == "finished"
+
+
+def test_short_run_on_real_isbi_images_lowers_the_loss(tmp_path: Path) -> None:
+    source = shared_path("isbi2015")
+    root = tmp_path / "isbi_small"
+    (root / "images").mkdir(parents=True)
+    (root / "landmarks").mkdir()
+    case_ids = [f"{i:03d}" for i in range(1, 7)]
+    for case_id in case_ids:
+        os.symlink(source / "RawImage" / "TrainingData" / f"{case_id}.jpg", root / "images" / f"{case_id}.jpg")
+        os.symlink(source / "AnnotationsByMD" / "400_senior" / f"{case_id}.txt", root / "landmarks" / f"{case_id}.txt")
+    write_spec(root, DatasetSpec(name="isbi-small", spatial_dims=2, landmarks=[f"L{k}" for k in range(1, 20)],
+                                 modalities=["xray"], spacing_mm=[0.1, 0.1], splits={"train": case_ids}))  # fmt: skip
+    plan = plan_dataset(root, gpu_memory_gb=1.0)
+    coarse = plan["default_configuration"]
+    assert plan["configurations"][coarse]["stage"] == "coarse"  # a cascade even at 1 GB
+    shrink_networks(root)
+    preprocess_dataset(root, configurations=[coarse], workers=2)
+    run = tmp_path / "run"
+    train(root, run, TrainOptions(configuration=coarse, epochs=3, iterations_per_epoch=8, fold="all", batch_size=2))
+    losses = _log_losses(run)
+    assert losses[-1] < losses[0], losses
+    assert np.isfinite(losses).all()
