@@ -111,9 +111,11 @@ def test_torchrun_two_processes_keep_identical_weights(synthetic: Path, tmp_path
     assert record["step"] == 4 and record["status"] == "finished"
 
 
-def test_short_run_on_real_isbi_images_lowers_the_loss(tmp_path: Path) -> None:
+@pytest.fixture(scope="module")
+def small_isbi(tmp_path_factory) -> Path:
+    """Six real ISBI 2015 images (symlinked), planned at a 1 GB budget: a cascade."""
     source = shared_path("isbi2015")
-    root = tmp_path / "isbi_small"
+    root = tmp_path_factory.mktemp("isbi") / "isbi_small"
     (root / "images").mkdir(parents=True)
     (root / "landmarks").mkdir()
     case_ids = [f"{i:03d}" for i in range(1, 7)]
@@ -123,12 +125,29 @@ def test_short_run_on_real_isbi_images_lowers_the_loss(tmp_path: Path) -> None:
     write_spec(root, DatasetSpec(name="isbi-small", spatial_dims=2, landmarks=[f"L{k}" for k in range(1, 20)],
                                  modalities=["xray"], spacing_mm=[0.1, 0.1], splits={"train": case_ids}))  # fmt: skip
     plan = plan_dataset(root, gpu_memory_gb=1.0)
-    coarse = plan["default_configuration"]
-    assert plan["configurations"][coarse]["stage"] == "coarse"  # a cascade even at 1 GB
+    assert plan["configurations"][plan["default_configuration"]]["stage"] == "coarse"  # a cascade at 1 GB
     shrink_networks(root)
-    preprocess_dataset(root, configurations=[coarse], workers=2)
+    preprocess_dataset(root, workers=2)
+    return root
+
+
+def test_short_run_on_real_isbi_images_lowers_the_loss(small_isbi: Path, tmp_path: Path) -> None:
     run = tmp_path / "run"
-    train(root, run, TrainOptions(configuration=coarse, epochs=3, iterations_per_epoch=8, fold="all", batch_size=2))
+    train(small_isbi, run, TrainOptions(configuration="2d_coarse", epochs=3, iterations_per_epoch=8, fold="all", batch_size=2))
     losses = _log_losses(run)
     assert losses[-1] < losses[0], losses
     assert np.isfinite(losses).all()
+
+
+def test_fine_stage_offsets_come_from_the_coarse_runs_measured_error(small_isbi: Path, tmp_path: Path) -> None:
+    from medlandmark.training.loop import _fine_offset_sd
+
+    coarse = train(small_isbi, tmp_path / "coarse", TrainOptions(configuration="2d_coarse", epochs=1, iterations_per_epoch=4, fold=0))
+    measured = coarse["best"]["error_sd_voxels"]
+    assert len(measured) == 2 and all(v > 0 for v in measured)
+    plan = json.loads((small_isbi / "preprocessed" / "plans.json").read_text())
+    fine = plan["configurations"]["2d_fine"]
+    ratio = np.array(plan["configurations"]["2d_coarse"]["spacing_mm"]) / np.array(fine["spacing_mm"])
+    np.testing.assert_allclose(_fine_offset_sd(fine, plan, str(tmp_path / "coarse")), np.array(measured) * ratio)
+    record = train(small_isbi, tmp_path / "fine", TrainOptions(configuration="2d_fine", epochs=1, iterations_per_epoch=2, fold=0, coarse_run=str(tmp_path / "coarse")))
+    assert record["status"] == "finished"

@@ -164,6 +164,7 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--deterministic", action="store_true", help="deterministic algorithms (slower)")
     train.add_argument("--resume", action="store_true", help="continue the run in --out")
     train.add_argument("--preprocessed", type=Path, default=None, help="folder with plans.json and caches")
+    train.add_argument("--coarse-run", type=Path, default=None, help="fine stage: the coarse stage's run (its error sets patch offsets)")
 
     evaluate = _verb(
         sub, "evaluate", "Compare predicted landmarks with ground truth, in world mm.",
@@ -232,6 +233,7 @@ def run(args: argparse.Namespace) -> int:
             seed=args.seed, deterministic=args.deterministic, amp=args.amp, ema_decay=args.ema,
             missing_target=args.missing_target,
             preprocessed=None if args.preprocessed is None else str(args.preprocessed),
+            coarse_run=None if args.coarse_run is None else str(args.coarse_run),
         )  # fmt: skip
         record = train(args.dataset, args.out, options, resume=args.resume)
         return 130 if record["status"] == "interrupted" else 0

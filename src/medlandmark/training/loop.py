@@ -77,6 +77,7 @@ class TrainOptions:
     ema_decay: float | None = None
     missing_target: str | None = None
     preprocessed: str | None = None
+    coarse_run: str | None = None
     augment: dict = field(default_factory=dict)
 
 
@@ -116,7 +117,8 @@ def _train(dataset_root: str | Path, run_dir: str | Path, options: TrainOptions,
         model = nn.parallel.DistributedDataParallel(model)
     sampler = PatchSampler(
         train_cases, [math.ceil(p * CROP_MARGIN) for p in config["patch_size"]], settings["landmark_fraction"],
-        _fine_offset_sd(config, plan) if config["stage"] == "fine" else None, options.seed, context.rank,
+        _fine_offset_sd(config, plan, options.coarse_run) if config["stage"] == "fine" else None,
+        options.seed, context.rank,
     )  # fmt: skip
     augment = AugmentConfig(**options.augment)
     pairs = symmetric_pair_indices(dataset.spec.landmarks, dataset.spec.symmetric_pairs)
@@ -291,11 +293,20 @@ def _step_seed(seed: int, rank: int, step: int) -> int:
     return int(np.random.default_rng([seed, rank, step, 7]).integers(2**62))
 
 
-def _fine_offset_sd(config: dict, plan: dict) -> list[float]:
-    """Offsets of fine patches from their landmark: the coarse stage's error, taken as two of
-    its voxels per axis (in fine voxels) until a measured distribution is available."""
+def _fine_offset_sd(config: dict, plan: dict, coarse_run: str | None) -> list[float]:
+    """Offsets of fine patches from their landmark, in fine voxels per axis: the coarse stage's
+    measured validation error (RMS per axis) when its run is given, else two coarse voxels."""
     coarse = plan["configurations"][config["previous_stage"]]
-    return [2.0 * c / f for c, f in zip(coarse["spacing_mm"], config["spacing_mm"], strict=True)]
+    sd_coarse_voxels = [2.0] * len(config["spacing_mm"])
+    if coarse_run is not None:
+        record = json.loads((Path(coarse_run) / RUN_FILE).read_text(encoding="utf-8"))
+        measured = record.get("best", {}).get("error_sd_voxels")
+        if record.get("configuration") != config["previous_stage"] or measured is None:
+            raise TrainingError(f"{coarse_run} is not a validated run of {config['previous_stage']}")
+        sd_coarse_voxels = measured
+    else:
+        info("fine stage: no --coarse-run given; patch offsets assume a coarse error of 2 voxels")
+    return [s * c / f for s, c, f in zip(sd_coarse_voxels, coarse["spacing_mm"], config["spacing_mm"], strict=True)]
 
 
 def _run_record(run_dir: Path, dataset: Dataset, plan: dict, name: str, options: TrainOptions, settings: dict, train_ids, val_ids, resume: bool) -> dict:
@@ -355,7 +366,7 @@ def _validate_and_keep_best(run_dir, model, val_cases, config, device, amp_dtype
     result = validate(model, val_cases, config["patch_size"], device, amp_dtype=amp_dtype)
     row["val_mre_mm"], row["val_sdr_2mm"] = result["mre_mm"], result["sdr"].get("2.0")
     if result["mre_mm"] is not None and result["mre_mm"] < best.get("val_mre_mm", math.inf):
-        best = {"val_mre_mm": result["mre_mm"], "val_sdr": result["sdr"], "step": step}
+        best = {"val_mre_mm": result["mre_mm"], "val_sdr": result["sdr"], "step": step, "error_sd_voxels": result["error_sd_voxels"]}
         save_weights(run_dir / BEST_WEIGHTS, model)
         record["presence_threshold"] = calibrate_presence_threshold(result["peaks"], result["truly_present"])
         record["best"] = best

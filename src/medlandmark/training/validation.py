@@ -19,12 +19,11 @@ def predict_cached_case(
     model: nn.Module, case: CachedCase, patch_size: Sequence[int], device: torch.device,
     amp_dtype: torch.dtype | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
-    """Predicted landmarks (world mm, ``(K, D)``) and their heatmap peaks for a cached case."""
+    """Predicted landmarks (cache voxel indices, ``(K, D)``) and their heatmap peaks."""
     image = torch.from_numpy(np.asarray(case.image, dtype=np.float32)).to(device)
     heatmaps = sliding_window_heatmaps(model, image, patch_size, amp_dtype=amp_dtype)
     decoded = decode_heatmaps(heatmaps[None])
-    points = decoded.points[0].double().cpu().numpy()
-    return index_to_world(points, case.geometry), decoded.peak[0].float().cpu().numpy()
+    return decoded.points[0].double().cpu().numpy(), decoded.peak[0].float().cpu().numpy()
 
 
 @torch.no_grad()
@@ -33,16 +32,20 @@ def validate(
     radii_mm: Sequence[float] = (2.0, 2.5, 3.0, 4.0), amp_dtype: torch.dtype | None = None,
 ) -> dict:
     """MRE, SDR and per-point peaks over ``cases`` (ground truth from the cache, never fed to the
-    prediction); the peaks calibrate the present/missing threshold."""
+    prediction); the peaks calibrate the present/missing threshold, and the spread of the
+    errors per axis (cache voxels) tells a cascade's fine stage how far off its patches start."""
     was_training = model.training
     model.eval()
-    predictions, truths, peaks = [], [], []
+    predictions, truths, peaks, offsets = [], [], [], []
     for case in cases:
-        predicted_mm, peak = predict_cached_case(model, case, patch_size, device, amp_dtype)
-        predictions.append(predicted_mm)
+        predicted, peak = predict_cached_case(model, case, patch_size, device, amp_dtype)
+        predictions.append(index_to_world(predicted, case.geometry))
         truths.append(index_to_world(case.landmarks_index, case.geometry))
+        offsets.append(predicted - case.landmarks_index)
         peaks.append(peak)
     model.train(was_training)
+    offsets = np.concatenate(offsets)
+    offsets = offsets[~np.isnan(offsets).any(axis=1)]
     errors = metrics.radial_errors_mm(np.stack(predictions), np.stack(truths))
     statistics = metrics.error_statistics(errors)
     return {
@@ -51,4 +54,5 @@ def validate(
         "n_points": statistics["n"],
         "peaks": np.stack(peaks),
         "truly_present": ~np.isnan(np.stack(truths)).any(axis=-1),
+        "error_sd_voxels": np.sqrt(np.mean(offsets**2, axis=0)).tolist() if len(offsets) else None,
     }
