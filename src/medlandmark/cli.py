@@ -166,6 +166,25 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--preprocessed", type=Path, default=None, help="folder with plans.json and caches")
     train.add_argument("--coarse-run", type=Path, default=None, help="fine stage: the coarse stage's run (its error sets patch offsets)")
 
+    predict = _verb(
+        sub, "predict", "Predict landmarks in new images, in world mm of each original image.",
+        "MODEL_DIR is a run folder, or a folder of runs: runs of one configuration are averaged\n"
+        "(folds), a coarse and a fine configuration form a cascade. INPUT: image files, folders of\n"
+        "images, DICOM series folders, or a dataset folder. Writes OUT/<case>.<format> (confidence\n"
+        "per point; points judged absent are marked missing) and OUT/summary.csv. Exit 1 when an\n"
+        "image failed (the others still complete).",
+        "medlandmark predict runs/isbi images/*.jpg -o predictions --format json --tta",
+    )
+    predict.add_argument("model_dir", type=Path, help="run folder or folder of runs")
+    predict.add_argument("inputs", type=Path, nargs="+", help="images, folders or DICOM series")
+    predict.add_argument("-o", "--out", type=Path, required=True, help="output folder")
+    predict.add_argument("--format", default="json", choices=["csv", "json", "mrk.json", "fcsv"])
+    predict.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
+    predict.add_argument("--tta", action="store_true", help="average with the mirrored image (symmetric pairs swapped)")
+    predict.add_argument("--overlay", action="store_true", help="also write OUT/overlays/<case>.png")
+    predict.add_argument("--spacing", type=_positive, nargs="+", default=None, metavar="MM", help="pixel spacing (x y) for PNG/JPEG/BMP/TIFF")
+    predict.add_argument("--weights", choices=["best", "final"], default="best")
+
     evaluate = _verb(
         sub, "evaluate", "Compare predicted landmarks with ground truth, in world mm.",
         "Evaluates the cases in --pred; writes OUT/metrics.json, OUT/report.md and PNG plots.",
@@ -237,6 +256,14 @@ def run(args: argparse.Namespace) -> int:
         )  # fmt: skip
         record = train(args.dataset, args.out, options, resume=args.resume)
         return 130 if record["status"] == "interrupted" else 0
+    if args.verb == "predict":
+        from medlandmark.inference.batch import predict_files
+
+        rows = predict_files(
+            args.model_dir, args.inputs, args.out, args.format, args.device, args.tta,
+            args.overlay, args.spacing, args.weights,
+        )  # fmt: skip
+        return EXIT_PROBLEMS if any(r["status"] == "failed" for r in rows) else 0
     if args.verb == "evaluate":
         from medlandmark.evaluation import evaluate, print_summary
 

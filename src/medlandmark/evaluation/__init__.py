@@ -29,6 +29,7 @@ __all__ = ["evaluate", "print_summary"]
 
 DEFAULT_RADII_MM = (2.0, 2.5, 3.0, 4.0)
 METRICS_FILE = "metrics.json"
+PREDICTION_SUMMARY_FILE = "summary.csv"  # written by `predict` beside the landmark files; not a case
 ERRORS_FILE = "radial_errors.csv"
 
 
@@ -111,8 +112,10 @@ def load_pairs(pred_dir: Path, gt: Path) -> Pairs:
 
 
 def prediction_files(pred_dir: Path) -> dict[str, Path]:
-    """Case id -> landmark file of a folder (hidden files and other file types are skipped)."""
+    """Case id -> landmark file of a folder (hidden files, other file types and the summary
+    that ``predict`` writes are skipped)."""
     files = landmark_files(pred_dir, "prediction")
+    files = {case: path for case, path in files.items() if path.name != PREDICTION_SUMMARY_FILE}
     if not files:
         raise DatasetError(
             f"no prediction files here (one landmark file per case: <case_id>"

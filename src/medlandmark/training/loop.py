@@ -324,6 +324,7 @@ def _run_record(run_dir: Path, dataset: Dataset, plan: dict, name: str, options:
         "version": 1, "status": "training", "dataset": plan["dataset"], "dataset_path": str(dataset.root.resolve()),
         "arch": options.arch, "configuration": name, "fold": options.fold, "plan": plan,
         "landmarks": plan["landmarks"], "symmetric_pairs": dataset.spec.symmetric_pairs,
+        "spacing_mm": dataset.spec.spacing_mm,
         "train_cases": train_ids, "val_cases": val_ids, "settings": settings, "options": asdict(options),
     }  # fmt: skip
 

@@ -1,0 +1,104 @@
+"""Predict a batch of images into landmark files: an image that fails is reported, the others
+still complete, and no half-written file is ever left."""
+
+from __future__ import annotations
+
+import csv
+import io
+import time
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+
+from medlandmark.console import info, progress, warn
+from medlandmark.errors import MedlandmarkError
+from medlandmark.evaluation import PREDICTION_SUMMARY_FILE as SUMMARY_FILE
+from medlandmark.inference.predictor import Predictor
+from medlandmark.io.files import atomic_write_text, full_suffix, stem
+from medlandmark.io.images import FORMATS_WITHOUT_SPACING, IMAGE_SUFFIXES, read_image
+from medlandmark.io.landmarks import SUFFIX_BY_FORMAT, write_landmarks
+
+SUMMARY_COLUMNS = ["case_id", "status", "landmark_file", "present", "missing", "mean_confidence", "seconds", "message"]
+OUTPUT_FORMATS = ("csv", "json", "mrk.json", "fcsv")
+
+
+def collect_inputs(inputs: Sequence[str | Path]) -> list[tuple[str, Path]]:
+    """``(case_id, path)`` for each image: files as given, the images of a folder (or of its
+    ``images/`` sub-folder, for a dataset), a folder of DICOM files as one series."""
+    cases = []
+    for given in map(Path, inputs):
+        if given.is_dir() and (given / "images").is_dir():
+            given = given / "images"
+        if given.is_dir():
+            entries = sorted(p for p in given.iterdir() if not p.name.startswith("."))
+            images = [p for p in entries if p.is_file() and full_suffix(p) in IMAGE_SUFFIXES and full_suffix(p) != ".dcm"]
+            series = [p for p in entries if p.is_dir()]
+            if images or series:
+                cases += [(stem(p), p) for p in images] + [(p.name, p) for p in series]
+            elif any(full_suffix(p) == ".dcm" for p in entries):
+                cases.append((given.name, given))
+            else:
+                raise MedlandmarkError("folder holds no images", given)
+        else:
+            cases.append((stem(given), given))
+    ids = [case_id for case_id, _ in cases]
+    duplicates = sorted({i for i in ids if ids.count(i) > 1})
+    if duplicates:
+        raise MedlandmarkError(f"several inputs share the case id(s) {', '.join(duplicates)}: outputs would collide")
+    return cases
+
+
+def predict_files(
+    model_dir: str | Path, inputs: Sequence[str | Path], out: str | Path, output_format: str = "json",
+    device: str = "auto", tta: bool = False, overlay: bool = False,
+    spacing_xy_mm: Sequence[float] | None = None, weights: str = "best",
+) -> list[dict]:
+    """Predict every input into ``out/<case_id>.<format>`` and ``out/summary.csv``; returns the
+    summary rows (``status`` is ``ok`` or ``failed``, with the reason)."""
+    if output_format not in OUTPUT_FORMATS:
+        raise MedlandmarkError(f"unknown output format '{output_format}' (use {', '.join(OUTPUT_FORMATS)})")
+    out = Path(out)
+    cases = collect_inputs(inputs)
+    predictor = Predictor.from_run(model_dir, device=device, weights=weights, tta=tta)
+    spacing = spacing_xy_mm or predictor.stages[0].spacing_mm
+    rows = []
+    for case_id, path in progress(cases, description="predicting"):
+        started = time.perf_counter()
+        try:
+            image = read_image(path, spacing_xy_mm=spacing if full_suffix(path) in FORMATS_WITHOUT_SPACING else None)
+            prediction = predictor.predict(image)
+            target = out / f"{case_id}{SUFFIX_BY_FORMAT[output_format]}"
+            write_landmarks(target, prediction.landmarks)
+            if overlay:
+                _write_overlay(out / "overlays" / f"{case_id}.png", image, prediction)
+            present = prediction.present
+            rows.append({
+                "case_id": case_id, "status": "ok", "landmark_file": target.name,
+                "present": int(present.sum()), "missing": int((~present).sum()),
+                "mean_confidence": round(float(np.mean(prediction.peak)), 4),
+                "seconds": round(time.perf_counter() - started, 3), "message": "",
+            })  # fmt: skip
+        except MedlandmarkError as error:
+            warn(f"{error}")
+            rows.append({"case_id": case_id, "status": "failed", "landmark_file": "", "present": "", "missing": "",
+                         "mean_confidence": "", "seconds": round(time.perf_counter() - started, 3), "message": str(error)})  # fmt: skip
+    _write_summary(out / SUMMARY_FILE, rows)
+    failed = sum(r["status"] == "failed" for r in rows)
+    info(f"predicted {len(rows) - failed} of {len(rows)} images into {out}" + (f"; {failed} failed (see {SUMMARY_FILE})" if failed else ""))
+    return rows
+
+
+def _write_overlay(path: Path, image, prediction) -> None:
+    from medlandmark.inference import overlays
+
+    draw = overlays.overlay_2d if image.ndim == 2 else overlays.overlay_3d
+    draw(image, prediction.landmarks, path)
+
+
+def _write_summary(path: Path, rows: list[dict]) -> None:
+    buffer = io.StringIO()
+    writer = csv.DictWriter(buffer, SUMMARY_COLUMNS)
+    writer.writeheader()
+    writer.writerows(rows)
+    atomic_write_text(path, buffer.getvalue())

@@ -1,0 +1,217 @@
+"""From a new image to landmarks in world millimetres, with a confidence and "not present".
+
+A model folder is one training run (``run.json``), or a folder of runs: runs of the same
+configuration are an ensemble (their heatmaps are averaged), and a coarse configuration with
+its fine one is a cascade (coarse estimate on the whole image, then a fine patch around each
+landmark). Ground truth is never read.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from medlandmark.augment import left_right_axis, symmetric_pair_indices
+from medlandmark.errors import MedlandmarkError
+from medlandmark.heatmaps import DEFAULT_PRESENCE_THRESHOLD, decode_heatmaps
+from medlandmark.inference.sliding_window import sliding_window_heatmaps
+from medlandmark.io.geometry import Geometry, index_to_world, world_to_index
+from medlandmark.io.images import ImageData, read_image
+from medlandmark.io.landmarks import LandmarkSet
+from medlandmark.models import build_model
+from medlandmark.preprocessing import preprocess_image
+from medlandmark.training.checkpoint import load_weights
+
+RUN_FILE = "run.json"
+WEIGHT_FILES = {"best": "model_best.safetensors", "final": "model_final.safetensors"}
+Network = Callable[[torch.Tensor], Sequence[torch.Tensor]]
+
+
+@dataclass
+class Prediction:
+    """Landmarks of one image: world mm (NaN where predicted missing; the position found is
+    kept in ``landmarks.recorded_mm``), the heatmap peak as confidence, and the spread."""
+
+    landmarks: LandmarkSet
+    peak: np.ndarray
+    spread_mm: np.ndarray
+
+    @property
+    def present(self) -> np.ndarray:
+        return self.landmarks.present
+
+
+@dataclass
+class Stage:
+    """One configuration: its networks (one per fold), its plan, and what was learnt with it."""
+
+    configuration: dict
+    plan: dict
+    networks: list[Network]
+    presence_threshold: float
+    pairs: list[tuple[int, int]]
+    spacing_mm: list[float] | None
+
+    def heatmaps(self, array: np.ndarray, geometry: Geometry, device: torch.device, mirror: bool) -> torch.Tensor:
+        """Mean heatmaps ``(K, *spatial)`` of the ensemble over a preprocessed image, averaged
+        with the left-right mirrored prediction (pairs swapped back) when ``mirror``."""
+        image = torch.from_numpy(np.ascontiguousarray(array, dtype=np.float32)).to(device)
+        patch = self.configuration["patch_size"]
+        total = None
+        for network in self.networks:
+            heatmaps = sliding_window_heatmaps(network, image, patch)
+            if mirror:
+                axis = left_right_axis(geometry) + 1
+                flipped = sliding_window_heatmaps(network, image.flip(axis), patch).flip(axis)
+                heatmaps = 0.5 * (heatmaps + swap_channels(flipped, self.pairs))
+            total = heatmaps if total is None else total + heatmaps
+        return total / len(self.networks)
+
+
+def swap_channels(heatmaps: torch.Tensor, pairs: Sequence[tuple[int, int]]) -> torch.Tensor:
+    """Exchange the channels of each symmetric pair (what a mirroring does to their meaning)."""
+    order = list(range(heatmaps.shape[0]))
+    for left, right in pairs:
+        order[left], order[right] = right, left
+    return heatmaps[order]
+
+
+class Predictor:
+    """Predict landmarks with one stage, or a coarse-to-fine cascade of two."""
+
+    def __init__(self, stages: list[Stage], names: list[str], device: torch.device, tta: bool = False):
+        self.stages, self.names, self.device, self.tta = stages, names, device, tta
+
+    @classmethod
+    def from_run(
+        cls, model_dir: str | Path, device: str = "auto", weights: str = "best", tta: bool = False,
+        network_factory: Callable[[dict, Path], Network] | None = None,
+    ) -> Predictor:
+        """Load a run folder, or a folder of runs (ensembles per configuration, a cascade when a
+        coarse configuration and its fine one are both present)."""
+        device = torch.device("cuda" if device == "auto" and torch.cuda.is_available() else ("cpu" if device == "auto" else device))
+        records = _run_records(Path(model_dir))
+        by_configuration: dict[str, list[tuple[Path, dict]]] = {}
+        for path, record in records:
+            by_configuration.setdefault(record["configuration"], []).append((path, record))
+        names = records[0][1]["landmarks"]
+        if any(r["landmarks"] != names for _, r in records):
+            raise MedlandmarkError("the runs were trained on different landmarks", model_dir)
+        stages = [
+            _stage(runs, device, weights, network_factory)
+            for runs in _stage_order(by_configuration, Path(model_dir))
+        ]
+        return cls(stages, names, device, tta)
+
+    def predict(self, image: str | Path | ImageData, spacing_xy_mm: Sequence[float] | None = None) -> Prediction:
+        """Landmarks of one image (a path, or voxels with their geometry)."""
+        if not isinstance(image, ImageData):
+            image = read_image(image, spacing_xy_mm=spacing_xy_mm or self.stages[0].spacing_mm)
+        first = self.stages[0]
+        array, geometry = preprocess_image(image, first.plan, first.configuration)
+        mirror = self.tta and bool(first.pairs)
+        decoded = decode_heatmaps(first.heatmaps(array, geometry, self.device, mirror)[None])
+        points = index_to_world(decoded.points[0].double().cpu().numpy(), geometry)
+        peak = decoded.peak[0].float().cpu().numpy()
+        spread_mm = decoded.spread[0].float().cpu().numpy() * float(np.mean(geometry.spacing_mm))
+        present = peak >= first.presence_threshold
+        if len(self.stages) > 1:
+            points, spread_mm = self._refine(image, points, present, spread_mm)
+        kept = points.copy()
+        points[~present] = np.nan
+        landmarks = LandmarkSet(self.names, points, recorded_mm=np.where(present[:, None], np.nan, kept), confidence=peak)
+        return Prediction(landmarks, peak, spread_mm)
+
+    def _refine(self, image: ImageData, points_mm: np.ndarray, present: np.ndarray, spread_mm: np.ndarray):
+        """The cascade's fine stage: a patch of the fine configuration centred on each coarse
+        estimate, at full resolution; the landmark's own channel refines its position."""
+        fine = self.stages[1]
+        array, geometry = preprocess_image(image, fine.plan, fine.configuration)
+        patch = np.asarray(fine.configuration["patch_size"])
+        refined, refined_spread = points_mm.copy(), spread_mm.copy()
+        for k in np.flatnonzero(present):
+            centre = world_to_index(points_mm[k], geometry)
+            start = np.round(centre - (patch - 1) / 2).astype(int)
+            window = _crop(array, start, patch)
+            mirror = self.tta and bool(fine.pairs)
+            heatmaps = fine.heatmaps(window, _cropped(geometry, start, patch), self.device, mirror)
+            decoded = decode_heatmaps(heatmaps[k : k + 1][None])
+            index = decoded.points[0, 0].double().cpu().numpy() + start
+            refined[k] = index_to_world(index, geometry)
+            refined_spread[k] = float(decoded.spread[0, 0]) * float(np.mean(geometry.spacing_mm))
+        return refined, refined_spread
+
+
+def _crop(array: np.ndarray, start: np.ndarray, shape: np.ndarray) -> np.ndarray:
+    """``array[:, start:start+shape]`` with zeros (the normalised mean) outside the image."""
+    out = np.zeros((array.shape[0], *shape), dtype=np.float32)
+    size = np.asarray(array.shape[1:])
+    low, high = np.clip(start, 0, size), np.clip(start + shape, 0, size)
+    if np.all(high > low):
+        out[(slice(None), *(slice(a - s, b - s) for a, b, s in zip(low, high, start, strict=True)))] = array[
+            (slice(None), *(slice(a, b) for a, b in zip(low, high, strict=True)))
+        ]
+    return out
+
+
+def _cropped(geometry: Geometry, start: np.ndarray, shape: np.ndarray) -> Geometry:
+    from medlandmark.io.geometry import cropped_geometry
+
+    return cropped_geometry(geometry, [int(v) for v in start], [int(v) for v in shape])
+
+
+def _run_records(model_dir: Path) -> list[tuple[Path, dict]]:
+    if (model_dir / RUN_FILE).is_file():
+        folders = [model_dir]
+    else:
+        folders = sorted(p.parent for p in model_dir.glob(f"*/{RUN_FILE}"))
+    if not folders:
+        raise MedlandmarkError("no trained run here (no run.json, nor sub-folders with one)", model_dir)
+    records = []
+    for folder in folders:
+        try:
+            record = json.loads((folder / RUN_FILE).read_text(encoding="utf-8"))
+        except (UnicodeDecodeError, json.JSONDecodeError) as error:
+            raise MedlandmarkError(f"invalid run.json ({error})", folder / RUN_FILE) from None
+        for key in ("arch", "configuration", "plan", "landmarks"):
+            if key not in record:
+                raise MedlandmarkError(f"run.json lacks '{key}'", folder / RUN_FILE)
+        records.append((folder, record))
+    return records
+
+
+def _stage_order(by_configuration: dict[str, list], model_dir: Path) -> list[list]:
+    """One stage, or the coarse stage followed by its fine stage."""
+    configurations = {name: runs[0][1]["plan"]["configurations"][name] for name, runs in by_configuration.items()}
+    coarse = [n for n, c in configurations.items() if c["stage"] == "coarse"]
+    if len(configurations) == 1:
+        return list(by_configuration.values())
+    if len(coarse) == 1 and configurations[coarse[0]].get("next_stage") in configurations and len(configurations) == 2:
+        return [by_configuration[coarse[0]], by_configuration[configurations[coarse[0]]["next_stage"]]]
+    raise MedlandmarkError(f"cannot combine the configurations {sorted(configurations)}: give one configuration, or a coarse one and its fine one", model_dir)
+
+
+def _stage(runs: list[tuple[Path, dict]], device: torch.device, weights: str, network_factory) -> Stage:
+    networks, thresholds = [], []
+    for folder, record in runs:
+        plan = record["plan"]
+        configuration = plan["configurations"][record["configuration"]]
+        if network_factory is not None:
+            network = network_factory(record, folder)
+        else:
+            network = build_model(record["arch"], configuration, len(record["landmarks"]), len(plan["modalities"]))
+            load_weights(folder / WEIGHT_FILES[weights], network)
+            network = network.to(device).eval()
+        networks.append(network)
+        thresholds.append(record.get("presence_threshold", DEFAULT_PRESENCE_THRESHOLD))
+    _, record = runs[0]
+    pairs = symmetric_pair_indices(record["landmarks"], [tuple(p) for p in record.get("symmetric_pairs", [])])
+    return Stage(
+        record["plan"]["configurations"][record["configuration"]], record["plan"], networks,
+        float(np.mean(thresholds)), pairs, record.get("spacing_mm"),
+    )  # fmt: skip

@@ -1,0 +1,178 @@
+"""Prediction: geometry exact through preprocessing and the cascade, robust batches, formats."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from scipy.spatial.transform import Rotation
+from torch import nn
+
+from medlandmark.datasets.dataset import DatasetSpec, write_spec
+from medlandmark.inference.batch import predict_files
+from medlandmark.inference.predictor import Predictor, swap_channels
+from medlandmark.io.geometry import Geometry, index_to_world
+from medlandmark.io.images import read_image, write_image
+from medlandmark.io.landmarks import LandmarkSet, read_landmarks, write_landmarks
+from medlandmark.planning import plan_dataset
+
+BLOB_SIGMA_MM = 4.0
+
+
+class PeakIsTheImage(nn.Module):
+    """A stand-in network whose heatmap is its input: a blob image decodes to the blob."""
+
+    def forward(self, x: torch.Tensor) -> list[torch.Tensor]:
+        return [x[:, :1]]
+
+
+def _blob_volume(geometry: Geometry, point_mm: np.ndarray) -> np.ndarray:
+    grid = np.stack(np.meshgrid(*[np.arange(n) for n in geometry.shape], indexing="ij"), axis=-1)
+    world = index_to_world(grid.reshape(-1, geometry.ndim), geometry)
+    return 1000 * np.exp(-np.sum((world - point_mm) ** 2, axis=1) / (2 * BLOB_SIGMA_MM**2)).reshape(geometry.shape)
+
+
+def _blob_model(tmp_path: Path, gpu_memory_gb: float, shape=(90, 80, 30), spacing=(1.0, 1.1, 3.5)) -> tuple[Path, Path, np.ndarray]:
+    """A one-landmark 3D dataset of oblique, anisotropic blob volumes (MR: a CT clip would
+    flatten the blob), planned (thick axis transposed first), and a model
+    folder of runs (one per configuration) whose network is the identity."""
+    dataset = tmp_path / "ds"
+    direction = Rotation.from_euler("xyz", [0.3, -0.2, 0.25]).as_matrix()
+    geometry = Geometry(spacing, (-30.0, 12.0, 5.0), tuple(map(tuple, direction)), shape)
+    points = []
+    for case in range(3):
+        point = index_to_world(np.array([20.0 + 9 * case, 50.0 - 4 * case, 12.3 + case]), geometry)
+        write_image(dataset / "images" / f"c{case}.nii.gz", _blob_volume(geometry, point).astype(np.float32), geometry)
+        write_landmarks(dataset / "landmarks" / f"c{case}.json", LandmarkSet(["tip"], point[None]))
+        points.append(point)
+    write_spec(dataset, DatasetSpec(name="blob", spatial_dims=3, landmarks=["tip"], modalities=["mr"]))
+    plan = plan_dataset(dataset, gpu_memory_gb=gpu_memory_gb)
+    models = tmp_path / "models"
+    for name in plan["configurations"]:
+        run = models / name
+        run.mkdir(parents=True)
+        record = {"arch": "unet", "configuration": name, "plan": plan, "landmarks": ["tip"], "presence_threshold": 0.2}
+        (run / "run.json").write_text(json.dumps(record))
+    return dataset, models, np.array(points)
+
+
+def _identity_factory(record: dict, folder: Path) -> nn.Module:
+    return PeakIsTheImage()
+
+
+@pytest.fixture(scope="module")
+def cascade_blobs(tmp_path_factory):
+    return _blob_model(tmp_path_factory.mktemp("cascade"), gpu_memory_gb=0.9)
+
+
+def test_single_stage_prediction_is_exact_in_world_mm(tmp_path: Path) -> None:
+    dataset, models, points = _blob_model(tmp_path, gpu_memory_gb=24.0)
+    runs = sorted(p for p in models.iterdir())
+    assert len(runs) == 1  # the whole volume fits one patch: no cascade
+    assert json.loads((runs[0] / "run.json").read_text())["plan"]["transpose_forward"] == [2, 0, 1]
+    predictor = Predictor.from_run(runs[0], network_factory=_identity_factory)
+    for case, point in enumerate(points):
+        prediction = predictor.predict(dataset / "images" / f"c{case}.nii.gz")
+        assert prediction.present.all()
+        assert np.linalg.norm(prediction.landmarks.points_mm[0] - point) < 0.05
+
+
+def test_cascade_refines_at_full_resolution_and_stays_exact(cascade_blobs) -> None:
+    dataset, models, points = cascade_blobs
+    names = sorted(p.name for p in models.iterdir())
+    assert any(n.endswith("_coarse") for n in names) and any(n.endswith("_fine") for n in names)
+    coarse_only = Predictor.from_run(models / next(n for n in names if n.endswith("_coarse")), network_factory=_identity_factory)
+    for name in names:
+        if not name.endswith(("_coarse", "_fine")):
+            (models / name / "run.json").rename(models / name / "run.json.off")  # keep the cascade alone
+    cascade = Predictor.from_run(models, network_factory=_identity_factory)
+    assert len(cascade.stages) == 2 and cascade.stages[0].configuration["stage"] == "coarse"
+    for case, point in enumerate(points):
+        image = read_image(dataset / "images" / f"c{case}.nii.gz")
+        fine = np.linalg.norm(cascade.predict(image).landmarks.points_mm[0] - point)
+        coarse = np.linalg.norm(coarse_only.predict(image).landmarks.points_mm[0] - point)
+        assert fine < 0.05, (case, fine, coarse)
+
+
+def test_absent_landmark_is_reported_missing_with_its_position_kept(tmp_path: Path) -> None:
+    dataset, models, _ = _blob_model(tmp_path, gpu_memory_gb=24.0)
+    run = next(models.iterdir())
+    geometry = read_image(dataset / "images" / "c0.nii.gz").geometry
+    write_image(tmp_path / "empty.nii.gz", np.zeros(geometry.shape, np.float32) + 5.0, geometry)
+    prediction = Predictor.from_run(run, network_factory=_identity_factory).predict(tmp_path / "empty.nii.gz")
+    assert not prediction.present[0]
+    assert np.isnan(prediction.landmarks.points_mm[0]).all() and not np.isnan(prediction.landmarks.recorded_mm[0]).any()
+
+
+def test_swap_channels_exchanges_pairs_only() -> None:
+    heatmaps = torch.arange(4.0)[:, None, None].expand(4, 2, 2)
+    swapped = swap_channels(heatmaps, [(0, 2)])
+    assert swapped[:, 0, 0].tolist() == [2.0, 1.0, 0.0, 3.0]
+
+
+def _real_model(tmp_path: Path) -> tuple[Path, Path]:
+    """A real (briefly trained) U-Net on 2D synthetic images, with its dataset."""
+    from medlandmark.datasets.synthetic import make_synthetic_dataset
+    from medlandmark.preprocessing import preprocess_dataset
+    from medlandmark.training.loop import TrainOptions, train
+
+    from .test_training import shrink_networks
+
+    dataset = make_synthetic_dataset(tmp_path / "ds", num_cases=6, size_px=48, spacing_mm=1.0)
+    plan_dataset(dataset, gpu_memory_gb=2.0)
+    shrink_networks(dataset)
+    preprocess_dataset(dataset, workers=1)
+    train(dataset, tmp_path / "run", TrainOptions(epochs=1, iterations_per_epoch=3, fold="all"))
+    return dataset, tmp_path / "run"
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    return _real_model(tmp_path_factory.mktemp("trained"))
+
+
+@pytest.mark.parametrize("output_format", ["csv", "json", "mrk.json", "fcsv"])
+def test_every_output_format_reads_back(trained, tmp_path: Path, output_format: str) -> None:
+    dataset, run = trained
+    rows = predict_files(run, [dataset / "images" / "case000.png"], tmp_path / "out", output_format)
+    assert rows[0]["status"] == "ok"
+    written = tmp_path / "out" / rows[0]["landmark_file"]
+    back = read_landmarks(written, geometry=read_image(dataset / "images" / "case000.png", spacing_xy_mm=(1, 1)).geometry)
+    reference = Predictor.from_run(run).predict(dataset / "images" / "case000.png").landmarks
+    assert back.names == reference.names
+    np.testing.assert_allclose(back.points_mm, reference.points_mm, atol=1e-6)
+
+
+def test_a_broken_image_fails_alone_and_the_exit_code_says_so(trained, tmp_path: Path) -> None:
+    dataset, run = trained
+    broken = tmp_path / "inputs" / "broken.png"
+    broken.parent.mkdir()
+    broken.write_bytes(b"\x89PNG\r\n\x1a\n not really")
+    result = subprocess.run(
+        [sys.executable, "-m", "medlandmark", "predict", str(run), str(dataset / "images" / "case001.png"), str(broken), "-o", str(tmp_path / "out")],
+        capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert result.returncode == 1, result.stderr
+    assert "broken.png" in result.stderr and "Traceback" not in result.stderr
+    summary = (tmp_path / "out" / "summary.csv").read_text()
+    assert "case001,ok" in summary and "broken,failed" in summary
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["case001.json", "summary.csv"]
+
+
+def test_fold_ensemble_of_identical_runs_equals_one_run(trained, tmp_path: Path) -> None:
+    import shutil
+
+    dataset, run = trained
+    for fold in ("fold0", "fold1"):
+        shutil.copytree(run, tmp_path / "ensemble" / fold)
+    one = Predictor.from_run(run).predict(dataset / "images" / "case002.png")
+    two = Predictor.from_run(tmp_path / "ensemble").predict(dataset / "images" / "case002.png")
+    np.testing.assert_allclose(one.peak, two.peak, rtol=1e-5)
+    np.testing.assert_array_equal(one.present, two.present)
+    kept = lambda p: np.where(p.present[:, None], p.landmarks.points_mm, p.landmarks.recorded_mm)  # noqa: E731
+    np.testing.assert_allclose(kept(one), kept(two), atol=1e-5)
