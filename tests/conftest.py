@@ -2,12 +2,27 @@
 
 from __future__ import annotations
 
+import json
+import os
 from pathlib import Path
 
 import pytest
+import torch
 from hypothesis import HealthCheck, settings
 
+from medlandmark.datasets.dataset import DatasetSpec, write_spec
+from medlandmark.planning import plan_dataset
+from medlandmark.preprocessing import preprocess_dataset
+
+SMALL_FEATURES = 8
+
 SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
+
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    # one thread per test process (and per process it starts): oversubscribing the cores with
+    # torch's spinning worker threads makes CPU tests many times slower
+    os.environ["OMP_NUM_THREADS"] = "1"
+    torch.set_num_threads(1)
 
 settings.register_profile(
     "default", deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
@@ -33,7 +48,6 @@ def shared_data() -> Path:
 def real_datasets(tmp_path_factory) -> dict[str, Path]:
     """ISBI 2015, hand X-ray and AFIDs converted from ../shared/data and planned (8 GB budget)."""
     from medlandmark.datasets.converters import convert_afids, convert_hand_xray, convert_isbi2015
-    from medlandmark.planning import plan_dataset
 
     root = tmp_path_factory.mktemp("real")
     afids = shared_path("afids_mni152")
@@ -48,3 +62,35 @@ def real_datasets(tmp_path_factory) -> dict[str, Path]:
     for dataset in roots.values():
         plan_dataset(dataset)
     return roots
+
+
+def shrink_networks(dataset: Path, base: int = SMALL_FEATURES) -> None:
+    """Narrow the plan's U-Net so that CPU tests run in seconds (sizes otherwise unchanged)."""
+    path = dataset / "preprocessed" / "plans.json"
+    plan = json.loads(path.read_text())
+    for config in plan["configurations"].values():
+        unet = config["architectures"]["unet"]
+        unet["features_per_stage"] = [min(base * 2**i, 64) for i in range(len(unet["features_per_stage"]))]
+    path.write_text(json.dumps(plan))
+
+
+@pytest.fixture(scope="session")
+def small_isbi(tmp_path_factory) -> Path:
+    """Six real ISBI 2015 images (symlinked), planned at a 1 GB budget: a cascade."""
+    from medlandmark.datasets.converters import ISBI_LANDMARKS
+
+    source = shared_path("isbi2015")
+    root = tmp_path_factory.mktemp("isbi") / "isbi_small"
+    (root / "images").mkdir(parents=True)
+    (root / "landmarks").mkdir()
+    case_ids = [f"{i:03d}" for i in range(1, 7)]
+    for case_id in case_ids:
+        os.symlink(source / "RawImage" / "TrainingData" / f"{case_id}.jpg", root / "images" / f"{case_id}.jpg")
+        os.symlink(source / "AnnotationsByMD" / "400_senior" / f"{case_id}.txt", root / "landmarks" / f"{case_id}.txt")
+    write_spec(root, DatasetSpec(name="isbi-small", spatial_dims=2, landmarks=ISBI_LANDMARKS,
+                                 modalities=["xray"], spacing_mm=[0.1, 0.1], splits={"train": case_ids}))  # fmt: skip
+    plan = plan_dataset(root, gpu_memory_gb=1.0)
+    assert plan["configurations"][plan["default_configuration"]]["stage"] == "coarse"  # a cascade at 1 GB
+    shrink_networks(root)
+    preprocess_dataset(root, workers=2)
+    return root

@@ -176,3 +176,49 @@ def test_fold_ensemble_of_identical_runs_equals_one_run(trained, tmp_path: Path)
     np.testing.assert_array_equal(one.present, two.present)
     kept = lambda p: np.where(p.present[:, None], p.landmarks.points_mm, p.landmarks.recorded_mm)  # noqa: E731
     np.testing.assert_allclose(kept(one), kept(two), atol=1e-5)
+
+
+def test_end_to_end_on_real_isbi_train_predict_evaluate(small_isbi: Path, tmp_path: Path) -> None:
+    """Train briefly on six ISBI 2015 images, predict two others, evaluate in mm."""
+    from medlandmark.datasets.converters import convert_isbi2015
+    from medlandmark.evaluation import evaluate
+    from medlandmark.training.loop import TrainOptions, train
+
+    from .conftest import shared_path
+
+    train(small_isbi, tmp_path / "run", TrainOptions(configuration="2d_coarse", epochs=1, iterations_per_epoch=6, fold="all"))
+    truth = convert_isbi2015(shared_path("isbi2015"), tmp_path / "truth")
+    images = [truth / "images" / f"{case}.jpg" for case in ("151", "152")]
+    rows = predict_files(tmp_path / "run", images, tmp_path / "pred", "json")
+    assert [r["status"] for r in rows] == ["ok", "ok"]
+    metrics = evaluate(tmp_path / "pred", truth, tmp_path / "eval")
+    assert metrics["n_cases"] == 2 and metrics["missing"]["tp"] == 0
+    assert metrics["n_points"] + metrics["missing"]["fp"] == 38
+    assert metrics["mre_mm"] is None or np.isfinite(metrics["mre_mm"])
+
+
+def test_predictor_runs_from_the_exported_onnx_file(trained, tmp_path: Path) -> None:
+    pytest.importorskip("onnxruntime")
+    from medlandmark.cli import main
+
+    dataset, run = trained
+    assert main(["export", str(run), "--onnx", str(tmp_path / "model.onnx")]) == 0
+    image = dataset / "images" / "case003.png"
+    torch_prediction = Predictor.from_run(run).predict(image)
+    onnx_prediction = Predictor.from_run(run, onnx=tmp_path / "model.onnx").predict(image)
+    np.testing.assert_array_equal(torch_prediction.present, onnx_prediction.present)
+    kept = lambda p: np.where(p.present[:, None], p.landmarks.points_mm, p.landmarks.recorded_mm)  # noqa: E731
+    np.testing.assert_allclose(kept(torch_prediction), kept(onnx_prediction), atol=1e-3)
+
+
+def test_spread_measures_the_heatmap_width_in_mm(tmp_path: Path) -> None:
+    dataset, models, _ = _blob_model(tmp_path, gpu_memory_gb=24.0)
+    prediction = Predictor.from_run(next(models.iterdir()), network_factory=_identity_factory).predict(dataset / "images" / "c1.nii.gz")
+    assert 3.0 < prediction.spread_mm[0] < 5.0  # the blob's sigma is 4 mm (anisotropic voxels averaged)
+
+
+def test_overlay_option_writes_a_png_per_case(trained, tmp_path: Path) -> None:
+    dataset, run = trained
+    rows = predict_files(run, [dataset / "images" / "case004.png"], tmp_path / "out", overlay=True)
+    assert rows[0]["status"] == "ok"
+    assert (tmp_path / "out" / "overlays" / "case004.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

@@ -14,26 +14,15 @@ import numpy as np
 import pytest
 import torch
 
-from medlandmark.datasets.dataset import DatasetSpec, write_spec
 from medlandmark.datasets.synthetic import make_synthetic_dataset
 from medlandmark.planning import plan_dataset
 from medlandmark.preprocessing import preprocess_dataset
 from medlandmark.training.checkpoint import load_checkpoint
 from medlandmark.training.loop import TrainOptions, train
 
-from .conftest import shared_path
+from .conftest import shrink_networks
 
 SMALL_FEATURES = 8
-
-
-def shrink_networks(dataset: Path, base: int = SMALL_FEATURES) -> None:
-    """Narrow the plan's U-Net so that CPU tests run in seconds (sizes otherwise unchanged)."""
-    path = dataset / "preprocessed" / "plans.json"
-    plan = json.loads(path.read_text())
-    for config in plan["configurations"].values():
-        unet = config["architectures"]["unet"]
-        unet["features_per_stage"] = [min(base * 2**i, 64) for i in range(len(unet["features_per_stage"]))]
-    path.write_text(json.dumps(plan))
 
 
 def _log_losses(run: Path) -> list[float]:
@@ -99,36 +88,23 @@ def test_sigterm_saves_a_checkpoint_and_resume_continues(synthetic: Path, tmp_pa
 def test_torchrun_two_processes_keep_identical_weights(synthetic: Path, tmp_path: Path) -> None:
     run = tmp_path / "ddp"
     environment = {**os.environ, "OMP_NUM_THREADS": "1"}
-    result = subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "medlandmark",
-         "train", str(synthetic), "-o", str(run), "--epochs", "1", "--iterations", "4", "--fold", "all", "-q"],
-        capture_output=True, text=True, timeout=300, env=environment,
-    )  # fmt: skip
+    command = [
+        sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "medlandmark",
+        "train", str(synthetic), "-o", str(run), "--epochs", "1", "--iterations", "4", "--fold", "all", "-q",
+    ]  # fmt: skip
+    # a process group of its own, so that a hang kills the workers too, not only the launcher
+    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=environment, start_new_session=True)
+    try:
+        stdout, stderr = process.communicate(timeout=300)
+    except subprocess.TimeoutExpired:
+        os.killpg(process.pid, signal.SIGKILL)
+        stdout, stderr = process.communicate()
+    result = subprocess.CompletedProcess(command, process.returncode, stdout, stderr)
     assert result.returncode == 0, result.stdout + result.stderr
     record = json.loads((run / "run.json").read_text())
     checksums = record["weight_checksum_per_rank"]
     assert len(checksums) == 2 and checksums[0] == checksums[1]
     assert record["step"] == 4 and record["status"] == "finished"
-
-
-@pytest.fixture(scope="module")
-def small_isbi(tmp_path_factory) -> Path:
-    """Six real ISBI 2015 images (symlinked), planned at a 1 GB budget: a cascade."""
-    source = shared_path("isbi2015")
-    root = tmp_path_factory.mktemp("isbi") / "isbi_small"
-    (root / "images").mkdir(parents=True)
-    (root / "landmarks").mkdir()
-    case_ids = [f"{i:03d}" for i in range(1, 7)]
-    for case_id in case_ids:
-        os.symlink(source / "RawImage" / "TrainingData" / f"{case_id}.jpg", root / "images" / f"{case_id}.jpg")
-        os.symlink(source / "AnnotationsByMD" / "400_senior" / f"{case_id}.txt", root / "landmarks" / f"{case_id}.txt")
-    write_spec(root, DatasetSpec(name="isbi-small", spatial_dims=2, landmarks=[f"L{k}" for k in range(1, 20)],
-                                 modalities=["xray"], spacing_mm=[0.1, 0.1], splits={"train": case_ids}))  # fmt: skip
-    plan = plan_dataset(root, gpu_memory_gb=1.0)
-    assert plan["configurations"][plan["default_configuration"]]["stage"] == "coarse"  # a cascade at 1 GB
-    shrink_networks(root)
-    preprocess_dataset(root, workers=2)
-    return root
 
 
 def test_short_run_on_real_isbi_images_lowers_the_loss(small_isbi: Path, tmp_path: Path) -> None:
@@ -149,5 +125,5 @@ def test_fine_stage_offsets_come_from_the_coarse_runs_measured_error(small_isbi:
     fine = plan["configurations"]["2d_fine"]
     ratio = np.array(plan["configurations"]["2d_coarse"]["spacing_mm"]) / np.array(fine["spacing_mm"])
     np.testing.assert_allclose(_fine_offset_sd(fine, plan, str(tmp_path / "coarse")), np.array(measured) * ratio)
-    record = train(small_isbi, tmp_path / "fine", TrainOptions(configuration="2d_fine", epochs=1, iterations_per_epoch=2, fold=0, coarse_run=str(tmp_path / "coarse")))
+    record = train(small_isbi, tmp_path / "fine", TrainOptions(configuration="2d_fine", epochs=1, iterations_per_epoch=2, fold="all", coarse_run=str(tmp_path / "coarse")))
     assert record["status"] == "finished"

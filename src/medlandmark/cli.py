@@ -184,6 +184,20 @@ def build_parser() -> argparse.ArgumentParser:
     predict.add_argument("--overlay", action="store_true", help="also write OUT/overlays/<case>.png")
     predict.add_argument("--spacing", type=_positive, nargs="+", default=None, metavar="MM", help="pixel spacing (x y) for PNG/JPEG/BMP/TIFF")
     predict.add_argument("--weights", choices=["best", "final"], default="best")
+    predict.add_argument("--onnx", nargs="?", const="run", default=None, metavar="MODEL.onnx",
+                         help="run with onnxruntime: this file, or each run's model.onnx when no file is given")
+
+    export = _verb(
+        sub, "export", "Export a run's network to ONNX and check it against PyTorch.",
+        "Writes the network (full-resolution heatmaps of one patch, any batch size) and prints the\n"
+        "largest heatmap difference between onnxruntime and PyTorch on the same input; fails if\n"
+        "it exceeds the tolerance. 'predict --onnx' then runs without PyTorch's network code.",
+        "medlandmark export runs/isbi_coarse --onnx runs/isbi_coarse/model.onnx",
+    )
+    export.add_argument("run_dir", type=Path, help="a training run folder")
+    export.add_argument("--onnx", type=Path, default=None, help="output file (default RUN_DIR/model.onnx)")
+    export.add_argument("--weights", choices=["best", "final"], default="best")
+    export.add_argument("--opset", type=int, default=None)
 
     evaluate = _verb(
         sub, "evaluate", "Compare predicted landmarks with ground truth, in world mm.",
@@ -261,9 +275,19 @@ def run(args: argparse.Namespace) -> int:
 
         rows = predict_files(
             args.model_dir, args.inputs, args.out, args.format, args.device, args.tta,
-            args.overlay, args.spacing, args.weights,
+            args.overlay, args.spacing, args.weights, args.onnx,
         )  # fmt: skip
         return EXIT_PROBLEMS if any(r["status"] == "failed" for r in rows) else 0
+    if args.verb == "export":
+        from medlandmark.inference.export import export_onnx
+
+        report = export_onnx(args.run_dir, args.onnx or args.run_dir / "model.onnx", args.weights, args.opset)
+        console.print(
+            f"wrote {report['onnx_path']} (opset {report['opset']}, input {report['input_shape']}); "
+            f"largest heatmap difference to PyTorch {report['max_abs_heatmap_difference']:.2e} "
+            f"(heatmap range {report['max_abs_heatmap']:.3g}, tolerance {report['tolerance']:.2e})"
+        )
+        return 0
     if args.verb == "evaluate":
         from medlandmark.evaluation import evaluate, print_summary
 

@@ -20,7 +20,7 @@ from rich.progress import (
 
 T = TypeVar("T")
 log = logging.getLogger("medlandmark")
-console = Console(stderr=True, highlight=False)
+console = Console(stderr=True, highlight=False, soft_wrap=True)  # paths in logs stay whole
 _state = {"quiet": False, "verbose": False}
 LOG_INTERVAL_S = 2.0
 

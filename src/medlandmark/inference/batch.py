@@ -52,7 +52,7 @@ def collect_inputs(inputs: Sequence[str | Path]) -> list[tuple[str, Path]]:
 def predict_files(
     model_dir: str | Path, inputs: Sequence[str | Path], out: str | Path, output_format: str = "json",
     device: str = "auto", tta: bool = False, overlay: bool = False,
-    spacing_xy_mm: Sequence[float] | None = None, weights: str = "best",
+    spacing_xy_mm: Sequence[float] | None = None, weights: str = "best", onnx: str | Path | None = None,
 ) -> list[dict]:
     """Predict every input into ``out/<case_id>.<format>`` and ``out/summary.csv``; returns the
     summary rows (``status`` is ``ok`` or ``failed``, with the reason)."""
@@ -60,7 +60,7 @@ def predict_files(
         raise MedlandmarkError(f"unknown output format '{output_format}' (use {', '.join(OUTPUT_FORMATS)})")
     out = Path(out)
     cases = collect_inputs(inputs)
-    predictor = Predictor.from_run(model_dir, device=device, weights=weights, tta=tta)
+    predictor = Predictor.from_run(model_dir, device=device, weights=weights, tta=tta, onnx=onnx)
     spacing = spacing_xy_mm or predictor.stages[0].spacing_mm
     rows = []
     for case_id, path in progress(cases, description="predicting"):

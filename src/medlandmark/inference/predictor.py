@@ -90,10 +90,13 @@ class Predictor:
     @classmethod
     def from_run(
         cls, model_dir: str | Path, device: str = "auto", weights: str = "best", tta: bool = False,
-        network_factory: Callable[[dict, Path], Network] | None = None,
+        network_factory: Callable[[dict, Path], Network] | None = None, onnx: str | Path | None = None,
     ) -> Predictor:
         """Load a run folder, or a folder of runs (ensembles per configuration, a cascade when a
-        coarse configuration and its fine one are both present)."""
+        coarse configuration and its fine one are both present). ``onnx`` runs the networks
+        with onnxruntime: a file for a single run, or ``"run"`` for each run's ``model.onnx``."""
+        if onnx is not None and network_factory is None:
+            network_factory = _onnx_factory(onnx)
         device = torch.device("cuda" if device == "auto" and torch.cuda.is_available() else ("cpu" if device == "auto" else device))
         records = _run_records(Path(model_dir))
         by_configuration: dict[str, list[tuple[Path, dict]]] = {}
@@ -145,6 +148,15 @@ class Predictor:
             refined[k] = index_to_world(index, geometry)
             refined_spread[k] = float(decoded.spread[0, 0]) * float(np.mean(geometry.spacing_mm))
         return refined, refined_spread
+
+
+def _onnx_factory(onnx: str | Path) -> Callable[[dict, Path], Network]:
+    from medlandmark.inference.export import OnnxNetwork
+
+    def factory(record: dict, folder: Path) -> Network:
+        return OnnxNetwork(folder / "model.onnx" if str(onnx) == "run" else Path(onnx))
+
+    return factory
 
 
 def _crop(array: np.ndarray, start: np.ndarray, shape: np.ndarray) -> np.ndarray:

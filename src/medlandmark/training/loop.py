@@ -397,10 +397,12 @@ def _plot_curves(run_dir: Path) -> None:
     if not rows:
         return
     figure, loss_axis = plt.subplots(figsize=(7, 4))
-    loss_axis.plot([int(r["step"]) for r in rows], [float(r["train_loss"]) for r in rows], label="training loss")
+    losses = [float(r["train_loss"]) for r in rows]
+    loss_axis.plot([int(r["step"]) for r in rows], losses, label="training loss")
     loss_axis.set_xlabel("step")
     loss_axis.set_ylabel("loss")
-    loss_axis.set_yscale("log")
+    if min(losses) > 0:
+        loss_axis.set_yscale("log")
     validated = [r for r in rows if r["val_mre_mm"]]
     if validated:
         mre_axis = loss_axis.twinx()
