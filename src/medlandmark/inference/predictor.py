@@ -73,6 +73,13 @@ class Stage:
         return total / len(self.networks)
 
 
+def spread_in_mm(spread_per_axis_voxels: torch.Tensor, geometry: Geometry) -> np.ndarray:
+    """Heatmap spread ``(K,)`` in mm: each axis's spread in voxels times that axis's spacing,
+    averaged over the axes."""
+    per_axis = spread_per_axis_voxels.float().cpu().numpy() * np.asarray(geometry.spacing_mm)
+    return per_axis.mean(axis=-1)
+
+
 def swap_channels(heatmaps: torch.Tensor, pairs: Sequence[tuple[int, int]]) -> torch.Tensor:
     """Exchange the channels of each symmetric pair (what a mirroring does to their meaning)."""
     order = list(range(heatmaps.shape[0]))
@@ -121,7 +128,7 @@ class Predictor:
         decoded = decode_heatmaps(first.heatmaps(array, geometry, self.device, mirror)[None])
         points = index_to_world(decoded.points[0].double().cpu().numpy(), geometry)
         peak = decoded.peak[0].float().cpu().numpy()
-        spread_mm = decoded.spread[0].float().cpu().numpy() * float(np.mean(geometry.spacing_mm))
+        spread_mm = spread_in_mm(decoded.spread_per_axis[0], geometry)
         present = peak >= first.presence_threshold
         if len(self.stages) > 1:
             points, spread_mm = self._refine(image, points, present, spread_mm)
@@ -146,7 +153,7 @@ class Predictor:
             decoded = decode_heatmaps(heatmaps[k : k + 1][None])
             index = decoded.points[0, 0].double().cpu().numpy() + start
             refined[k] = index_to_world(index, geometry)
-            refined_spread[k] = float(decoded.spread[0, 0]) * float(np.mean(geometry.spacing_mm))
+            refined_spread[k] = spread_in_mm(decoded.spread_per_axis[0], geometry)[0]
         return refined, refined_spread
 
 
