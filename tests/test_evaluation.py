@@ -208,18 +208,14 @@ def test_evaluate_against_a_dataset_matches_by_name(tmp_path):
     assert "c1,sella,5.000000,1,1" in rows and "c2,nasion,,0,0" in rows
 
 
+def _evaluate_command(tmp_path, gt) -> list[str]:
+    return ["evaluate", "--pred", str(tmp_path / "pred"), "--gt", str(gt), "--out", str(tmp_path / "out")]
+
+
 def test_cli_evaluate_writes_the_same_metrics(tmp_path):
     gt = make_dataset_2d(tmp_path / "gt", GT_2D)
     write_predictions_2d(tmp_path / "pred")
-    args = [
-        "evaluate",
-        "--pred",
-        str(tmp_path / "pred"),
-        "--gt",
-        str(gt),
-        "--out",
-        str(tmp_path / "out"),
-    ]
+    args = _evaluate_command(tmp_path, gt)
     assert main(args) == 0
     check_metrics_2d(check_outputs(tmp_path / "out"))
     assert main([*args, "--radii", "1,5"]) == 0
@@ -237,17 +233,7 @@ def test_prediction_without_ground_truth_is_an_error_naming_the_file(tmp_path, c
     with pytest.raises(DatasetError) as error:
         evaluate(tmp_path / "pred", gt, tmp_path / "out")
     assert error.value.path == stray
-    code = main(
-        [
-            "evaluate",
-            "--pred",
-            str(tmp_path / "pred"),
-            "--gt",
-            str(gt),
-            "--out",
-            str(tmp_path / "out"),
-        ]
-    )
+    code = main(_evaluate_command(tmp_path, gt))
     assert code == 2
     assert "c9.csv" in capsys.readouterr().err
     assert not (tmp_path / "out" / "metrics.json").exists()

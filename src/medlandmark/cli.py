@@ -42,6 +42,12 @@ def _positive(text: str) -> float:
     return value
 
 
+def _dataset_arguments(verb: argparse.ArgumentParser, dataset_help: str, preprocessed_help: str) -> None:
+    """The DATASET positional and --preprocessed, shared by the verbs that read the plan."""
+    verb.add_argument("dataset", type=Path, help=dataset_help)
+    verb.add_argument("--preprocessed", type=Path, default=None, help=preprocessed_help)
+
+
 def _verb(sub, name: str, summary: str, description: str, example: str) -> argparse.ArgumentParser:
     return sub.add_parser(
         name, help=summary, description=f"{summary}\n\n{description}\n\nexample:\n  {example}",
@@ -112,8 +118,7 @@ def build_parser() -> argparse.ArgumentParser:
         "PREPROCESSED defaults to DATASET/preprocessed.",
         "medlandmark plan data/isbi2015 --gpu-memory 8",
     )
-    plan.add_argument("dataset", type=Path, help="dataset folder (with dataset.json)")
-    plan.add_argument("--preprocessed", type=Path, default=None, help="folder for plans and caches")
+    _dataset_arguments(plan, "dataset folder (with dataset.json)", "folder for plans and caches")
     plan.add_argument("--gpu-memory", type=_positive, default=8.0, metavar="GB", help="GPU memory budget (default 8)")
     plan.add_argument("--workers", type=int, default=2, help="parallel readers (default 2)")
 
@@ -123,8 +128,7 @@ def build_parser() -> argparse.ArgumentParser:
         "landmarks in cache voxels). Up-to-date cases are skipped; interrupted runs resume.",
         "medlandmark preprocess data/isbi2015 -c 2d_coarse 2d_fine --workers 2",
     )
-    preprocess.add_argument("dataset", type=Path, help="dataset folder (with dataset.json)")
-    preprocess.add_argument("--preprocessed", type=Path, default=None, help="folder with plans.json")
+    _dataset_arguments(preprocess, "dataset folder (with dataset.json)", "folder with plans.json")
     preprocess.add_argument("-c", "--configurations", nargs="+", default=None, help="default: all in the plan")
     preprocess.add_argument("--workers", type=int, default=2, help="parallel processes (default 2)")
 
@@ -134,8 +138,7 @@ def build_parser() -> argparse.ArgumentParser:
         "configuration's patch size, counting on the meta device (no memory, no compute).",
         "medlandmark models data/isbi2015 -c 2d_coarse",
     )
-    models.add_argument("dataset", type=Path, help="dataset folder whose plan to read")
-    models.add_argument("--preprocessed", type=Path, default=None, help="folder with plans.json")
+    _dataset_arguments(models, "dataset folder whose plan to read", "folder with plans.json")
     models.add_argument("-c", "--configuration", default=None, help="default: every configuration")
 
     train = _verb(
@@ -145,7 +148,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--resume continues. Under torchrun every process trains on its own shard (DDP).",
         "medlandmark train data/isbi2015 -c 2d_coarse -a hyatt --fold 0 -o runs/isbi_coarse",
     )
-    train.add_argument("dataset", type=Path, help="dataset folder (planned and preprocessed)")
+    _dataset_arguments(train, "dataset folder (planned and preprocessed)", "folder with plans.json and caches")
     train.add_argument("-o", "--out", type=Path, required=True, help="run folder")
     train.add_argument("-c", "--configuration", default=None, help="plan configuration (default: the plan's)")
     train.add_argument("-a", "--arch", default="unet", choices=["unet", "hyatt", "h3de"])
@@ -163,7 +166,6 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--seed", type=int, default=0)
     train.add_argument("--deterministic", action="store_true", help="deterministic algorithms (slower)")
     train.add_argument("--resume", action="store_true", help="continue the run in --out")
-    train.add_argument("--preprocessed", type=Path, default=None, help="folder with plans.json and caches")
     train.add_argument("--coarse-run", type=Path, default=None, help="fine stage: the coarse stage's run (its error sets patch offsets)")
 
     predict = _verb(
