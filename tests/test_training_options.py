@@ -1,0 +1,72 @@
+"""Training options beyond the defaults: EMA weights, bf16 autocast, SGD with the poly schedule."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from medlandmark.datasets.synthetic import make_synthetic_dataset
+from medlandmark.models import build_model
+from medlandmark.planning import plan_dataset
+from medlandmark.preprocessing import preprocess_dataset
+from medlandmark.training.checkpoint import load_checkpoint, load_weights
+from medlandmark.training.loop import TrainOptions, train
+from medlandmark.training.optimization import build_optimizer, learning_rate_factor
+
+from .conftest import shrink_networks
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory) -> Path:
+    root = make_synthetic_dataset(tmp_path_factory.mktemp("opts") / "ds", num_cases=6, size_px=32, spacing_mm=1.0)
+    plan_dataset(root, gpu_memory_gb=2.0)
+    shrink_networks(root)
+    preprocess_dataset(root, workers=1)
+    return root
+
+
+def test_ema_weights_are_the_ones_saved(tiny: Path, tmp_path: Path) -> None:
+    train(tiny, tmp_path / "run", TrainOptions(epochs=1, iterations_per_epoch=4, fold="all", ema_decay=0.5))
+    record = json.loads((tmp_path / "run" / "run.json").read_text())
+    plan = record["plan"]
+    model = build_model("unet", plan["configurations"][record["configuration"]], len(record["landmarks"]))
+    load_weights(tmp_path / "run" / "model_final.safetensors", model)
+    raw = load_checkpoint(tmp_path / "run" / "checkpoint_latest.pt")
+    assert raw["ema"] is not None
+    trained = raw["model"]
+    different = [n for n, p in model.state_dict().items() if n in trained and not torch.equal(p, trained[n])]
+    assert different, "the final weights should be the moving average, not the last step's"
+
+
+def test_bf16_autocast_trains_on_cpu(tiny: Path, tmp_path: Path) -> None:
+    record = train(tiny, tmp_path / "run", TrainOptions(epochs=1, iterations_per_epoch=3, fold="all", amp="bf16"))
+    assert record["status"] == "finished"
+
+
+def test_sgd_with_poly_schedule(tiny: Path, tmp_path: Path) -> None:
+    plan_path = tiny / "preprocessed" / "plans.json"
+    plan = json.loads(plan_path.read_text())
+    original = json.dumps(plan)
+    plan["training"].update(optimizer="sgd", schedule="poly", learning_rate=0.01)
+    plan_path.write_text(json.dumps(plan))
+    try:
+        record = train(tiny, tmp_path / "run", TrainOptions(epochs=1, iterations_per_epoch=3, fold="all"))
+    finally:
+        plan_path.write_text(original)
+    assert record["settings"]["optimizer"] == "sgd" and record["status"] == "finished"
+    state = load_checkpoint(tmp_path / "run" / "checkpoint_latest.pt")["optimizer"]
+    assert state["param_groups"][0]["nesterov"] is True
+
+
+def test_schedules_warm_up_then_decay() -> None:
+    assert learning_rate_factor(0, 100, 10, "cosine") == pytest.approx(0.1)
+    assert learning_rate_factor(9, 100, 10, "cosine") == pytest.approx(1.0)
+    assert learning_rate_factor(55, 100, 10, "cosine") == pytest.approx(0.5)
+    assert learning_rate_factor(100, 100, 10, "poly") == pytest.approx(0.0)
+    with pytest.raises(ValueError, match="unknown schedule"):
+        learning_rate_factor(20, 100, 10, "step")
+    with pytest.raises(ValueError, match="unknown optimizer"):
+        build_optimizer(torch.nn.Linear(2, 2), "lion", 1e-3, 0.0, 0.9)
