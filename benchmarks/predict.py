@@ -43,8 +43,11 @@ def random_runs(dataset: Path, plan: dict, arch: str, out: Path) -> dict[str, in
         run = out / name
         run.mkdir(parents=True)
         save_weights(run / "model_best.safetensors", network)
+        # threshold 0: every landmark counts as present, so the fine stage refines all of them, as
+        # it does for a trained model (random weights would leave most below the usual threshold)
         record = {"arch": arch if arch in config["architectures"] else "unet", "configuration": name, "plan": plan,
-                  "landmarks": plan["landmarks"], "spacing_mm": [0.1, 0.1] if plan["spatial_dims"] == 2 else None}  # fmt: skip
+                  "landmarks": plan["landmarks"], "spacing_mm": [0.1, 0.1] if plan["spatial_dims"] == 2 else None,
+                  "presence_threshold": 0.0}  # fmt: skip
         (run / "run.json").write_text(json.dumps(record))
         sizes[name] = count_parameters(network)
     return sizes
