@@ -94,3 +94,14 @@ def small_isbi(tmp_path_factory) -> Path:
     shrink_networks(root)
     preprocess_dataset(root, workers=2)
     return root
+
+
+def synthetic_training_set(folder: Path, num_cases: int, size_px: int) -> Path:
+    """A synthetic 2D dataset, planned (2 GB budget), with narrow networks, preprocessed."""
+    from medlandmark.datasets.synthetic import make_synthetic_dataset
+
+    root = make_synthetic_dataset(folder, num_cases=num_cases, size_px=size_px, spacing_mm=1.0)
+    plan_dataset(root, gpu_memory_gb=2.0)
+    shrink_networks(root)
+    preprocess_dataset(root, workers=1)
+    return root

@@ -14,13 +14,10 @@ import numpy as np
 import pytest
 import torch
 
-from medlandmark.datasets.synthetic import make_synthetic_dataset
-from medlandmark.planning import plan_dataset
-from medlandmark.preprocessing import preprocess_dataset
 from medlandmark.training.checkpoint import load_checkpoint
 from medlandmark.training.loop import TrainOptions, train
 
-from .conftest import shrink_networks
+from .conftest import synthetic_training_set
 
 SMALL_FEATURES = 8
 
@@ -33,11 +30,7 @@ def _log_losses(run: Path) -> list[float]:
 
 @pytest.fixture(scope="module")
 def synthetic(tmp_path_factory) -> Path:
-    root = make_synthetic_dataset(tmp_path_factory.mktemp("train") / "ds", num_cases=10, size_px=48, spacing_mm=1.0)
-    plan_dataset(root, gpu_memory_gb=2.0)
-    shrink_networks(root)
-    preprocess_dataset(root, workers=1)
-    return root
+    return synthetic_training_set(tmp_path_factory.mktemp("train") / "ds", num_cases=10, size_px=48)
 
 
 def test_training_writes_a_complete_run_and_the_loss_falls(synthetic: Path, tmp_path: Path) -> None:

@@ -8,24 +8,17 @@ from pathlib import Path
 import pytest
 import torch
 
-from medlandmark.datasets.synthetic import make_synthetic_dataset
 from medlandmark.models import build_model
-from medlandmark.planning import plan_dataset
-from medlandmark.preprocessing import preprocess_dataset
 from medlandmark.training.checkpoint import load_checkpoint, load_weights
 from medlandmark.training.loop import TrainOptions, train
 from medlandmark.training.optimization import build_optimizer, learning_rate_factor
 
-from .conftest import shrink_networks
+from .conftest import synthetic_training_set
 
 
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory) -> Path:
-    root = make_synthetic_dataset(tmp_path_factory.mktemp("opts") / "ds", num_cases=6, size_px=32, spacing_mm=1.0)
-    plan_dataset(root, gpu_memory_gb=2.0)
-    shrink_networks(root)
-    preprocess_dataset(root, workers=1)
-    return root
+    return synthetic_training_set(tmp_path_factory.mktemp("opts") / "ds", num_cases=6, size_px=32)
 
 
 def test_ema_weights_are_the_ones_saved(tiny: Path, tmp_path: Path) -> None:
