@@ -117,16 +117,11 @@ def test_swap_channels_exchanges_pairs_only() -> None:
 
 def _real_model(tmp_path: Path) -> tuple[Path, Path]:
     """A real (briefly trained) U-Net on 2D synthetic images, with its dataset."""
-    from medlandmark.datasets.synthetic import make_synthetic_dataset
-    from medlandmark.preprocessing import preprocess_dataset
     from medlandmark.training.loop import TrainOptions, train
 
-    from .test_training import shrink_networks
+    from .conftest import synthetic_training_set
 
-    dataset = make_synthetic_dataset(tmp_path / "ds", num_cases=6, size_px=48, spacing_mm=1.0)
-    plan_dataset(dataset, gpu_memory_gb=2.0)
-    shrink_networks(dataset)
-    preprocess_dataset(dataset, workers=1)
+    dataset = synthetic_training_set(tmp_path / "ds", num_cases=6, size_px=48)
     train(dataset, tmp_path / "run", TrainOptions(epochs=1, iterations_per_epoch=3, fold="all"))
     return dataset, tmp_path / "run"
 
