@@ -183,8 +183,9 @@ class _GroundTruth:
         gt_path = self.files[case_id]
         gt_set = read_landmarks(gt_path, names=names)
         pred_set = read_landmarks(pred_path, names=gt_set.names)
-        if pred_set.ndim != gt_set.ndim:
-            gt_set, pred_set = _as_2d(gt_set, gt_path), _as_2d(pred_set, pred_path)
+        if pred_set.ndim != gt_set.ndim:  # a 2D case saved in a 3D format (z = 0), e.g. Slicer's
+            gt_set = read_landmarks(gt_path, names=names, ndim=2)
+            pred_set = read_landmarks(pred_path, names=gt_set.names, ndim=2)
         return gt_set, pred_set
 
     def _read_dataset_pair(self, case_id: str, pred_path: Path) -> tuple[LandmarkSet, LandmarkSet]:
@@ -195,19 +196,6 @@ class _GroundTruth:
         gt_set = read_landmarks(self.files[case_id], geometry=geometry, names=spec.landmarks)
         pred_set = read_landmarks(pred_path, geometry=geometry, names=spec.landmarks)
         return gt_set, pred_set
-
-
-def _as_2d(landmarks: LandmarkSet, path: Path) -> LandmarkSet:
-    """2D points of a 3D set whose z is 0 (a 2D case saved in a 3D format such as Slicer's)."""
-    if landmarks.ndim == 2:
-        return landmarks
-    z = landmarks.points_mm[landmarks.present, 2]
-    if not np.allclose(z, 0.0, atol=1e-6):
-        raise LandmarkFileError(
-            "3D landmarks (z not 0) cannot be compared with the 2D landmarks of the other side",
-            path,
-        )
-    return LandmarkSet(landmarks.names, landmarks.points_mm[:, :2], None, landmarks.confidence)
 
 
 def _checked_radii(radii: Sequence[float]) -> list[float]:

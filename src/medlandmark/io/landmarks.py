@@ -186,7 +186,7 @@ def _points_in_ndim(points: np.ndarray, ndim: int | None, path: Path) -> np.ndar
         z = points[:, 2][~np.isnan(points[:, 2])]
         if np.allclose(z, 0.0, atol=1e-6):
             return points[:, :2]
-    raise LandmarkFileError(f"file holds {points.shape[1]}D points, the image is {ndim}D", path)
+    raise LandmarkFileError(f"file holds {points.shape[1]}D points (z not 0) where {ndim}D ones are expected", path)
 
 
 def _to_world(points: np.ndarray | None, space: str, geometry: Geometry | None, path: Path):
