@@ -20,12 +20,13 @@ from medlandmark.augment import left_right_axis, symmetric_pair_indices
 from medlandmark.errors import MedlandmarkError
 from medlandmark.heatmaps import DEFAULT_PRESENCE_THRESHOLD, decode_heatmaps
 from medlandmark.inference.sliding_window import sliding_window_heatmaps
-from medlandmark.io.geometry import Geometry, index_to_world, world_to_index
+from medlandmark.io.geometry import Geometry, cropped_geometry, index_to_world, world_to_index
 from medlandmark.io.images import ImageData, read_image
 from medlandmark.io.landmarks import LandmarkSet
 from medlandmark.models import build_model
 from medlandmark.preprocessing import preprocess_image
 from medlandmark.training.checkpoint import load_weights
+from medlandmark.training.sampling import crop_with_zeros
 
 RUN_FILE = "run.json"
 WEIGHT_FILES = {"best": "model_best.safetensors", "final": "model_final.safetensors"}
@@ -147,9 +148,10 @@ class Predictor:
         for k in np.flatnonzero(present):
             centre = world_to_index(points_mm[k], geometry)
             start = np.round(centre - (patch - 1) / 2).astype(int)
-            window = _crop(array, start, patch)
+            window = crop_with_zeros(array, start, patch)
             mirror = self.tta and bool(fine.pairs)
-            heatmaps = fine.heatmaps(window, _cropped(geometry, start, patch), self.device, mirror)
+            window_geometry = cropped_geometry(geometry, [int(v) for v in start], [int(v) for v in patch])
+            heatmaps = fine.heatmaps(window, window_geometry, self.device, mirror)
             decoded = decode_heatmaps(heatmaps[k : k + 1][None])
             index = decoded.points[0, 0].double().cpu().numpy() + start
             refined[k] = index_to_world(index, geometry)
@@ -164,24 +166,6 @@ def _onnx_factory(onnx: str | Path) -> Callable[[dict, Path], Network]:
         return OnnxNetwork(folder / "model.onnx" if str(onnx) == "run" else Path(onnx))
 
     return factory
-
-
-def _crop(array: np.ndarray, start: np.ndarray, shape: np.ndarray) -> np.ndarray:
-    """``array[:, start:start+shape]`` with zeros (the normalised mean) outside the image."""
-    out = np.zeros((array.shape[0], *shape), dtype=np.float32)
-    size = np.asarray(array.shape[1:])
-    low, high = np.clip(start, 0, size), np.clip(start + shape, 0, size)
-    if np.all(high > low):
-        out[(slice(None), *(slice(a - s, b - s) for a, b, s in zip(low, high, start, strict=True)))] = array[
-            (slice(None), *(slice(a, b) for a, b in zip(low, high, strict=True)))
-        ]
-    return out
-
-
-def _cropped(geometry: Geometry, start: np.ndarray, shape: np.ndarray) -> Geometry:
-    from medlandmark.io.geometry import cropped_geometry
-
-    return cropped_geometry(geometry, [int(v) for v in start], [int(v) for v in shape])
 
 
 def _run_records(model_dir: Path) -> list[tuple[Path, dict]]:

@@ -27,19 +27,26 @@ class Crop:
     start: np.ndarray
 
 
-def crop_case(case: CachedCase, start: Sequence[int], shape: Sequence[int]) -> Crop:
-    """The box ``[start, start + shape)`` of a cached case, zero-padded where it leaves the image."""
+def crop_with_zeros(array: np.ndarray, start: Sequence[int], shape: Sequence[int]) -> np.ndarray:
+    """``array[:, start:start+shape]`` as float32, zero (the normalised mean) where the box
+    leaves the array; ``start`` may be negative."""
     start = np.asarray(start, dtype=np.int64)
     shape = np.asarray(shape, dtype=np.int64)
-    size = np.asarray(case.image.shape[1:], dtype=np.int64)
-    out = np.zeros((case.image.shape[0], *shape), dtype=np.float32)
+    size = np.asarray(array.shape[1:], dtype=np.int64)
+    out = np.zeros((array.shape[0], *shape), dtype=np.float32)
     low = np.clip(start, 0, size)
     high = np.clip(start + shape, 0, size)
     if np.all(high > low):
         source = (slice(None), *(slice(a, b) for a, b in zip(low, high, strict=True)))
         target = (slice(None), *(slice(a - s, b - s) for a, b, s in zip(low, high, start, strict=True)))
-        out[target] = case.image[source]
-    return Crop(case.case_id, out, case.landmarks_index - start, start)
+        out[target] = array[source]
+    return out
+
+
+def crop_case(case: CachedCase, start: Sequence[int], shape: Sequence[int]) -> Crop:
+    """The box ``[start, start + shape)`` of a cached case, zero-padded where it leaves the image."""
+    start = np.asarray(start, dtype=np.int64)
+    return Crop(case.case_id, crop_with_zeros(case.image, start, shape), case.landmarks_index - start, start)
 
 
 @dataclass
