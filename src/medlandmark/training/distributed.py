@@ -53,15 +53,6 @@ def broadcast_flag(flag: bool, context: Context) -> bool:
     return bool(value.item() > 0)
 
 
-def average(value: float, context: Context) -> float:
-    """Mean of ``value`` over ranks."""
-    if not context.distributed:
-        return value
-    tensor = torch.tensor([value], dtype=torch.float64)
-    dist.all_reduce(tensor)
-    return float(tensor.item()) / context.world_size
-
-
 def gather(value: float, context: Context) -> list[float]:
     """``value`` from every rank, in rank order."""
     if not context.distributed:

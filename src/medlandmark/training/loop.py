@@ -32,7 +32,7 @@ from medlandmark.augment import (
 from medlandmark.console import ProgressBar, info, warn
 from medlandmark.datasets.dataset import Dataset
 from medlandmark.errors import MedlandmarkError
-from medlandmark.heatmaps import calibrate_presence_threshold, gaussian_heatmaps, points_at_stride
+from medlandmark.heatmaps import calibrate_presence_threshold, deep_supervision_targets
 from medlandmark.io.files import atomic_write_bytes, atomic_write_text
 from medlandmark.models import build_model
 from medlandmark.planning import load_plan, preprocessed_folder
@@ -209,12 +209,11 @@ def heatmap_training_loss(model: nn.Module, outputs: Sequence[torch.Tensor], poi
     weights = weights / weights.sum()
     sigma = np.asarray(config["heatmap_sigma_voxels"], dtype=np.float64)
     sigmas = model.output_sigma_voxels(sigma) if hasattr(model, "output_sigma_voxels") else [sigma / np.asarray(s) for s in model.output_strides]
+    shapes = [output.shape[2:] for output in outputs]
+    targets, present = deep_supervision_targets(points, shapes, model.output_strides, sigmas)
     total = outputs[0].new_zeros((), dtype=torch.float32)
-    for output, stride, weight, sigma_voxels in zip(outputs, model.output_strides, weights, sigmas, strict=True):
-        if weight == 0:
-            continue
-        targets, present = gaussian_heatmaps(points_at_stride(points, stride), output.shape[2:], sigma_voxels)
-        total = total + float(weight) * heatmap_loss(output, targets, present, settings["loss"], settings["missing_target"])
+    for output, target, weight in zip(outputs, targets, weights, strict=True):
+        total = total + float(weight) * heatmap_loss(output, target, present, settings["loss"], settings["missing_target"])
     return total
 
 
@@ -329,8 +328,9 @@ def _run_record(run_dir: Path, dataset: Dataset, plan: dict, name: str, options:
     }  # fmt: skip
 
 
-def _write_record(run_dir: Path, record: dict, context) -> None:
-    if context.is_main:
+def _write_record(run_dir: Path, record: dict, context=None) -> None:
+    """run.json, atomically; under DDP only rank 0 writes."""
+    if context is None or context.is_main:
         atomic_write_text(run_dir / RUN_FILE, json.dumps(record, indent=1, default=float) + "\n")
 
 
@@ -371,7 +371,7 @@ def _validate_and_keep_best(run_dir, model, val_cases, config, device, amp_dtype
         save_weights(run_dir / BEST_WEIGHTS, model)
         record["presence_threshold"] = calibrate_presence_threshold(result["peaks"], result["truly_present"])
         record["best"] = best
-        atomic_write_text(run_dir / RUN_FILE, json.dumps(record, indent=1, default=float) + "\n")
+        _write_record(run_dir, record)
     info(f"step {step}: validation MRE {result['mre_mm']:.3f} mm, SDR@2mm {result['sdr'].get('2.0')}%")
     return best
 
