@@ -16,7 +16,7 @@ from medlandmark.errors import MedlandmarkError
 from medlandmark.evaluation import PREDICTION_SUMMARY_FILE as SUMMARY_FILE
 from medlandmark.inference.predictor import Predictor
 from medlandmark.io.files import atomic_write_text, full_suffix, stem
-from medlandmark.io.images import FORMATS_WITHOUT_SPACING, IMAGE_SUFFIXES, read_image
+from medlandmark.io.images import IMAGE_SUFFIXES, read_image
 from medlandmark.io.landmarks import SUFFIX_BY_FORMAT, write_landmarks
 
 SUMMARY_COLUMNS = ["case_id", "status", "landmark_file", "present", "missing", "mean_confidence", "seconds", "message"]
@@ -66,7 +66,7 @@ def predict_files(
     for case_id, path in progress(cases, description="predicting"):
         started = time.perf_counter()
         try:
-            image = read_image(path, spacing_xy_mm=spacing if full_suffix(path) in FORMATS_WITHOUT_SPACING else None)
+            image = read_image(path, spacing_xy_mm=spacing)  # used only by formats that store none
             prediction = predictor.predict(image)
             target = out / f"{case_id}{SUFFIX_BY_FORMAT[output_format]}"
             write_landmarks(target, prediction.landmarks)

@@ -104,8 +104,10 @@ def read_image(
     path = Path(path)
     if path.is_dir():
         image = _read_dicom_series(path)
+        geometry = _info_from_image(path, image, spacing_xy_mm, allow_missing_spacing).geometry
     else:
-        read_image_info(path, spacing_xy_mm, allow_missing_spacing)  # header checks before allocating
+        # the header's geometry, checked (and the size refused if absurd) before allocating
+        geometry = read_image_info(path, spacing_xy_mm, allow_missing_spacing).geometry
         _check_complete(path)
         try:
             image = sitk.ReadImage(str(path))
@@ -114,10 +116,6 @@ def read_image(
                 f"image data cannot be read, the file may be truncated or corrupt "
                 f"({_itk_reason(error)})", path,
             ) from None  # fmt: skip
-    geometry, _ = _geometry(
-        path, image.GetSize(), image.GetSpacing(), image.GetOrigin(), image.GetDirection(),
-        spacing_xy_mm, allow_missing_spacing,
-    )  # fmt: skip
     array = _channels_first(sitk.GetArrayFromImage(image), image.GetNumberOfComponentsPerPixel())
     array = array.reshape((array.shape[0], *geometry.shape))
     if require_finite and np.issubdtype(array.dtype, np.floating):
