@@ -94,7 +94,8 @@ def _train(dataset_root: str | Path, run_dir: str | Path, options: TrainOptions,
     plan = load_plan(preprocessed_folder(dataset_root, options.preprocessed))
     name = options.configuration or plan["default_configuration"]
     if name not in plan["configurations"]:
-        raise TrainingError(f"no configuration '{name}' in the plan (it has {', '.join(plan['configurations'])})")
+        plans_path = preprocessed_folder(dataset_root, options.preprocessed) / "plans.json"
+        raise TrainingError(f"no configuration '{name}' in the plan (it has {', '.join(plan['configurations'])})", plans_path)
     config, settings = plan["configurations"][name], _settings(plan, options)
     train_ids, val_ids = fold_case_ids(dataset, options.fold, settings["folds"], options.seed)
     folder = cache_folder(preprocessed_folder(dataset_root, options.preprocessed), config)
