@@ -40,7 +40,10 @@ def barrier(context: Context) -> None:
 
 
 def stop(context: Context) -> None:
+    """Leave the process group once every rank is done talking (tearing gloo down while a peer
+    still communicates can abort a process with std::terminate)."""
     if context.distributed and dist.is_initialized():
+        dist.barrier()
         dist.destroy_process_group()
 
 
