@@ -3,8 +3,9 @@
 :func:`evaluate` reads one prediction file per case (``<case_id>.<ext>``, any world-coordinate
 landmark format), pairs it by case id and landmark name with the ground truth (a dataset folder
 or a plain folder of landmark files), and writes ``metrics.json``, ``radial_errors.csv``,
-``report.md`` and PNG plots. The metrics themselves are in :mod:`.metrics`, the rendering in
-:mod:`.report`.
+``report.md``, ``report.html`` (with overlays of the worst cases when the ground truth is a
+dataset with images) and PNG plots. The metrics themselves are in :mod:`.metrics`, the rendering
+in :mod:`.report` and :mod:`.html_report`.
 """
 
 from __future__ import annotations
@@ -15,15 +16,20 @@ import json
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from medlandmark.console import info, progress
 from medlandmark.errors import DatasetError, LandmarkFileError
 from medlandmark.evaluation import metrics as m
-from medlandmark.evaluation.report import print_summary, write_report
+from medlandmark.evaluation.html_report import write_html_report, write_worst_case_overlays
+from medlandmark.evaluation.report import WORST_CASES_SHOWN, print_summary, write_report
 from medlandmark.io.files import atomic_write_text, full_suffix, stem
 from medlandmark.io.landmarks import FORMAT_BY_SUFFIX, LandmarkSet, read_landmarks
+
+if TYPE_CHECKING:
+    from medlandmark.datasets.dataset import Dataset
 
 __all__ = ["evaluate", "print_summary"]
 
@@ -35,13 +41,20 @@ ERRORS_FILE = "radial_errors.csv"
 
 @dataclass
 class Pairs:
-    """Predictions and ground truth of the evaluated cases, ``(N, K, D)`` world mm each."""
+    """Predictions and ground truth of the evaluated cases, ``(N, K, D)`` world mm each, and
+    the ground-truth dataset (None for a plain folder of landmark files: no images)."""
 
     case_ids: list[str]
     names: list[str]
     pred_mm: np.ndarray
     gt_mm: np.ndarray
     gt_cases_without_prediction: int
+    dataset: Dataset | None = None
+
+    def landmark_sets(self, case_id: str) -> tuple[LandmarkSet, LandmarkSet]:
+        """Prediction and ground truth of one case."""
+        i = self.case_ids.index(case_id)
+        return LandmarkSet(self.names, self.pred_mm[i]), LandmarkSet(self.names, self.gt_mm[i])
 
 
 def evaluate(
@@ -51,8 +64,8 @@ def evaluate(
     radii: Sequence[float] = DEFAULT_RADII_MM,
 ) -> dict:
     """Evaluate the cases of ``pred_dir`` against ``gt`` (dataset folder or folder of landmark
-    files); write ``metrics.json``, ``radial_errors.csv``, ``report.md`` and plots to ``out_dir``
-    and return the metrics."""
+    files); write ``metrics.json``, ``radial_errors.csv``, ``report.md``, ``report.html`` and
+    plots to ``out_dir`` and return the metrics."""
     pred_dir, gt, out_dir = Path(pred_dir), Path(gt), Path(out_dir)
     radii_mm = _checked_radii(radii)
     pairs = load_pairs(pred_dir, gt)
@@ -70,11 +83,18 @@ def evaluate(
     atomic_write_text(
         out_dir / ERRORS_FILE, _errors_csv(pairs, errors_mm, pred_present, gt_present)
     )
+    metrics = _rounded(metrics)  # the reports show exactly the numbers of metrics.json
     metrics["files"] = {
         "errors_csv": ERRORS_FILE,
         **write_report(out_dir, metrics, errors_mm, pairs.names),
     }
-    metrics = _rounded(metrics)
+    worst = metrics["worst_cases"][:WORST_CASES_SHOWN]
+    overlays = write_worst_case_overlays(
+        out_dir, worst, {row["case_id"]: pairs.landmark_sets(row["case_id"]) for row in worst},
+        pairs.dataset,
+    )  # fmt: skip
+    metrics["files"]["html_report"] = write_html_report(out_dir, metrics, overlays)
+    metrics["files"]["overlays"] = list(overlays.files.values())
     atomic_write_text(out_dir / METRICS_FILE, json.dumps(metrics, indent=2, allow_nan=False) + "\n")
     return metrics
 
@@ -107,8 +127,9 @@ def load_pairs(pred_dir: Path, gt: Path) -> Pairs:
     if unpredicted:
         info(f"{unpredicted} ground-truth cases have no prediction and are not evaluated")
     return Pairs(
-        list(predictions), names or [], np.stack(pred_sets), np.stack(gt_sets), unpredicted
-    )
+        list(predictions), names or [], np.stack(pred_sets), np.stack(gt_sets), unpredicted,
+        truth.dataset,
+    )  # fmt: skip
 
 
 def prediction_files(pred_dir: Path) -> dict[str, Path]:

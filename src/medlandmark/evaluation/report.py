@@ -98,8 +98,9 @@ def report_markdown(metrics: dict) -> str:
         "",
         "| cases | points | MRE (mm) | SD (mm) | median (mm) | max (mm) |",
         "|---:|---:|---:|---:|---:|---:|",
-        f"| {metrics['n_cases']} | {metrics['n_points']} | {_mm(metrics['mre_mm'])} | "
-        f"{_mm(metrics['sd_mm'])} | {_mm(metrics['median_mm'])} | {_mm(metrics.get('max_mm'))} |",
+        f"| {metrics['n_cases']} | {metrics['n_points']} | {format_mm(metrics['mre_mm'])} | "
+        f"{format_mm(metrics['sd_mm'])} | {format_mm(metrics['median_mm'])} | "
+        f"{format_mm(metrics.get('max_mm'))} |",
         "",
     ]
     unpredicted = metrics.get("n_gt_cases_without_prediction", 0)
@@ -110,7 +111,7 @@ def report_markdown(metrics: dict) -> str:
         "",
         "| " + " | ".join(f"SDR {r} mm" for r in radii) + " |",
         "|" + "---:|" * len(radii),
-        "| " + " | ".join(_percent(metrics["sdr"][r]) for r in radii) + " |",
+        "| " + " | ".join(format_percent(metrics["sdr"][r]) for r in radii) + " |",
         "",
         "## Per landmark",
         "",
@@ -118,9 +119,10 @@ def report_markdown(metrics: dict) -> str:
         "|---|---:|---:|---:|" + "---:|" * len(radii),
     ]
     for name, row in metrics["per_landmark"].items():
-        sdr = " | ".join(_percent(row["sdr"][r]) for r in radii)
+        sdr = " | ".join(format_percent(row["sdr"][r]) for r in radii)
         lines.append(
-            f"| {_cell(name)} | {row['n']} | {_mm(row['mre_mm'])} | {_mm(row['sd_mm'])} | {sdr} |"
+            f"| {_cell(name)} | {row['n']} | {format_mm(row['mre_mm'])} | "
+            f"{format_mm(row['sd_mm'])} | {sdr} |"
         )
     missing = metrics["missing"]
     lines += [
@@ -139,8 +141,8 @@ def report_markdown(metrics: dict) -> str:
     ]
     for row in metrics["worst_cases"][:WORST_CASES_SHOWN]:
         lines.append(
-            f"| {_cell(row['case_id'])} | {_mm(row['mre_mm'])} | {_mm(row['max_mm'])} | "
-            f"{_cell(row['worst_landmark'])} |"
+            f"| {_cell(row['case_id'])} | {format_mm(row['mre_mm'])} | "
+            f"{format_mm(row['max_mm'])} | {_cell(row['worst_landmark'])} |"
         )
     lines += [
         "",
@@ -168,10 +170,11 @@ def print_summary(metrics: dict, out_dir: Path) -> None:
     table.add_column("value", justify="right")
     table.add_row("cases", str(metrics["n_cases"]))
     table.add_row("points", str(metrics["n_points"]))
-    table.add_row("MRE ± SD", f"{_mm(metrics['mre_mm'])} ± {_mm(metrics['sd_mm'])} mm")
-    table.add_row("median", f"{_mm(metrics['median_mm'])} mm")
+    mre, sd = format_mm(metrics["mre_mm"]), format_mm(metrics["sd_mm"])
+    table.add_row("MRE ± SD", f"{mre} ± {sd} mm")
+    table.add_row("median", f"{format_mm(metrics['median_mm'])} mm")
     for radius, percent in metrics["sdr"].items():
-        table.add_row(f"SDR {radius} mm", _percent(percent))
+        table.add_row(f"SDR {radius} mm", format_percent(percent))
     missing = metrics["missing"]
     table.add_row(
         "missing tp/fp/fn/tn", f"{missing['tp']}/{missing['fp']}/{missing['fn']}/{missing['tn']}"
@@ -185,9 +188,11 @@ def _cell(text: str) -> str:
     return str(text).replace("|", "\\|").replace("\n", " ")
 
 
-def _mm(value: float | None) -> str:
+def format_mm(value: float | None) -> str:
+    """Millimetres with 3 decimals (``n/a`` for no value), as every report shows them."""
     return "n/a" if value is None else f"{value:.3f}"
 
 
-def _percent(value: float | None) -> str:
+def format_percent(value: float | None) -> str:
+    """A percentage with 2 decimals (``n/a`` for no value)."""
     return "n/a" if value is None else f"{value:.2f}%"

@@ -15,6 +15,7 @@ from pathlib import Path
 import numpy as np
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
+from matplotlib.lines import Line2D
 
 from medlandmark.errors import MedlandmarkError
 from medlandmark.io.files import atomic_write_bytes
@@ -49,6 +50,38 @@ def overlay_3d(
 ) -> Path:  # fmt: skip
     """Write :func:`figure_3d` as a PNG (atomically); returns ``out_path``."""
     return _save(figure_3d(image, landmarks, truth, max_landmarks, title), out_path)
+
+
+def overlay_comparison(
+    image: ImageData, prediction: LandmarkSet, truth: LandmarkSet, out_path: str | Path,
+    focus: str | None = None, title: str | None = None,
+) -> Path:  # fmt: skip
+    """PNG of predicted and true landmarks with a colour legend: the whole image in 2D; in 3D the
+    three orthogonal slices through the predicted ``focus`` (default: the largest error)."""
+    if image.ndim == 2:
+        figure = figure_2d(image, prediction, truth, title)
+    else:
+        focus = focus or largest_error_landmark(prediction, truth)
+        if focus is None:
+            figure = figure_3d(image, prediction, truth, max_landmarks=1, title=title)
+        else:
+            figure = figure_3d(image, _only(prediction, focus), _only(truth, focus), title=title)
+    figure.legend(
+        handles=_legend_handles(), loc="lower right" if image.ndim == 2 else "upper right",
+        ncol=3, fontsize=8, framealpha=0.85,
+    )  # fmt: skip
+    return _save(figure, out_path)
+
+
+def largest_error_landmark(prediction: LandmarkSet, truth: LandmarkSet) -> str | None:
+    """Name of the landmark predicted farthest from its true position (None when no landmark
+    is in both sets)."""
+    errors = {
+        name: float(np.linalg.norm(prediction.points_mm[k] - truth.points_mm[t]))
+        for k, name in enumerate(prediction.names)
+        if prediction.present[k] and (t := _truth_row(truth, name)) is not None
+    }
+    return max(errors, key=errors.get) if errors else None
 
 
 def figure_2d(
@@ -226,6 +259,25 @@ def _mark_prediction(axes, x: float, y: float, label: str | None, fontsize: int 
             label, (x, y), xytext=(5, 4), textcoords="offset points", color=TEXT_COLOUR,
             fontsize=fontsize, bbox={"boxstyle": "round,pad=0.15", "fc": "black", "alpha": 0.5, "lw": 0},
         )  # fmt: skip
+
+
+def _legend_handles() -> list[Line2D]:
+    return [
+        Line2D([], [], linestyle="none", marker="o", markersize=7, markerfacecolor="none",
+               markeredgecolor=PREDICTION_COLOUR, markeredgewidth=1.5, label="prediction"),
+        Line2D([], [], linestyle="none", marker="x", markersize=7, color=TRUTH_COLOUR,
+               markeredgewidth=1.5, label="ground truth"),
+        Line2D([], [], color=LINK_COLOUR, linewidth=1.2, label="error"),
+    ]  # fmt: skip
+
+
+def _only(landmarks: LandmarkSet, name: str) -> LandmarkSet:
+    """The set reduced to the landmark ``name`` (confidence kept; missing if not in the set)."""
+    if name not in landmarks.names:
+        return LandmarkSet([name], np.full((1, landmarks.ndim), np.nan))
+    k = landmarks.names.index(name)
+    confidence = None if landmarks.confidence is None else np.asarray(landmarks.confidence)[[k]]
+    return LandmarkSet([name], landmarks.points_mm[[k]], confidence=confidence)
 
 
 def _label(landmarks: LandmarkSet, k: int) -> str:
