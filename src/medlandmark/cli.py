@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import math
 import sys
 import traceback
 from pathlib import Path
@@ -37,8 +38,8 @@ def _positive(text: str) -> float:
         value = float(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
-    if value <= 0:
-        raise argparse.ArgumentTypeError(f"must be positive, got {text}")
+    if not 0 < value < math.inf:  # NaN fails too
+        raise argparse.ArgumentTypeError(f"must be a positive finite number, got {text}")
     return value
 
 
@@ -103,6 +104,24 @@ def build_parser() -> argparse.ArgumentParser:
     afids.add_argument("fcsv", type=Path, help="Slicer .fcsv or .mrk.json with the 32 AFIDs")
     afids.add_argument("out", type=Path, help="dataset folder to create (or add the case to)")
     afids.add_argument("--case-id", default=None, help="case id (default: the image file name)")
+    afids_synth = _verb(
+        kinds, "afids-synth", "A 3D training set: random warps of one template with its 32 AFIDs.",
+        "Each case is TEMPLATE seen through a random, exactly known warp (affine and smooth elastic),\n"
+        "resampled to another spacing (1, 1.2, 1.5 mm or 3 mm slabs), orientation and field of view\n"
+        "(30 % of cases are cut through the landmarks: those outside are written as missing), with\n"
+        "new contrast, bias field and Rician noise. Writes OUT/images/synthNNN.nii.gz,\n"
+        "OUT/landmarks/synthNNN.mrk.json (LPS, mapped exactly) and OUT/dataset.json with splits:\n"
+        "60 cases or more: test = cases 40-59, train = the others; fewer: the last third is test.\n"
+        "The same seed gives the same files.",
+        "medlandmark convert afids-synth ../shared/data/afids_mni152/tpl-MNI152NLin2009cAsym_res-01_T1w.nii.gz "
+        "../shared/data/afids_mni152/tpl-MNI152NLin2009cAsym_res-01_desc-groundtruth_afids.fcsv "
+        "data/afids_synth --cases 60 --seed 0",
+    )
+    afids_synth.add_argument("template", type=Path, help="3D template image (NIfTI, NRRD, MHA...)")
+    afids_synth.add_argument("fcsv", type=Path, help="Slicer .fcsv or .mrk.json with its 32 AFIDs")
+    afids_synth.add_argument("out", type=Path, help="dataset folder to create")
+    afids_synth.add_argument("--cases", type=int, default=60, help="number of cases (default 60)")
+    afids_synth.add_argument("--seed", type=int, default=0, help="random seed, 0 or more (default 0)")
 
     check = _verb(
         sub, "check", "Check a dataset folder and report every problem, each with its file.",
@@ -120,6 +139,10 @@ def build_parser() -> argparse.ArgumentParser:
     )
     _dataset_arguments(plan, "dataset folder (with dataset.json)", "folder for plans and caches")
     plan.add_argument("--gpu-memory", type=_positive, default=8.0, metavar="GB", help="GPU memory budget (default 8)")
+    plan.add_argument(
+        "--base-features", type=int, default=32, metavar="N",
+        help="U-Net first-stage width, doubling per stage (default 32, nnU-Net's; 8-16 for CPU budgets)",
+    )
     plan.add_argument("--workers", type=int, default=2, help="parallel readers (default 2)")
 
     preprocess = _verb(
@@ -230,6 +253,10 @@ def run(args: argparse.Namespace) -> int:
             converters.convert_isbi2015(args.src, args.out, annotator=args.annotator)
         elif args.kind == "hand-xray":
             converters.convert_hand_xray(args.src, args.out)
+        elif args.kind == "afids-synth":
+            from medlandmark.datasets.afids_synth import convert_afids_synth
+
+            convert_afids_synth(args.template, args.fcsv, args.out, cases=args.cases, seed=args.seed)
         else:
             converters.convert_afids(args.image, args.fcsv, args.out, case_id=args.case_id)
         return 0
@@ -242,7 +269,10 @@ def run(args: argparse.Namespace) -> int:
     if args.verb == "plan":
         from medlandmark.planning import plan_dataset
 
-        plan_dataset(args.dataset, args.preprocessed, gpu_memory_gb=args.gpu_memory, workers=args.workers)
+        plan_dataset(
+            args.dataset, args.preprocessed, gpu_memory_gb=args.gpu_memory, workers=args.workers,
+            base_features=args.base_features,
+        )
         return 0
     if args.verb == "preprocess":
         from medlandmark.preprocessing import preprocess_dataset
@@ -315,6 +345,20 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         console.print("interrupted")
         return 130
+    except OSError as error:  # a file the system refuses (permissions, full disk...)
+        if args.verbose:
+            traceback.print_exc()
+        where = f"{error.filename}: " if error.filename else ""
+        console.print(f"[red]error:[/red] {escape(where + (error.strerror or str(error)))}", soft_wrap=True)
+        return EXIT_ERROR
+    except Exception as error:  # the last resort: one line, the traceback with --verbose
+        if args.verbose:
+            traceback.print_exc()
+        console.print(
+            f"[red]internal error[/red] in '{args.verb}': {escape(f'{type(error).__name__}: {error}')}"
+            " (run again with --verbose for the traceback, and please report it)", soft_wrap=True,
+        )  # fmt: skip
+        return EXIT_ERROR
 
 
 if __name__ == "__main__":

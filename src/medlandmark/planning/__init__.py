@@ -14,7 +14,7 @@ from medlandmark.planning.fingerprint import (
     dataset_signature,
     write_fingerprint,
 )
-from medlandmark.planning.planner import PLANS_VERSION, make_plan, plan_summary
+from medlandmark.planning.planner import BASE_FEATURES, PLANS_VERSION, make_plan, plan_summary
 
 FINGERPRINT_FILE = "fingerprint.json"
 PLANS_FILE = "plans.json"
@@ -29,7 +29,7 @@ def preprocessed_folder(dataset_root: str | Path, preprocessed: str | Path | Non
 
 def plan_dataset(
     dataset_root: str | Path, preprocessed: str | Path | None = None, gpu_memory_gb: float = 8.0,
-    workers: int = 4,
+    workers: int = 4, base_features: int = BASE_FEATURES,
 ) -> dict:
     """Fingerprint the dataset (reusing an up-to-date ``fingerprint.json``), plan, write
     ``plans.json`` and print the plan's summary."""
@@ -39,7 +39,7 @@ def plan_dataset(
     if fingerprint is None:
         fingerprint = compute_fingerprint(dataset, workers=workers)
         write_fingerprint(folder / FINGERPRINT_FILE, fingerprint)
-    plan = make_plan(fingerprint, gpu_memory_gb=gpu_memory_gb)
+    plan = make_plan(fingerprint, gpu_memory_gb=gpu_memory_gb, base_features=base_features)
     plan["dataset_path"] = str(Path(dataset_root).resolve())
     atomic_write_text(folder / PLANS_FILE, json.dumps(plan, indent=1) + "\n")
     info(plan_summary(plan))

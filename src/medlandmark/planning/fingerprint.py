@@ -15,7 +15,9 @@ from pathlib import Path
 import numpy as np
 
 from medlandmark.console import progress
+from medlandmark.datasets.check import check_landmarks_inside
 from medlandmark.datasets.dataset import Dataset
+from medlandmark.errors import LandmarkFileError
 from medlandmark.io.files import atomic_write_text
 from medlandmark.io.geometry import Geometry
 from medlandmark.io.landmarks import read_landmarks
@@ -57,9 +59,11 @@ def _body_voxels(values: np.ndarray, modality: str) -> np.ndarray:
 
 def _case_fingerprint(dataset: Dataset, case_id: str, seed: int) -> CaseFingerprint:
     image = dataset.read_image(case_id)
-    landmarks = read_landmarks(
-        dataset.case(case_id).landmarks_path, geometry=image.geometry, names=dataset.spec.landmarks
-    )
+    landmarks_path = dataset.case(case_id).landmarks_path
+    if landmarks_path is None:
+        raise LandmarkFileError(f"case '{case_id}' has no landmark file", dataset.root / "landmarks")
+    landmarks = read_landmarks(landmarks_path, geometry=image.geometry, names=dataset.spec.landmarks)
+    check_landmarks_inside(landmarks_path, landmarks, image.geometry)
     rng = np.random.default_rng(seed)
     samples = []
     for channel, modality in zip(image.array, dataset.spec.modalities, strict=False):

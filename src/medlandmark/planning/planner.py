@@ -59,9 +59,11 @@ def transpose_axes(spacing_mm: Sequence[float]) -> list[int]:
     return list(range(len(spacing)))
 
 
-def network_topology(patch_size: Sequence[int], spacing_mm: Sequence[float]) -> dict:
-    """Pooling per axis and kernel sizes per stage (nnU-Net's rules), and the patch size
-    rounded up to be divisible by the total pooling of each axis."""
+def network_topology(
+    patch_size: Sequence[int], spacing_mm: Sequence[float], base_features: int = BASE_FEATURES
+) -> dict:
+    """Pooling per axis and kernel sizes per stage (nnU-Net's rules), the patch size rounded up
+    to be divisible by the total pooling of each axis, and features doubling from ``base_features``."""
     ndim = len(patch_size)
     size, spacing = [float(s) for s in patch_size], [float(s) for s in spacing_mm]
     kernel = [1] * ndim
@@ -93,7 +95,7 @@ def network_topology(patch_size: Sequence[int], spacing_mm: Sequence[float]) -> 
     return {
         "patch_size": patch, "strides": strides, "kernel_sizes": kernels,
         "pools_per_axis": pools_per_axis, "divisor": divisor,
-        "features_per_stage": [min(BASE_FEATURES * 2**i, MAX_FEATURES[ndim]) for i in range(len(strides))],
+        "features_per_stage": [min(base_features * 2**i, MAX_FEATURES[ndim]) for i in range(len(strides))],
     }  # fmt: skip
 
 
@@ -118,7 +120,7 @@ def training_memory_gb(topology: dict, batch_size: int, num_landmarks: int) -> f
 
 def fit_patch_to_budget(
     spacing_mm: Sequence[float], median_shape: Sequence[float], gpu_memory_gb: float, num_landmarks: int,
-    initial_voxels: float | None = None,
+    initial_voxels: float | None = None, base_features: int = BASE_FEATURES,
 ) -> dict:
     """The largest patch (aspect ratio 1/spacing, at most the median shape) whose training step
     at batch size 2 fits the budget; shrinks the axis largest relative to the image first."""
@@ -128,7 +130,7 @@ def fit_patch_to_budget(
     inverse = 1.0 / np.asarray(spacing_mm, float)
     patch = inverse * (initial_voxels / np.prod(inverse)) ** (1.0 / ndim)
     patch = np.minimum(np.round(patch), np.asarray(median_shape, float)).astype(int)
-    topology = network_topology(patch, spacing_mm)
+    topology = network_topology(patch, spacing_mm, base_features)
     while training_memory_gb(topology, MIN_BATCH, num_landmarks) > budget:
         ratio = np.asarray(topology["patch_size"]) / np.asarray(median_shape, float)
         axis = int(np.argmax(ratio))
@@ -136,7 +138,7 @@ def fit_patch_to_budget(
         patch[axis] -= topology["divisor"][axis]
         if patch[axis] < 2 * MIN_FEATURE_MAP:
             raise ValueError(f"no patch fits in {gpu_memory_gb} GB of GPU memory")
-        topology = network_topology(patch, spacing_mm)
+        topology = network_topology(patch, spacing_mm, base_features)
     return topology
 
 
@@ -225,8 +227,9 @@ def _configuration(
     }  # fmt: skip
 
 
-def make_plan(fingerprint: dict, gpu_memory_gb: float = 8.0) -> dict:
-    """The whole plan for a fingerprint: spacing, transposition, normalisation, configurations."""
+def make_plan(fingerprint: dict, gpu_memory_gb: float = 8.0, base_features: int = BASE_FEATURES) -> dict:
+    """The whole plan for a fingerprint: spacing, transposition, normalisation, configurations.
+    ``base_features`` sets the U-Net's first-stage width (nnU-Net's 32; narrower for CPU budgets)."""
     ndim = fingerprint["spatial_dims"]
     spacings = np.asarray(fingerprint["spacings_mm"], float)
     shapes = np.asarray(fingerprint["shapes"], float)
@@ -237,7 +240,7 @@ def make_plan(fingerprint: dict, gpu_memory_gb: float = 8.0) -> dict:
     median_shape = np.median(shapes_at_target, axis=0)
     dataset_voxels = float(np.prod(shapes_at_target, axis=1).sum())
     num_landmarks = len(fingerprint["landmarks"])
-    full = fit_patch_to_budget(target, median_shape, gpu_memory_gb, num_landmarks)
+    full = fit_patch_to_budget(target, median_shape, gpu_memory_gb, num_landmarks, base_features=base_features)
     base = "2d" if ndim == 2 else "3d"
     configurations = {}
     needs_cascade = np.prod(median_shape) > CASCADE_AREA_RATIO * np.prod(full["patch_size"])
@@ -245,9 +248,9 @@ def make_plan(fingerprint: dict, gpu_memory_gb: float = 8.0) -> dict:
         factor = float(np.max(median_shape / np.asarray(full["patch_size"])))
         coarse_spacing = target * factor
         coarse_shape = np.ceil(median_shape / factor)
-        coarse = network_topology(coarse_shape.astype(int), coarse_spacing)
+        coarse = network_topology(coarse_shape.astype(int), coarse_spacing, base_features)
         fine_patch = np.maximum(np.asarray(full["patch_size"]) / factor, MIN_FINE_PATCH[ndim])
-        fine = network_topology(np.minimum(fine_patch, median_shape).astype(int), target)
+        fine = network_topology(np.minimum(fine_patch, median_shape).astype(int), target, base_features)
         configurations[f"{base}_coarse"] = _configuration(
             f"{base}_coarse", "coarse", coarse_spacing, coarse, fingerprint, gpu_memory_gb,
             dataset_voxels / factor**ndim, "data_coarse", next_stage=f"{base}_fine",
@@ -268,6 +271,7 @@ def make_plan(fingerprint: dict, gpu_memory_gb: float = 8.0) -> dict:
         "landmarks": fingerprint["landmarks"],
         "modalities": fingerprint["modalities"],
         "gpu_memory_gb": gpu_memory_gb,
+        "base_features": base_features,
         "fingerprint_signature": fingerprint["input_signature"],
         "transpose_forward": axes,
         "transpose_backward": [int(i) for i in np.argsort(axes)],
