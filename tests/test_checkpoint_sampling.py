@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import pickle
+import signal
 from pathlib import Path
 
 import numpy as np
@@ -102,18 +104,32 @@ def test_truncated_checkpoint_is_a_clear_error(tmp_path: Path) -> None:
         load_checkpoint(tmp_path / "c.pt")
 
 
-def test_failed_write_leaves_the_previous_checkpoint_intact(tmp_path: Path, monkeypatch) -> None:
-    save_checkpoint(tmp_path / "c.pt", {"step": 1})
+@contextlib.contextmanager
+def _disk_full_after(size_bytes: int):
+    """Writes fail past ``size_bytes`` (RLIMIT_FSIZE), through the same error paths as a full disk."""
+    resource = pytest.importorskip("resource")
+    previous_handler = signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+    previous = resource.getrlimit(resource.RLIMIT_FSIZE)
+    resource.setrlimit(resource.RLIMIT_FSIZE, (size_bytes, previous[1]))
+    try:
+        yield
+    finally:
+        resource.setrlimit(resource.RLIMIT_FSIZE, previous)
+        signal.signal(signal.SIGXFSZ, previous_handler)
 
-    def disk_full(*args, **kwargs):
-        raise OSError(28, "No space left on device")
 
-    monkeypatch.setattr(torch, "save", disk_full)
-    with pytest.raises(OSError):
-        save_checkpoint(tmp_path / "c.pt", {"step": 2})
-    monkeypatch.undo()
+def test_failed_write_leaves_the_previous_checkpoint_intact(tmp_path: Path) -> None:
+    save_checkpoint(tmp_path / "c.pt", {"step": 1, "w": torch.ones(10)})
+    with _disk_full_after(20_000), pytest.raises(CheckpointError, match="could not write the checkpoint.*previous one is intact"):
+        save_checkpoint(tmp_path / "c.pt", {"step": 2, "w": torch.zeros(100_000)})
     assert load_checkpoint(tmp_path / "c.pt")["step"] == 1
-    assert [p.name for p in tmp_path.iterdir()] == ["c.pt"]
+    kept, newer, loaded = nn.Linear(200, 200), nn.Linear(200, 200), nn.Linear(200, 200)
+    save_weights(tmp_path / "m.safetensors", kept)
+    with _disk_full_after(20_000), pytest.raises(CheckpointError, match="could not write the weights"):
+        save_weights(tmp_path / "m.safetensors", newer)
+    load_weights(tmp_path / "m.safetensors", loaded)
+    assert torch.equal(loaded.weight, kept.weight)  # the previous weights, whole
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["c.pt", "m.safetensors"]
 
 
 def test_safetensors_weights_round_trip_and_mismatch_is_explained(tmp_path: Path) -> None:

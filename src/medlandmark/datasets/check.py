@@ -20,16 +20,18 @@ from rich.markup import escape
 from medlandmark import console as console_module
 from medlandmark.datasets.dataset import (
     DATASET_FILE,
+    INVALID_CASE_IDS,
     SPLITS_FILE,
     Case,
     DatasetSpec,
     Problem,
     discover_cases,
+    image_spec_problems,
     load_spec,
     read_splits_file,
     valid_case_id,
 )
-from medlandmark.errors import DatasetError, MedlandmarkError
+from medlandmark.errors import DatasetError, LandmarkFileError, MedlandmarkError
 from medlandmark.io.geometry import Geometry, index_to_world, world_to_index
 from medlandmark.io.images import read_image
 from medlandmark.io.landmarks import LandmarkSet, read_landmarks
@@ -135,10 +137,7 @@ def _split_id_problems(path: Path, name: str, ids: list[str], case_ids: set[str]
     problems = []
     invalid = [i for i in ids if not valid_case_id(i)]
     if invalid:
-        problems.append(Problem(
-            path, f"split '{name}' has invalid case ids (letters, digits, '.', '_', '-' only, "
-            f"no '..'): {_listed(invalid)}",
-        ))  # fmt: skip
+        problems.append(Problem(path, f"split '{name}' has {INVALID_CASE_IDS}: {_listed(invalid)}"))
     unknown = [i for i in ids if valid_case_id(i) and i not in case_ids]
     if unknown:
         problems.append(Problem(
@@ -207,7 +206,7 @@ def case_problems(case: Case, spec: DatasetSpec) -> list[Problem]:
         problems.append(Problem(error.path or case.landmarks_path, error.detail))
         return problems
     if usable:
-        problems.extend(_position_problems(case.landmarks_path, landmarks, geometry))
+        problems.extend(position_problems(case.landmarks_path, landmarks, geometry))
     return problems
 
 
@@ -223,20 +222,12 @@ def _image_geometry(case: Case, spec: DatasetSpec, problems: list[Problem]) -> G
         return None
     geometry, channels = image.geometry, image.channels
     del image
-    if geometry.ndim != spec.spatial_dims:
-        problems.append(Problem(
-            case.image_path, f"image is {geometry.ndim}D (shape {geometry.shape}) but dataset.json "
-            f"declares spatial_dims {spec.spatial_dims}",
-        ))  # fmt: skip
-    if channels != spec.num_channels:
-        problems.append(Problem(
-            case.image_path, f"image has {_count(channels, 'channel')} but dataset.json declares "
-            f"{_count(spec.num_channels, 'modality', 'modalities')} ({', '.join(spec.modalities)})",
-        ))  # fmt: skip
+    for message in image_spec_problems(geometry, channels, spec):
+        problems.append(Problem(case.image_path, message))
     return geometry
 
 
-def _position_problems(path: Path, landmarks: LandmarkSet, geometry: Geometry) -> list[Problem]:
+def position_problems(path: Path, landmarks: LandmarkSet, geometry: Geometry) -> list[Problem]:
     """Present landmarks outside the image (error); recorded positions of missing ones outside
     the image (warning)."""
     problems = []
@@ -253,6 +244,15 @@ def _position_problems(path: Path, landmarks: LandmarkSet, geometry: Geometry) -
             message = f"landmarks marked missing are recorded outside the image: {listed}"
             problems.append(Problem(path, message, "warning"))
     return problems
+
+
+def check_landmarks_inside(path: Path, landmarks: LandmarkSet, geometry: Geometry) -> None:
+    """Raise :class:`LandmarkFileError` when present landmarks lie outside the image (most
+    often coordinates in another space: RAS for LPS, pixels for mm)."""
+    errors = [p for p in position_problems(path, landmarks, geometry) if p.severity == "error"]
+    if errors:
+        message = f"{errors[0].message}; is the file in the right coordinate space?"
+        raise LandmarkFileError(message, path)
 
 
 def _outside_list(

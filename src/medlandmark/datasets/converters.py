@@ -27,7 +27,7 @@ from medlandmark.datasets.dataset import (
 from medlandmark.errors import DatasetError, ImageError, LandmarkFileError
 from medlandmark.io.files import atomic_path, full_suffix, stem
 from medlandmark.io.geometry import Geometry, itk_index_to_world
-from medlandmark.io.images import read_image, read_image_info, write_image
+from medlandmark.io.images import check_image_complete, read_image, read_image_info, write_image
 from medlandmark.io.landmarks import (
     LandmarkSet,
     read_landmark_table,
@@ -168,6 +168,7 @@ def _isbi_annotation_dirs(src: Path, annotator: str) -> list[Path]:
 def _isbi_case(image: Path, annotation_dirs: Sequence[Path]) -> _ConvertedCase:
     case_id = _isbi_case_id(image)
     geometry = read_image_info(image, spacing_xy_mm=ISBI_SPACING_MM).geometry
+    check_image_complete(image)  # the file is linked, not decoded: a truncated one shows here
     sets = []
     for folder in annotation_dirs:
         path = folder / f"{case_id}.txt"
@@ -256,6 +257,7 @@ def _check_hand_pairs(
 
 def _hand_case(case_id: str, image: Path, points_px: np.ndarray) -> _ConvertedCase:
     geometry = read_image_info(image).geometry
+    check_image_complete(image)
     if geometry.ndim != 2:
         raise ImageError(f"expected a 2D radiograph, got a {geometry.ndim}D image", image)
     landmarks = LandmarkSet(HAND_LANDMARKS, itk_index_to_world(points_px, geometry))
@@ -277,6 +279,7 @@ def convert_afids(image: Path, fcsv: Path, out: Path, case_id: str | None = None
             image,
         )
     info = read_image_info(image)
+    check_image_complete(image)
     if info.geometry.ndim != 3 or info.channels != 1:
         raise ImageError(
             f"AFIDs need a 3D single-channel image, got {info.geometry.ndim}D with "

@@ -19,8 +19,9 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from medlandmark.errors import DatasetError
+from medlandmark.errors import DatasetError, ImageError
 from medlandmark.io.files import atomic_write_text, full_suffix, stem
+from medlandmark.io.geometry import Geometry
 from medlandmark.io.images import IMAGE_SUFFIXES, ImageData, read_image
 from medlandmark.io.landmarks import FORMAT_BY_SUFFIX, LandmarkSet, read_landmarks
 
@@ -28,6 +29,7 @@ MODALITIES = ("xray", "ct", "mr", "us", "other")
 CASE_ID_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 DATASET_FILE = "dataset.json"
 SPLITS_FILE = "splits.json"
+INVALID_CASE_IDS = "invalid case ids (letters, digits, '.', '_', '-' only, no '..')"
 
 
 class DatasetSpec(BaseModel):
@@ -134,7 +136,7 @@ def load_spec(root: str | Path) -> DatasetSpec:
         raise DatasetError("no dataset.json here: is this a dataset folder?", Path(root))
     try:
         data = json.loads(path.read_bytes().decode("utf-8-sig"))
-    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as error:
+    except (ValueError, RecursionError) as error:  # bad JSON or UTF-8, a 5000-digit number
         raise DatasetError(f"invalid JSON ({error})", path) from None
     try:
         return DatasetSpec.model_validate(data)
@@ -197,7 +199,14 @@ class Dataset:
         return self.spec.spacing_mm
 
     def read_image(self, case_id: str) -> ImageData:
-        return read_image(self.case(case_id).image_path, spacing_xy_mm=self.spec.spacing_mm)
+        """A case's image; one whose dimensionality or channels contradict dataset.json is an
+        :class:`ImageError`."""
+        path = self.case(case_id).image_path
+        image = read_image(path, spacing_xy_mm=self.spec.spacing_mm)
+        problems = image_spec_problems(image.geometry, image.channels, self.spec)
+        if problems:
+            raise ImageError("; ".join(problems), path)
+        return image
 
     def read_landmarks(self, case_id: str, image: ImageData | None = None) -> LandmarkSet:
         """A case's landmarks in world mm, in the dataset's landmark order."""
@@ -218,8 +227,15 @@ class Dataset:
         if path.is_file():
             if self.spec.splits:
                 raise DatasetError("splits are given in both dataset.json and splits.json", self.root)
-            return read_splits_file(path)
-        return dict(self.spec.splits or {})
+            splits = read_splits_file(path)
+        else:
+            path, splits = self.root / DATASET_FILE, dict(self.spec.splits or {})
+        for name, ids in splits.items():
+            invalid = [i for i in ids if not valid_case_id(i)]
+            if invalid:  # an id such as '../x' would reach outside the dataset's folders
+                listed = ", ".join(invalid[:10])
+                raise DatasetError(f"split '{name}' has {INVALID_CASE_IDS}: {listed}", path)
+        return splits
 
     def split(self, name: str) -> list[str]:
         splits = self.splits()
@@ -229,11 +245,28 @@ class Dataset:
         return splits[name]
 
 
+def image_spec_problems(geometry: Geometry, channels: int, spec: DatasetSpec) -> list[str]:
+    """What makes an image unfit for ``dataset.json``: its dimensionality, its channel count."""
+    problems = []
+    if geometry.ndim != spec.spatial_dims:
+        problems.append(
+            f"image is {geometry.ndim}D (shape {geometry.shape}) but dataset.json declares "
+            f"spatial_dims {spec.spatial_dims}"
+        )
+    if channels != spec.num_channels:
+        n = spec.num_channels
+        problems.append(
+            f"image has {channels} channel{'s' * (channels != 1)} but dataset.json declares "
+            f"{n} {'modality' if n == 1 else 'modalities'} ({', '.join(spec.modalities)})"
+        )
+    return problems
+
+
 def read_splits_file(path: Path) -> dict[str, list[str]]:
     """``splits.json``: split name -> list of case ids."""
     try:
         data = json.loads(path.read_bytes().decode("utf-8-sig"))
-    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as error:
+    except (ValueError, RecursionError) as error:  # bad JSON or UTF-8, a 5000-digit number
         raise DatasetError(f"invalid JSON ({error})", path) from None
     except OSError as error:
         raise DatasetError(f"cannot read file ({error.strerror})", path) from None

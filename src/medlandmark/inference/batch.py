@@ -67,7 +67,7 @@ def predict_files(
         started = time.perf_counter()
         try:
             image = read_image(path, spacing_xy_mm=spacing)  # used only by formats that store none
-            prediction = predictor.predict(image)
+            prediction = predictor.predict(image, name=str(path))
             target = out / f"{case_id}{SUFFIX_BY_FORMAT[output_format]}"
             write_landmarks(target, prediction.landmarks)
             if overlay:
@@ -80,9 +80,10 @@ def predict_files(
                 "seconds": round(time.perf_counter() - started, 3), "message": "",
             })  # fmt: skip
         except MedlandmarkError as error:
-            warn(f"{error}")
+            message = str(error) if error.path is not None else f"{path}: {error}"
+            warn(message)
             rows.append({"case_id": case_id, "status": "failed", "landmark_file": "", "present": "", "missing": "",
-                         "mean_confidence": "", "seconds": round(time.perf_counter() - started, 3), "message": str(error)})  # fmt: skip
+                         "mean_confidence": "", "seconds": round(time.perf_counter() - started, 3), "message": message})  # fmt: skip
     _write_summary(out / SUMMARY_FILE, rows)
     failed = sum(r["status"] == "failed" for r in rows)
     info(f"predicted {len(rows) - failed} of {len(rows)} images into {out}" + (f"; {failed} failed (see {SUMMARY_FILE})" if failed else ""))

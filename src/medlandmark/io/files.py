@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import glob
 import os
 import shutil
 import tempfile
@@ -47,6 +48,22 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
     finally:
         if tmp.exists():
             tmp.unlink()
+
+
+def remove_partials(path: str | Path) -> int:
+    """Delete what killed atomic writes of ``path`` left beside it (hidden ``.partial-`` files or
+    folders, never read as data); returns how many. Call only where nothing writes ``path`` now."""
+    path = Path(path)
+    removed = 0
+    for leftover in path.parent.glob(f".{glob.escape(stem(path))}.partial-*"):
+        if leftover.is_dir():
+            shutil.rmtree(leftover, ignore_errors=True)
+        elif leftover.name.endswith(full_suffix(path)):
+            leftover.unlink(missing_ok=True)
+        else:
+            continue
+        removed += 1
+    return removed
 
 
 @contextlib.contextmanager

@@ -80,6 +80,7 @@ def read_image_info(
         raise ImageError(f"not a readable image ({_itk_reason(error)})", path) from None
     size = reader.GetSize()
     _refuse_too_large(path, size, reader.GetNumberOfComponents())
+    _refuse_bad_nifti_spacing(path)
     geometry, from_file = _geometry(
         path, size, reader.GetSpacing(), reader.GetOrigin(), reader.GetDirection(),
         spacing_xy_mm, allow_missing_spacing,
@@ -108,7 +109,7 @@ def read_image(
     else:
         # the header's geometry, checked (and the size refused if absurd) before allocating
         geometry = read_image_info(path, spacing_xy_mm, allow_missing_spacing).geometry
-        _check_complete(path)
+        check_image_complete(path)
         try:
             image = sitk.ReadImage(str(path))
         except RuntimeError as error:
@@ -261,12 +262,16 @@ def _refuse_too_large(path: Path, size: Sequence[int], components: int) -> None:
         )  # fmt: skip
 
 
-def _check_complete(path: Path) -> None:
-    """Catch truncated JPEG/PNG/BMP/NIfTI files, which SimpleITK decodes silently (filling in
-    grey or 0)."""
+def check_image_complete(path: str | Path) -> None:
+    """Refuse a truncated JPEG/PNG/BMP/NIfTI/MetaImage file, cheaply (no decoding): SimpleITK
+    decodes the first ones silently (filling in grey or 0) and only prints a warning for the
+    last; raises :class:`ImageError`."""
+    path = Path(path)
     suffix = full_suffix(path)
     if suffix in (".nii", ".nii.gz") and _nifti_truncated(path):
         raise ImageError("image file is truncated (less voxel data than its header declares)", path)
+    if suffix in (".mha", ".mhd"):
+        _check_metaimage_data(path)
     size = path.stat().st_size
     with path.open("rb") as handle:
         head = handle.read(32)
@@ -322,6 +327,84 @@ def _nifti_data_end(header: bytes) -> int | None:
         return None
     voxels = int(np.prod([max(int(d), 1) for d in dims[1 : dims[0] + 1]], dtype=np.int64))
     return int(offset) + (voxels * int(bitpix) + 7) // 8
+
+
+def _refuse_bad_nifti_spacing(path: Path) -> None:
+    """ITK reads a NIfTI pixdim of 0 or NaN as 1 mm: a wrong geometry, silently."""
+    if full_suffix(path) not in (".nii", ".nii.gz"):
+        return
+    try:
+        with (gzip.open if full_suffix(path) == ".nii.gz" else open)(path, "rb") as handle:
+            header = handle.read(540)
+    except (OSError, EOFError, zlib.error):
+        return  # ITK has read the header; whatever is wrong shows when the voxels are read
+    for order in "<>":
+        if len(header) >= 348 and struct.unpack(f"{order}i", header[:4])[0] == 348:
+            dims = struct.unpack(f"{order}8h", header[40:56])
+            pixdim = struct.unpack(f"{order}8f", header[76:108])
+            break
+        if len(header) >= 540 and struct.unpack(f"{order}i", header[:4])[0] == 540:
+            dims = struct.unpack(f"{order}8q", header[16:80])
+            pixdim = struct.unpack(f"{order}8d", header[104:168])
+            break
+    else:
+        return
+    axes = [a for a in range(1, min(max(int(dims[0]), 0), 3) + 1) if dims[a] > 1]
+    bad = [pixdim[a] for a in axes if not (np.isfinite(pixdim[a]) and pixdim[a] > 0)]
+    if bad:
+        spacing = " x ".join(f"{pixdim[a]:g}" for a in axes)
+        raise ImageError(
+            f"header spacing (NIfTI pixdim) is {spacing} mm; voxel spacing must be positive and "
+            "finite", path,
+        )  # fmt: skip
+
+
+_METAIMAGE_TYPE_BYTES = {
+    "MET_CHAR": 1, "MET_UCHAR": 1, "MET_SHORT": 2, "MET_USHORT": 2, "MET_INT": 4, "MET_UINT": 4,
+    "MET_LONG_LONG": 8, "MET_ULONG_LONG": 8, "MET_FLOAT": 4, "MET_DOUBLE": 8,
+}  # fmt: skip
+
+
+def _check_metaimage_data(path: Path) -> None:
+    """An uncompressed MetaImage (.mha/.mhd) must hold the bytes its header declares."""
+    with path.open("rb") as handle:
+        head = handle.read(1 << 16)
+    fields: dict[str, str] = {}
+    header_bytes, offset = None, 0
+    for line in head.splitlines(keepends=True):
+        offset += len(line)
+        key, _, value = line.decode("latin-1").partition("=")
+        fields[key.strip()] = value.strip()
+        if key.strip() == "ElementDataFile":
+            header_bytes = offset
+            break
+    data_file = fields.get("ElementDataFile", "")
+    if header_bytes is None or fields.get("CompressedData", "False").lower() == "true":
+        return
+    if fields.get("BinaryData", "True").lower() == "false":  # voxels written as text
+        return
+    if "HeaderSize" in fields or data_file.upper() == "LIST" or "%" in data_file:
+        return
+    try:
+        sizes = [int(v) for v in fields.get("DimSize", "").split()]
+        channels = int(fields.get("ElementNumberOfChannels", "1"))
+        value_bytes = _METAIMAGE_TYPE_BYTES[fields.get("ElementType", "")]
+    except (ValueError, KeyError):
+        return  # an unusual header: left to ITK
+    expected = int(np.prod(sizes, dtype=np.int64)) * channels * value_bytes
+    if data_file.upper() == "LOCAL":
+        actual = path.stat().st_size - header_bytes
+    else:
+        data_path = path.parent / data_file
+        if not data_path.is_file():
+            raise ImageError(f"its voxel data file '{data_file}' does not exist", path)
+        actual = data_path.stat().st_size
+    if actual < expected:
+        where = "image file" if data_file.upper() == "LOCAL" else f"voxel data file '{data_file}'"
+        raise ImageError(
+            f"{where} is truncated ({actual:,} bytes of voxel data, its header declares "
+            f"{expected:,})", path,
+        )  # fmt: skip
 
 
 _NIFTI_FLOAT_TYPES = {16: np.float32, 32: np.float32, 64: np.float64, 1792: np.float64}

@@ -55,6 +55,13 @@ def _number(text: str, path: Path, where: str) -> float:
     return value
 
 
+def _csv_rows(lines: list[str], path: Path) -> list[list[str]]:
+    try:
+        return list(csv.reader(lines))
+    except csv.Error as error:  # e.g. a field longer than the csv module's limit
+        raise LandmarkFileError(f"not a readable CSV ({error})", path) from None
+
+
 def _format_number(value: float) -> str:
     return "" if math.isnan(value) else repr(float(value))
 
@@ -101,7 +108,7 @@ def parse_csv(text: str, path: Path) -> RawLandmarks:
             "CSV landmarks must declare their space in a first line such as "
             "'# coordinate_space: LPS' (LPS or RAS world mm, or index)", path,
         )  # fmt: skip
-    rows = list(csv.reader(body))
+    rows = _csv_rows(body, path)
     if not rows:
         raise LandmarkFileError("file holds no landmarks", path)
     header = [h.strip().lower() for h in rows[0]]
@@ -223,7 +230,8 @@ def parse_slicer_json(text: str, path: Path) -> RawLandmarks:
     space = _space(markup.get("coordinateSystem") or "LPS", path)
     if space == "index":
         raise LandmarkFileError("Slicer coordinateSystem must be LPS or RAS", path)
-    scale = {"mm": 1.0, "um": 1e-3}.get(markup.get("coordinateUnits", "mm"))
+    units = markup.get("coordinateUnits", "mm")
+    scale = {"mm": 1.0, "um": 1e-3}.get(units) if isinstance(units, str) else None
     if scale is None:
         raise LandmarkFileError(f"unknown coordinateUnits {markup.get('coordinateUnits')!r}", path)
     control_points = markup.get("controlPoints", [])
@@ -298,7 +306,7 @@ def parse_fcsv(text: str, path: Path) -> RawLandmarks:
         if needed not in columns:
             raise LandmarkFileError(f"'# columns' lacks '{needed}'", path)
     names, points = [], []
-    for number, row in enumerate(csv.reader(rows), start=1):
+    for number, row in enumerate(_csv_rows(rows, path), start=1):
         if len(row) < len(columns):
             raise LandmarkFileError(f"point {number} has {len(row)} fields, expected {len(columns)}", path)
         names.append(row[columns.index("label")].strip())
@@ -346,7 +354,7 @@ def format_isbi_txt(raw: RawLandmarks) -> str:
 def parse_table(text: str, path: Path, ndim: int) -> dict[str, np.ndarray]:
     """Rows ``id,x1,y1[,z1],...`` (an optional header row starting with ``id``) -> case -> points."""
     table: dict[str, np.ndarray] = {}
-    for number, row in enumerate(csv.reader(io.StringIO(text)), start=1):
+    for number, row in enumerate(_csv_rows(text.splitlines(), path), start=1):
         if not row or not "".join(row).strip():
             continue
         if number == 1 and row[0].strip().lower() in ("id", "case", "case_id", "image"):
@@ -403,7 +411,12 @@ def _compact(value: float) -> str:
 
 
 def _is_number(value: object) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+    if not isinstance(value, (int, float)) or isinstance(value, bool):
+        return False
+    try:
+        return math.isfinite(value)
+    except OverflowError:  # an integer beyond the float range
+        return False
 
 
 def _json_ndim(points: list, path: Path) -> int:
@@ -416,5 +429,5 @@ def _json_ndim(points: list, path: Path) -> int:
 def _load_json(text: str, path: Path) -> object:
     try:
         return json.loads(text)
-    except (json.JSONDecodeError, RecursionError) as error:
+    except (ValueError, RecursionError) as error:  # bad JSON, or a 5000-digit number
         raise LandmarkFileError(f"invalid JSON ({error})", path) from None

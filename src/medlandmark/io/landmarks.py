@@ -112,7 +112,10 @@ def read_landmarks(
     ndim = geometry.ndim if geometry is not None else ndim
     points = _points_in_ndim(raw.points, ndim, path)
     recorded = None if raw.recorded is None else _points_in_ndim(raw.recorded, ndim, path)
-    points, recorded = (_to_world(p, raw.space, geometry, path) for p in (points, recorded))
+    with np.errstate(over="ignore"):  # an overflow is refused just below
+        points, recorded = (_to_world(p, raw.space, geometry, path) for p in (points, recorded))
+    if np.isinf(points).any() or (recorded is not None and np.isinf(recorded).any()):
+        raise LandmarkFileError("coordinates too large to be positions in mm", path)
     if raw.names is None:
         if names is not None and len(names) != len(points):
             raise LandmarkFileError(f"file holds {len(points)} landmarks, expected {len(names)}", path)

@@ -23,9 +23,10 @@ from pathlib import Path
 import numpy as np
 
 from medlandmark.console import info, progress
+from medlandmark.datasets.check import check_landmarks_inside
 from medlandmark.datasets.dataset import Dataset
-from medlandmark.errors import MedlandmarkError
-from medlandmark.io.files import atomic_path, atomic_write_text
+from medlandmark.errors import ImageError, MedlandmarkError
+from medlandmark.io.files import atomic_path, atomic_write_text, remove_partials
 from medlandmark.io.geometry import (
     Geometry,
     resampled_geometry,
@@ -57,6 +58,9 @@ class CachedCase:
 
 def preprocess_image(image: ImageData, plan: dict, configuration: dict) -> tuple[np.ndarray, Geometry]:
     """Normalised, transposed and resampled float32 voxels ``(C, *shape)`` and their geometry."""
+    if image.ndim != len(plan["transpose_forward"]):
+        plan_ndim = len(plan["transpose_forward"])
+        raise MedlandmarkError(f"image is {image.ndim}D, the plan is for {plan_ndim}D images")
     if image.channels != len(plan["normalization"]):
         raise MedlandmarkError(f"image has {image.channels} channels, the plan expects {len(plan['normalization'])}")
     axes = plan["transpose_forward"]
@@ -92,13 +96,25 @@ def load_cached_case(folder: str | Path, case_id: str) -> CachedCase:
     meta_path = folder / f"{case_id}.json"
     if not meta_path.is_file():
         raise MedlandmarkError(f"case '{case_id}' is not in the cache: run 'medlandmark preprocess'", folder)
-    meta = json.loads(meta_path.read_text(encoding="utf-8"))
-    image = np.load(folder / f"{case_id}.npy", mmap_mode="r")
-    points = np.array([[np.nan] * len(meta["shape"]) if p is None else p for p in meta["landmarks_index"]], dtype=np.float64)
-    return CachedCase(
-        case_id, image, Geometry.from_dict(meta["geometry"]), Geometry.from_dict(meta["source_geometry"]),
-        meta["landmark_names"], points.reshape(len(meta["landmark_names"]), len(meta["shape"])),
-    )  # fmt: skip
+    try:
+        meta = json.loads(meta_path.read_text(encoding="utf-8"))
+        image = np.load(folder / f"{case_id}.npy", mmap_mode="r")
+        points = np.array([[np.nan] * len(meta["shape"]) if p is None else p for p in meta["landmarks_index"]], dtype=np.float64)
+        case = CachedCase(
+            case_id, image, Geometry.from_dict(meta["geometry"]), Geometry.from_dict(meta["source_geometry"]),
+            meta["landmark_names"], points.reshape(len(meta["landmark_names"]), len(meta["shape"])),
+        )  # fmt: skip
+    except (OSError, ValueError, KeyError, TypeError, MedlandmarkError) as error:  # ValueError: bad JSON
+        raise MedlandmarkError(
+            f"cached case '{case_id}' is damaged ({type(error).__name__}: {error}); delete its .json "
+            "and .npy and run 'medlandmark preprocess' again", meta_path,
+        ) from None  # fmt: skip
+    if tuple(case.image.shape[1:]) != case.geometry.shape:
+        raise MedlandmarkError(
+            f"cached case '{case_id}' is damaged (voxels {case.image.shape[1:]} for a geometry of "
+            f"{case.geometry.shape}); run 'medlandmark preprocess' again", meta_path,
+        )  # fmt: skip
+    return case
 
 
 def _preprocess_case(
@@ -115,11 +131,17 @@ def _preprocess_case(
         except (json.JSONDecodeError, UnicodeDecodeError):
             pass
     meta_path.unlink(missing_ok=True)  # the case is incomplete from here until the marker is back
+    for path in (folder / f"{case_id}.npy", meta_path):
+        remove_partials(path)  # what a killed run of this case left
     image = read_image(image_path, spacing_xy_mm=spacing_xy_mm)
-    array, geometry = preprocess_image(image, plan, configuration)
+    try:
+        array, geometry = preprocess_image(image, plan, configuration)
+    except MedlandmarkError as error:
+        raise ImageError(error.detail, image_path) from None
     index = np.full((len(names), geometry.ndim), np.nan)
     if landmarks_path is not None:
         landmarks = read_landmarks(landmarks_path, geometry=image.geometry, names=names)
+        check_landmarks_inside(landmarks_path, landmarks, image.geometry)
         index = world_to_index(landmarks.points_mm, geometry)
     with atomic_path(folder / f"{case_id}.npy") as tmp, tmp.open("wb") as handle:
         np.save(handle, array.astype(CACHE_DTYPE))

@@ -7,10 +7,14 @@ carrying any other pickled object is refused. Model weights for prediction are s
 
 from __future__ import annotations
 
+import contextlib
+import math
 import pickle
+import shutil
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
 
@@ -27,8 +31,24 @@ class CheckpointError(MedlandmarkError):
 def save_checkpoint(path: str | Path, state: dict) -> None:
     """Write a training checkpoint atomically: the previous file stays intact until the new one
     is complete (also when the disk fills up)."""
-    with atomic_path(path) as tmp:
+    with _write_error_explained(path, "checkpoint"), atomic_path(path) as tmp:
         torch.save({"checkpoint_version": CHECKPOINT_VERSION, **state}, tmp)
+
+
+@contextlib.contextmanager
+def _write_error_explained(path: str | Path, what: str):
+    """A failed write (disk full, no permission) as a CheckpointError saying the old file is kept.
+
+    A full disk is an OSError, a RuntimeError from torch.save ("unexpected pos") or a
+    SafetensorError; the disk's free space is quoted to tell which."""
+    try:
+        yield
+    except (OSError, RuntimeError, SafetensorError) as error:
+        path = Path(path)
+        kept = "the previous one is intact" if path.is_file() else "none was written"
+        reason = (getattr(error, "strerror", None) or str(error)).strip().splitlines()[0][:200]
+        free_mb = shutil.disk_usage(path.parent).free / 2**20 if path.parent.is_dir() else math.nan
+        raise CheckpointError(f"could not write the {what}: {reason} ({free_mb:.0f} MB free on its disk); {kept}", path) from error
 
 
 def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> dict:
@@ -54,7 +74,7 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
 def save_weights(path: str | Path, model: nn.Module) -> None:
     """Model weights as safetensors, atomically."""
     tensors = {k: v.detach().contiguous().cpu() for k, v in unwrap(model).state_dict().items()}
-    with atomic_path(path) as tmp:
+    with _write_error_explained(path, "weights"), atomic_path(path) as tmp:
         save_file(tensors, str(tmp))
 
 
