@@ -17,13 +17,14 @@ import numpy as np
 import torch
 
 from medlandmark.augment import left_right_axis, symmetric_pair_indices
+from medlandmark.console import warn
 from medlandmark.errors import MedlandmarkError
 from medlandmark.heatmaps import DEFAULT_PRESENCE_THRESHOLD, decode_heatmaps
 from medlandmark.inference.sliding_window import sliding_window_heatmaps
 from medlandmark.io.geometry import Geometry, cropped_geometry, index_to_world, world_to_index
 from medlandmark.io.images import ImageData, read_image
 from medlandmark.io.landmarks import LandmarkSet
-from medlandmark.models import build_model
+from medlandmark.models import build_model, channels_last
 from medlandmark.preprocessing import preprocess_image
 from medlandmark.training.checkpoint import load_weights
 from medlandmark.training.sampling import crop_with_zeros
@@ -58,20 +59,27 @@ class Stage:
     pairs: list[tuple[int, int]]
     spacing_mm: list[float] | None
 
-    def heatmaps(self, array: np.ndarray, geometry: Geometry, device: torch.device, mirror: bool) -> torch.Tensor:
+    def heatmaps(
+        self, array: np.ndarray, geometry: Geometry, device: torch.device, mirror: bool, batch_size: int = 1,
+    ) -> torch.Tensor:
         """Mean heatmaps ``(K, *spatial)`` of the ensemble over a preprocessed image, averaged
-        with the left-right mirrored prediction (pairs swapped back) when ``mirror``."""
+        with the left-right mirrored prediction (pairs swapped back) when ``mirror``;
+        ``batch_size`` sliding windows go through a network at once."""
         image = torch.from_numpy(np.ascontiguousarray(array, dtype=np.float32)).to(device)
         patch = self.configuration["patch_size"]
         total = None
         for network in self.networks:
-            heatmaps = sliding_window_heatmaps(network, image, patch)
+            heatmaps = sliding_window_heatmaps(network, image, patch, batch_size=batch_size)
             if mirror:
                 axis = left_right_axis(geometry) + 1
-                flipped = sliding_window_heatmaps(network, image.flip(axis), patch).flip(axis)
+                flipped = sliding_window_heatmaps(network, image.flip(axis), patch, batch_size=batch_size).flip(axis)
                 heatmaps = 0.5 * (heatmaps + swap_channels(flipped, self.pairs))
             total = heatmaps if total is None else total + heatmaps
         return total / len(self.networks)
+
+    def to(self, device: torch.device) -> None:
+        """Move the (PyTorch) networks to ``device``."""
+        self.networks = [n.to(device) if isinstance(n, torch.nn.Module) else n for n in self.networks]
 
 
 def spread_in_mm(spread_per_axis_voxels: torch.Tensor, geometry: Geometry) -> np.ndarray:
@@ -90,10 +98,19 @@ def swap_channels(heatmaps: torch.Tensor, pairs: Sequence[tuple[int, int]]) -> t
 
 
 class Predictor:
-    """Predict landmarks with one stage, or a coarse-to-fine cascade of two."""
+    """Predict landmarks with one stage, or a coarse-to-fine cascade of two.
 
-    def __init__(self, stages: list[Stage], names: list[str], device: torch.device, tta: bool = False):
-        self.stages, self.names, self.device, self.tta = stages, names, device, tta
+    ``windows_per_batch`` sliding windows go through a network at once (default: the plan's
+    training batch size, which fits the device); out of memory halves it, then moves to the CPU.
+    """
+
+    def __init__(
+        self, stages: list[Stage], names: list[str], device: torch.device, tta: bool = False,
+        windows_per_batch: int | None = None,
+    ):  # fmt: skip
+        self.stages, self.names, self.device, self.tta = stages, names, torch.device(device), tta
+        planned = min(int(s.configuration.get("batch_size", 1)) for s in stages)
+        self.windows_per_batch = max(1, windows_per_batch or planned)
 
     @classmethod
     def from_run(
@@ -119,14 +136,43 @@ class Predictor:
         ]
         return cls(stages, names, device, tta)
 
-    def predict(self, image: str | Path | ImageData, spacing_xy_mm: Sequence[float] | None = None) -> Prediction:
-        """Landmarks of one image (a path, or voxels with their geometry)."""
+    def predict(
+        self, image: str | Path | ImageData, spacing_xy_mm: Sequence[float] | None = None, name: str | None = None,
+    ) -> Prediction:
+        """Landmarks of one image (a path, or voxels with their geometry; ``name`` says which in
+        warnings). Out of memory, it is retried with fewer windows per batch, then on the CPU."""
+        name = name or (str(image) if not isinstance(image, ImageData) else "image")
         if not isinstance(image, ImageData):
             image = read_image(image, spacing_xy_mm=spacing_xy_mm or self.stages[0].spacing_mm)
+        while True:
+            try:
+                return self._predict(image)
+            except RuntimeError as error:
+                if not is_out_of_memory(error):
+                    raise
+                reason = str(error).strip().splitlines()[0][:200]
+            self._use_less_memory(name, reason)  # outside the handler: the failed attempt is freed
+
+    def _use_less_memory(self, name: str, reason: str) -> None:
+        """After running out of memory: half as many windows per batch, then the CPU (for this
+        and the following images); on the CPU with one window, an error for this image."""
+        release_cached_memory(self.device)
+        if self.windows_per_batch > 1:
+            self.windows_per_batch //= 2
+            warn(f"{name}: out of memory on {self.device}; retrying with {self.windows_per_batch} sliding window(s) per batch")
+        elif self.device.type != "cpu":
+            warn(f"{name}: out of memory on {self.device} even with one sliding window per batch; falling back to the CPU (slower) from now on")
+            self.device = torch.device("cpu")
+            for stage in self.stages:
+                stage.to(self.device)
+        else:
+            raise MedlandmarkError(f"out of memory on the CPU even with one sliding window per batch ({reason})", name)
+
+    def _predict(self, image: ImageData) -> Prediction:
         first = self.stages[0]
         array, geometry = preprocess_image(image, first.plan, first.configuration)
         mirror = self.tta and bool(first.pairs)
-        decoded = decode_heatmaps(first.heatmaps(array, geometry, self.device, mirror)[None])
+        decoded = decode_heatmaps(first.heatmaps(array, geometry, self.device, mirror, self.windows_per_batch)[None])
         points = index_to_world(decoded.points[0].double().cpu().numpy(), geometry)
         peak = decoded.peak[0].float().cpu().numpy()
         spread_mm = spread_in_mm(decoded.spread_per_axis[0], geometry)
@@ -151,12 +197,26 @@ class Predictor:
             window = crop_with_zeros(array, start, patch)
             mirror = self.tta and bool(fine.pairs)
             window_geometry = cropped_geometry(geometry, [int(v) for v in start], [int(v) for v in patch])
-            heatmaps = fine.heatmaps(window, window_geometry, self.device, mirror)
+            heatmaps = fine.heatmaps(window, window_geometry, self.device, mirror, self.windows_per_batch)
             decoded = decode_heatmaps(heatmaps[k : k + 1][None])
             index = decoded.points[0, 0].double().cpu().numpy() + start
             refined[k] = index_to_world(index, geometry)
             refined_spread[k] = spread_in_mm(decoded.spread_per_axis[0], geometry)[0]
         return refined, refined_spread
+
+
+def is_out_of_memory(error: BaseException) -> bool:
+    """Whether ``error`` is a device (or CPU) allocation failure, also as older backends say it."""
+    text = str(error)
+    return isinstance(error, torch.OutOfMemoryError) or (
+        isinstance(error, RuntimeError) and ("out of memory" in text or "can't allocate memory" in text)
+    )
+
+
+def release_cached_memory(device: torch.device) -> None:
+    """Give the allocator's cached blocks back, so that a retry can use them."""
+    if device.type == "cuda" and torch.cuda.is_available():
+        torch.cuda.empty_cache()
 
 
 def _onnx_factory(onnx: str | Path) -> Callable[[dict, Path], Network]:
@@ -209,7 +269,7 @@ def _stage(runs: list[tuple[Path, dict]], device: torch.device, weights: str, ne
         else:
             network = build_model(record["arch"], configuration, len(record["landmarks"]), len(plan["modalities"]))
             load_weights(folder / WEIGHT_FILES[weights], network)
-            network = network.to(device).eval()
+            network = channels_last(network.to(device), len(configuration["patch_size"])).eval()
         networks.append(network)
         thresholds.append(record.get("presence_threshold", DEFAULT_PRESENCE_THRESHOLD))
     _, record = runs[0]

@@ -7,6 +7,7 @@ where the network sees the least context, count the least.
 
 from __future__ import annotations
 
+import contextlib
 import math
 from collections.abc import Sequence
 from functools import lru_cache
@@ -15,6 +16,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from medlandmark.models import channels_last
 
 
 def window_starts(size: int, patch: int, step: float) -> list[int]:
@@ -58,8 +61,8 @@ def sliding_window_heatmaps(
     total, norm = None, torch.zeros(padded, device=image.device)
     for first in range(0, len(starts), batch_size):
         chunk = starts[first : first + batch_size]
-        windows = torch.stack([image[(slice(None), *_box(s, patch))] for s in chunk])
-        with torch.autocast(image.device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
+        windows = channels_last(torch.stack([image[(slice(None), *_box(s, patch))] for s in chunk]), len(patch))
+        with _autocast(image.device, amp_dtype):
             heatmaps = model(windows)[0].float()
         if total is None:
             total = torch.zeros((heatmaps.shape[1], *padded), device=image.device)
@@ -69,6 +72,11 @@ def sliding_window_heatmaps(
             norm[box] += weight
     total /= norm
     return total[(slice(None), *(slice(0, s) for s in spatial))]
+
+
+def _autocast(device: torch.device, amp_dtype: torch.dtype | None):
+    """Autocast to ``amp_dtype``; nothing at all without one (so any device type works)."""
+    return contextlib.nullcontext() if amp_dtype is None else torch.autocast(device.type, dtype=amp_dtype)
 
 
 def _box(start: Sequence[int], patch: Sequence[int]) -> tuple[slice, ...]:

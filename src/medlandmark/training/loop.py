@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import csv
+import errno
 import io
 import json
 import math
@@ -33,8 +34,8 @@ from medlandmark.console import ProgressBar, info, warn
 from medlandmark.datasets.dataset import Dataset
 from medlandmark.errors import MedlandmarkError
 from medlandmark.heatmaps import calibrate_presence_threshold, deep_supervision_targets
-from medlandmark.io.files import atomic_write_bytes, atomic_write_text
-from medlandmark.models import build_model
+from medlandmark.io.files import atomic_write_bytes, atomic_write_text, remove_partials
+from medlandmark.models import build_model, channels_last
 from medlandmark.planning import load_plan, preprocessed_folder
 from medlandmark.preprocessing import cache_folder, load_cached_case
 from medlandmark.training import distributed
@@ -50,6 +51,8 @@ BEST_WEIGHTS = "model_best.safetensors"
 FINAL_WEIGHTS = "model_final.safetensors"
 LOG_FILE = "log.csv"
 CROP_MARGIN = 1.5  # source crops are larger than the patch so rotations bring in image, not zeros
+MIN_LOSS_SCALE = 2.0**-10  # fp16: below this, skipping steps no longer rescues the run
+AMP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "off": None}
 LOG_COLUMNS = ["epoch", "step", "train_loss", "learning_rate", "samples_per_s", "val_mre_mm", "val_sdr_2mm", "seconds"]
 
 
@@ -83,7 +86,7 @@ class TrainOptions:
 
 def train(dataset_root: str | Path, run_dir: str | Path, options: TrainOptions, resume: bool = False) -> dict:
     """Train one network on one fold; returns the run summary (also in ``run.json``)."""
-    with _deterministic_algorithms(options.deterministic):
+    with _deterministic_algorithms(options.deterministic), _signal_handlers_restored(), _os_errors_explained(run_dir):
         return _train(dataset_root, run_dir, options, resume)
 
 
@@ -103,9 +106,11 @@ def _train(dataset_root: str | Path, run_dir: str | Path, options: TrainOptions,
     val_cases = [load_cached_case(folder, c) for c in val_ids]
     torch.manual_seed(options.seed)  # the same initial weights on every rank and every rerun
     model = build_model(options.arch, config, len(plan["landmarks"]), len(plan["modalities"])).to(device)
+    model = channels_last(model, plan["spatial_dims"])
     optimizer = build_optimizer(model, settings["optimizer"], settings["learning_rate"], settings["weight_decay"], settings["sgd_momentum"])
     total_steps = settings["epochs"] * settings["iterations_per_epoch"]
-    scheduler = build_scheduler(optimizer, total_steps, settings["warmup_epochs"] * settings["iterations_per_epoch"], settings["schedule"])
+    warmup_steps = min(settings["warmup_epochs"] * settings["iterations_per_epoch"], total_steps // 10)
+    scheduler = build_scheduler(optimizer, total_steps, warmup_steps, settings["schedule"])
     amp_dtype, scaler = _mixed_precision(options.amp, device)
     ema = _ema(model, settings["ema_decay"])
     record = _run_record(run_dir, dataset, plan, name, options, settings, train_ids, val_ids, resume)
@@ -113,7 +118,7 @@ def _train(dataset_root: str | Path, run_dir: str | Path, options: TrainOptions,
     _write_record(run_dir, record, context)
     step, best = 0, record.get("best", {})
     if resume:
-        step = _restore(run_dir / CHECKPOINT_FILE, model, optimizer, scheduler, scaler, ema, device)
+        step = _resume_step(run_dir, context, model, optimizer, scheduler, scaler, ema, device)
     if context.distributed:
         model = nn.parallel.DistributedDataParallel(model)
     sampler = PatchSampler(
@@ -130,13 +135,18 @@ def _train(dataset_root: str | Path, run_dir: str | Path, options: TrainOptions,
     losses, started = [], time.perf_counter()
     with ProgressBar(last_step, f"train {options.arch} {name}", completed=step) as bar:
         while step < last_step:
-            loss = _train_step(
+            loss, gradient_norm = _train_step(
                 model, optimizer, scaler, sampler, step, per_rank_batch, config, augment, pairs,
                 mirror_axis, amp_dtype, settings, device, options.seed, context.rank,
             )  # fmt: skip
-            if not math.isfinite(loss):
+            problem = _non_finite(loss, gradient_norm, scaler)
+            if problem:
                 _save(run_dir, context, model, optimizer, scheduler, scaler, ema, step, plan)
-                raise TrainingError(f"the loss became {loss} at step {step}; training stopped, the last good state is in {run_dir / CHECKPOINT_FILE}")
+                raise TrainingError(
+                    f"{problem} in step {step + 1}; training stopped before the weights were changed. "
+                    f"The last good state (after step {step}) is saved in {run_dir / CHECKPOINT_FILE}; "
+                    "--resume continues from it (a lower --lr, or --amp bf16/off, may avoid this)"
+                )  # fmt: skip
             scheduler.step()
             if ema is not None:
                 ema.update_parameters(unwrap(model))
@@ -150,9 +160,9 @@ def _train(dataset_root: str | Path, run_dir: str | Path, options: TrainOptions,
                 row = {"epoch": epoch, "step": step, "train_loss": float(np.mean(losses)), "learning_rate": scheduler.get_last_lr()[0], "samples_per_s": rate}
                 if val_cases and (epoch % settings["validate_every"] == 0 or step == last_step) and context.is_main:
                     best = _validate_and_keep_best(run_dir, _weights_of(model, ema), val_cases, config, device, amp_dtype, row, best, record, step)
-                _save(run_dir, context, model, optimizer, scheduler, scaler, ema, step, plan)
-                if context.is_main:
+                if context.is_main:  # logged first: a kill before the checkpoint redoes (and relogs) the epoch
                     _log(run_dir, {**row, "seconds": time.perf_counter() - started})
+                _save(run_dir, context, model, optimizer, scheduler, scaler, ema, step, plan)
                 losses, started = [], time.perf_counter()
             if distributed.broadcast_flag(stop.requested is not None, context):
                 _save(run_dir, context, model, optimizer, scheduler, scaler, ema, step, plan)
@@ -182,25 +192,40 @@ def _train_step(
     model: nn.Module, optimizer, scaler, sampler: PatchSampler, step: int, batch_size: int,
     config: dict, augment: AugmentConfig, pairs, mirror_axis, amp_dtype, settings: dict,
     device: torch.device, seed: int, rank: int,
-) -> float:
-    """One optimisation step on ``batch_size`` augmented patches; returns the loss."""
+) -> tuple[float, float]:
+    """One optimisation step on ``batch_size`` augmented patches; returns the loss and the
+    gradient norm (NaN when the loss was not finite and nothing was computed)."""
     crops = sampler.batch(step, batch_size)
     images = torch.from_numpy(np.stack([c.image for c in crops])).to(device)
     points = torch.from_numpy(np.stack([c.points for c in crops])).float().to(device)
     generator = torch.Generator(device=device).manual_seed(_step_seed(seed, rank, step))
     images, points = augment_batch(images, points, config["patch_size"], augment, generator, pairs, mirror_axis)
+    images = channels_last(images, images.ndim - 2)
     optimizer.zero_grad(set_to_none=True)
     with torch.autocast(device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
         outputs = model(images)
     loss = heatmap_training_loss(unwrap(model), outputs, points, config, settings)
     if not torch.isfinite(loss):
-        return float(loss.item())
+        return float(loss.item()), math.nan
     scaler.scale(loss).backward()
     scaler.unscale_(optimizer)
-    nn.utils.clip_grad_norm_(model.parameters(), settings["grad_clip"])
-    scaler.step(optimizer)
+    gradient_norm = float(nn.utils.clip_grad_norm_(model.parameters(), settings["grad_clip"]))
+    if not math.isfinite(gradient_norm) and not scaler.is_enabled():
+        return float(loss.item()), gradient_norm  # not applied: the weights would turn NaN
+    scaler.step(optimizer)  # fp16: skips a step whose gradients overflowed and lowers the scale
     scaler.update()
-    return float(loss.item())
+    return float(loss.item()), gradient_norm
+
+
+def _non_finite(loss: float, gradient_norm: float, scaler: torch.amp.GradScaler) -> str | None:
+    """What went non-finite in a step, or None; overflowing fp16 gradients are the scaler's job."""
+    if not math.isfinite(loss):
+        return f"the loss became {loss}"
+    if not math.isfinite(gradient_norm) and not scaler.is_enabled():
+        return f"the gradient norm became {gradient_norm} (loss {loss:.4g})"
+    if scaler.is_enabled() and scaler.get_scale() < MIN_LOSS_SCALE:
+        return f"the fp16 loss scale fell to {scaler.get_scale():.2g} (the gradients overflow at every step)"
+    return None
 
 
 def heatmap_training_loss(model: nn.Module, outputs: Sequence[torch.Tensor], points: torch.Tensor, config: dict, settings: dict) -> torch.Tensor:
@@ -256,6 +281,29 @@ def _device(name: str) -> torch.device:
 
 
 @contextlib.contextmanager
+def _os_errors_explained(run_dir: str | Path):
+    """An operating-system error (a full disk, permissions) as a TrainingError naming its file
+    (or the run folder, when the error names none)."""
+    try:
+        yield
+    except OSError as error:
+        hint = "; the last checkpoint is intact: free some space, then --resume" if error.errno == errno.ENOSPC else ""
+        raise TrainingError(f"{error.strerror or error}{hint}", error.filename or run_dir) from error
+
+
+@contextlib.contextmanager
+def _signal_handlers_restored():
+    """SIGINT/SIGTERM handlers as they were, also when training fails (Ctrl-C works again)."""
+    previous = {number: signal.getsignal(number) for number in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield
+    finally:
+        for number, handler in previous.items():
+            with contextlib.suppress(ValueError, TypeError):  # other threads; handlers set outside Python
+                signal.signal(number, handler)
+
+
+@contextlib.contextmanager
 def _deterministic_algorithms(enabled: bool):
     """Deterministic kernels for the run (``--deterministic``), the previous setting restored."""
     previous = torch.are_deterministic_algorithms_enabled(), torch.backends.cudnn.benchmark
@@ -274,7 +322,9 @@ def _mixed_precision(amp: str, device: torch.device) -> tuple[torch.dtype | None
     """bf16 autocast where supported (CUDA) by default; fp16 with a gradient scaler on request."""
     if amp == "auto":
         amp = "bf16" if device.type == "cuda" and torch.cuda.is_bf16_supported() else "off"
-    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "off": None}[amp]
+    if amp not in AMP_DTYPES:
+        raise TrainingError(f"unknown amp '{amp}' (use auto, {', '.join(AMP_DTYPES)})")
+    dtype = AMP_DTYPES[amp]
     return dtype, torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
 
 
@@ -349,12 +399,25 @@ def _save(run_dir: Path, context, model, optimizer, scheduler, scaler, ema, step
     distributed.barrier(context)
 
 
+def _resume_step(run_dir: Path, context, model, optimizer, scheduler, scaler, ema, device) -> int:
+    """The step to continue from: the checkpoint's, or 0 when the run was stopped before its
+    first one (the fresh start is the same as the original's); stale partial files are removed."""
+    if context.is_main:
+        for name in (CHECKPOINT_FILE, BEST_WEIGHTS, FINAL_WEIGHTS, RUN_FILE, LOG_FILE):
+            remove_partials(run_dir / name)
+    if not (run_dir / CHECKPOINT_FILE).is_file():
+        info(f"{run_dir} has no checkpoint yet: starting from step 0")
+        return 0
+    return _restore(run_dir / CHECKPOINT_FILE, model, optimizer, scheduler, scaler, ema, device)
+
+
 def _restore(path: Path, model, optimizer, scheduler, scaler, ema, device) -> int:
     state = load_checkpoint(path, map_location=device)
     model.load_state_dict(state["model"])
     optimizer.load_state_dict(state["optimizer"])
     scheduler.load_state_dict(state["scheduler"])
-    scaler.load_state_dict(state["scaler"])
+    if state["scaler"]:  # empty when saved without fp16: the scaler then starts afresh
+        scaler.load_state_dict(state["scaler"])
     if ema is not None and state["ema"] is not None:
         ema.load_state_dict(state["ema"])
     torch.set_rng_state(state["torch_rng"].cpu())
