@@ -70,6 +70,8 @@ def _cached_fingerprint(path: Path, dataset: Dataset) -> dict | None:
         return None
     case_ids = fingerprint.get("case_ids", [])
     try:
+        if case_ids != dataset.splits().get("train", dataset.case_ids):  # a case added or removed
+            return None
         current = dataset_signature(dataset, case_ids)
     except MedlandmarkError:
         return None

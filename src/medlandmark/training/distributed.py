@@ -25,13 +25,20 @@ class Context:
 
 
 def start(device: torch.device) -> Context:
-    """Join the process group torchrun described in the environment (single process otherwise)."""
+    """Join the process group torchrun described in the environment (single process otherwise).
+
+    On GPUs each process takes the GPU of its local rank (unless the device names one), and the
+    group has gloo beside NCCL for the small CPU tensors of :func:`broadcast_flag` and :func:`gather`.
+    """
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     if world_size <= 1:
         return Context()
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    if device.type == "cuda" and device.index is None:
+        torch.cuda.set_device(local_rank)  # otherwise every process of a node would use GPU 0
     if not dist.is_initialized():
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
-    return Context(dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", "0")))
+        dist.init_process_group("cpu:gloo,cuda:nccl" if device.type == "cuda" else "gloo")
+    return Context(dist.get_rank(), dist.get_world_size(), local_rank)
 
 
 def barrier(context: Context) -> None:
