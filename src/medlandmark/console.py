@@ -13,10 +13,13 @@ from rich.progress import (
     BarColumn,
     MofNCompleteColumn,
     Progress,
+    ProgressColumn,
+    Task,
     TextColumn,
     TimeElapsedColumn,
     TimeRemainingColumn,
 )
+from rich.text import Text
 
 T = TypeVar("T")
 log = logging.getLogger("medlandmark")
@@ -57,9 +60,8 @@ def progress(items: Iterable[T], total: int | None = None, description: str = ""
         return
     if console.is_terminal:
         columns = (
-            TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
-            TextColumn("{task.speed:>6.1f}/s" if total else ""), TimeElapsedColumn(),
-            TimeRemainingColumn(),
+            TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), RateColumn(),
+            TimeElapsedColumn(), TimeRemainingColumn(),
         )  # fmt: skip
         with Progress(*columns, console=console, transient=False) as bar:
             task = bar.add_task(description, total=total)
@@ -68,6 +70,13 @@ def progress(items: Iterable[T], total: int | None = None, description: str = ""
                 bar.advance(task)
         return
     yield from _logged(items, total, description)
+
+
+class RateColumn(ProgressColumn):
+    """Items per second, blank until rich has measured a rate."""
+
+    def render(self, task: Task) -> Text:
+        return Text("" if task.speed is None else f"{task.speed:>6.1f}/s")
 
 
 def _logged(items: Iterable[T], total: int | None, description: str) -> Iterator[T]:
