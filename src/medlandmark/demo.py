@@ -1,59 +1,108 @@
-"""`medlandmark demo`: the pipeline end to end on a built-in synthetic dataset.
+"""`medlandmark demo`: the whole pipeline, end to end, on an embedded default.
 
-For now: make the dataset -> check it -> evaluate stand-in predictions (the ground truth
-displaced by a known amount, one landmark dropped) so the metrics can be verified by eye.
-Training and prediction replace the stand-in as they are built.
+check -> plan -> preprocess -> train -> predict -> evaluate, with a small configuration sized
+for a CPU, on a procedural synthetic dataset (2D hands by default, 3D bodies with ``--3d``) or
+on ISBI 2015 cephalograms when their folder is given. Every step is the one a user runs by hand;
+the demo only chooses small sizes.
 """
 
 from __future__ import annotations
 
+import time
+from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
+from rich.markup import escape
 
 from medlandmark.console import info
 from medlandmark.datasets.check import check_dataset, print_check_report
+from medlandmark.datasets.converters import convert_isbi2015
 from medlandmark.datasets.dataset import Dataset
-from medlandmark.datasets.synthetic import make_synthetic_dataset
+from medlandmark.datasets.synthetic import make_synthetic_dataset, make_synthetic_volume_dataset
 from medlandmark.evaluation import evaluate, print_summary
-from medlandmark.io.landmarks import LandmarkSet, write_landmarks
-
-STAND_IN_ERROR_MM = 1.0
-
-
-def write_stand_in_predictions(dataset: Dataset, case_ids: list[str], out: Path, seed: int = 0) -> None:
-    """Ground truth moved by exactly ``STAND_IN_ERROR_MM`` in a random direction per point; the
-    first landmark of the first case is reported missing."""
-    rng = np.random.default_rng(seed)
-    for number, case_id in enumerate(case_ids):
-        truth = dataset.read_landmarks(case_id)
-        directions = rng.normal(size=truth.points_mm.shape)
-        directions /= np.linalg.norm(directions, axis=1, keepdims=True)
-        points_mm = truth.points_mm + STAND_IN_ERROR_MM * directions
-        if number == 0:
-            points_mm[0] = np.nan
-        write_landmarks(out / f"{case_id}.json", LandmarkSet(truth.names, points_mm))
+from medlandmark.inference.batch import predict_files
+from medlandmark.planning import plan_dataset
+from medlandmark.preprocessing import preprocess_dataset
+from medlandmark.training.loop import TrainOptions, train
 
 
-def run_demo(out: str | Path) -> int:
-    """Run the walk-through into ``out``; returns the exit code."""
-    out = Path(out)
-    info(f"[bold]1/3 make a synthetic 2D dataset[/bold] -> {out / 'dataset'}")
-    root = make_synthetic_dataset(out / "dataset")
-    info("[bold]2/3 check it[/bold]")
+@dataclass(frozen=True)
+class DemoRecipe:
+    """The small sizes of one demo: the plan's budget and the training length."""
+
+    gpu_memory_gb: float
+    base_features: int
+    epochs: int
+    iterations_per_epoch: int
+    batch_size: int
+    learning_rate: float
+    test_split: str
+    max_test_cases: int | None = None
+
+
+RECIPES = {
+    "2d": DemoRecipe(1.0, 16, 16, 50, 8, 3e-3, "test"),
+    "3d": DemoRecipe(1.0, 8, 10, 50, 4, 3e-3, "test"),
+    "isbi2015": DemoRecipe(1.0, 16, 8, 50, 4, 2e-3, "test1", max_test_cases=25),
+}
+
+
+def make_demo_dataset(kind: str, out: Path, isbi2015: Path | None = None) -> Path:
+    """The demo's dataset folder: synthetic 2D or 3D, or ISBI 2015 converted from ``isbi2015``."""
+    if kind == "2d":
+        return make_synthetic_dataset(out, num_cases=40, size_px=64, spacing_mm=1.0)
+    if kind == "3d":
+        return make_synthetic_volume_dataset(out, num_cases=32, size_vox=24, spacing_mm=2.5)
+    return convert_isbi2015(isbi2015, out)
+
+
+def run_demo(out: str | Path, kind: str = "2d", isbi2015: str | Path | None = None) -> int:
+    """Run the walk-through into ``out``; returns the exit code (0 when every step worked)."""
+    out, started = Path(out), time.perf_counter()
+    kind = "isbi2015" if isbi2015 is not None else kind
+    recipe = RECIPES[kind]
+    step = _Steps(7)
+    step(f"dataset ({kind})", out / "dataset")
+    root = make_demo_dataset(kind, out / "dataset", Path(isbi2015) if isbi2015 is not None else None)
+    step("check", root)
     report = check_dataset(root)
     print_check_report(report)
     if not report.ok:
         return 1
-    dataset = Dataset(root)
-    test_ids = dataset.split("test")
-    info(
-        f"[bold]3/3 evaluate stand-in predictions[/bold] for {len(test_ids)} test cases "
-        f"(ground truth moved by {STAND_IN_ERROR_MM} mm, one landmark dropped: expect MRE "
-        f"{STAND_IN_ERROR_MM:.2f} mm and one false 'missing')"
-    )
-    predictions = out / "predictions"
-    write_stand_in_predictions(dataset, test_ids, predictions)
-    metrics = evaluate(predictions, root, out / "evaluation")
+    step("plan", root / "preprocessed" / "plans.json")
+    plan = plan_dataset(root, gpu_memory_gb=recipe.gpu_memory_gb, base_features=recipe.base_features)
+    configuration = plan["default_configuration"]
+    step("preprocess", root / "preprocessed")
+    preprocess_dataset(root, configurations=[configuration])
+    step(f"train a U-Net ({configuration}, fold 0)", out / "run")
+    options = TrainOptions(
+        configuration=configuration, epochs=recipe.epochs,
+        iterations_per_epoch=recipe.iterations_per_epoch, batch_size=recipe.batch_size,
+        learning_rate=recipe.learning_rate, validate_every=recipe.epochs // 2,
+    )  # fmt: skip
+    train(root, out / "run", options)
+    test_images = _test_images(Dataset(root), recipe)
+    step(f"predict {len(test_images)} {recipe.test_split} images", out / "predictions")
+    rows = predict_files(out / "run", test_images, out / "predictions")
+    step("evaluate against the ground truth", out / "evaluation")
+    metrics = evaluate(out / "predictions", root, out / "evaluation")
     print_summary(metrics, out / "evaluation")
-    return 0
+    info(f"demo finished in {time.perf_counter() - started:.0f} s")
+    return 0 if all(row["status"] == "ok" for row in rows) else 1
+
+
+def _test_images(dataset: Dataset, recipe: DemoRecipe) -> list[Path]:
+    case_ids = dataset.split(recipe.test_split)[: recipe.max_test_cases]
+    by_id = {case.case_id: case for case in dataset.cases}
+    return [by_id[case_id].image_path for case_id in case_ids]
+
+
+class _Steps:
+    """Numbered step headings: ``[3/7] plan -> PATH``."""
+
+    def __init__(self, total: int) -> None:
+        self.total, self.done = total, 0
+
+    def __call__(self, title: str, where: Path) -> None:
+        self.done += 1
+        info(f"[bold]\\[{self.done}/{self.total}] {escape(title)}[/bold] -> {escape(str(where))}")

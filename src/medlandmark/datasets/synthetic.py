@@ -1,5 +1,6 @@
-"""Procedural 2D "anatomy" for tests and the demo: a palm with three fingers, landmarks on its
-features (fingertips, finger bases, palm corners), in varied pose, contrast and noise.
+"""Procedural "anatomy" for tests and the demo, in varied pose, contrast and noise: in 2D a palm
+with three fingers (landmarks on fingertips, finger bases, palm corners); in 3D a body with four
+limbs and an inner organ (landmarks on limb tips, the organ's centre, the body's poles).
 
 The image is rendered from a signed distance function evaluated through the inverse of each
 case's pose, so the landmarks, mapped through the same pose, are exact.
@@ -104,6 +105,94 @@ def make_synthetic_dataset(
         symmetric_pairs=[("tip_left", "tip_right"), ("base_left", "base_right"), ("palm_left", "palm_right")],
         splits={"train": case_ids[:split], "test": case_ids[split:]},
         description="Procedural palm-and-fingers images with exact landmarks (medlandmark demo).",
+        license="CC0-1.0",
+    )  # fmt: skip
+    write_spec(out, spec)
+    return out
+
+
+# 3D: a body with four limbs and a bright inner organ, no mirror symmetry, 1 unit = a third of
+# the field of view; (x, y, z) template axes map to the volume's (column, row, slice).
+_BODY_CENTRE, _BODY_RADII = np.zeros(3), np.array([0.6, 0.45, 0.42])
+_LIMBS_3D = [  # (base, tip, radius)
+    (np.array([-0.35, -0.2, 0.0]), np.array([-0.85, -0.75, 0.2]), 0.11),
+    (np.array([0.35, -0.2, 0.0]), np.array([0.8, -0.7, -0.15]), 0.11),
+    (np.array([-0.25, 0.3, 0.0]), np.array([-0.45, 0.95, 0.1]), 0.13),
+    (np.array([0.3, 0.3, 0.0]), np.array([0.55, 0.9, -0.1]), 0.13),
+]
+_ORGAN_CENTRE, _ORGAN_RADIUS = np.array([0.18, 0.02, 0.12]), 0.16
+SYNTHETIC_LANDMARKS_3D = [
+    "tip_upper_left", "tip_upper_right", "tip_lower_left", "tip_lower_right",
+    "organ_centre", "body_top", "body_bottom",
+]  # fmt: skip
+
+
+def template_landmarks_3d() -> np.ndarray:
+    """Landmark positions ``(7, 3)`` (x, y, z) in the 3D template frame."""
+    tips = [tip for _, tip, _ in _LIMBS_3D]
+    poles = [_BODY_CENTRE + [0.0, 0.0, _BODY_RADII[2]], _BODY_CENTRE - [0.0, 0.0, _BODY_RADII[2]]]
+    return np.array([*tips, _ORGAN_CENTRE, *poles])
+
+
+def _body_distance(points: np.ndarray) -> np.ndarray:
+    """Approximate signed distance (negative inside) to the body-and-limbs shape."""
+    body = (np.linalg.norm((points - _BODY_CENTRE) / _BODY_RADII, axis=-1) - 1.0) * _BODY_RADII.min()
+    limbs = [_capsule_distance(points, b, t, r) for b, t, r in _LIMBS_3D]
+    return np.minimum.reduce([body, *limbs])
+
+
+def _rotation_3d(rng: np.random.Generator, max_angle: float) -> np.ndarray:
+    rotation = np.eye(3)
+    for axis in range(3):
+        angle = rng.uniform(-max_angle, max_angle)
+        c, s = np.cos(angle), np.sin(angle)
+        plane = [a for a in range(3) if a != axis]
+        step = np.eye(3)
+        step[np.ix_(plane, plane)] = [[c, -s], [s, c]]
+        rotation = step @ rotation
+    return rotation
+
+
+def synthetic_volume_case(seed: int, size_vox: int = 32) -> tuple[np.ndarray, np.ndarray]:
+    """One volume ``(size, size, size)`` uint8 in array order (z, y, x) and its landmarks
+    ``(7, 3)`` as voxel (x, y, z) positions."""
+    rng = np.random.default_rng(seed)
+    stretch = np.diag(rng.uniform(0.9, 1.1, 3))
+    matrix = size_vox / 3.2 * rng.uniform(0.85, 1.05) * _rotation_3d(rng, 0.3) @ stretch
+    offset = size_vox / 2 + rng.uniform(-0.05, 0.05, 3) * size_vox
+    slices, rows, cols = np.mgrid[0:size_vox, 0:size_vox, 0:size_vox].astype(np.float64)
+    voxel_xyz = np.stack([cols, rows, slices], axis=-1)
+    template_xyz = (voxel_xyz - offset) @ np.linalg.inv(matrix).T
+    to_voxels = np.linalg.norm(matrix, 2) / np.sqrt(3)
+    edge_vox = 0.8
+    inside = 1.0 / (1.0 + np.exp(_body_distance(template_xyz) * to_voxels / edge_vox))
+    organ_distance = np.linalg.norm(template_xyz - _ORGAN_CENTRE, axis=-1) - _ORGAN_RADIUS
+    organ = 1.0 / (1.0 + np.exp(organ_distance * to_voxels / edge_vox))
+    contrast, brightness = rng.uniform(0.5, 1.0), rng.uniform(0.05, 0.2)
+    image = brightness + contrast * (0.45 * inside + 0.4 * organ)
+    image *= 1.0 + rng.uniform(-0.15, 0.15) * (slices - size_vox / 2) / size_vox  # bias along z
+    image += rng.normal(0.0, rng.uniform(0.01, 0.04), image.shape)
+    landmarks_xyz = template_landmarks_3d() @ matrix.T + offset
+    return (np.clip(image, 0, 1) * 255).astype(np.uint8), landmarks_xyz
+
+
+def make_synthetic_volume_dataset(
+    out: str | Path, num_cases: int = 24, size_vox: int = 32, spacing_mm: float = 2.0, seed: int = 0
+) -> Path:
+    """Write a synthetic 3D dataset folder (NIfTI volumes, Slicer .mrk.json landmarks)."""
+    out = Path(out)
+    geometry = Geometry.identity((size_vox,) * 3, (spacing_mm,) * 3)
+    case_ids = [f"case{i:03d}" for i in range(num_cases)]
+    for index, case_id in enumerate(progress(case_ids, description="synthetic volumes")):
+        volume, landmarks_xyz = synthetic_volume_case(seed * 100_003 + index, size_vox)
+        write_image(out / "images" / f"{case_id}.nii.gz", volume, geometry)
+        points_mm = index_to_world(landmarks_xyz[:, ::-1], geometry)
+        write_landmarks(out / "landmarks" / f"{case_id}.mrk.json", LandmarkSet(SYNTHETIC_LANDMARKS_3D, points_mm))
+    split = int(round(num_cases * 0.75))
+    spec = DatasetSpec(
+        name="synthetic-body-3d", spatial_dims=3, landmarks=SYNTHETIC_LANDMARKS_3D, modalities=["ct"],
+        splits={"train": case_ids[:split], "test": case_ids[split:]},
+        description="Procedural body-with-limbs volumes with exact landmarks (medlandmark demo --3d).",
         license="CC0-1.0",
     )  # fmt: skip
     write_spec(out, spec)
