@@ -11,7 +11,6 @@ feeds patch-sized windows). Export uses the TorchScript-based exporter (``dynamo
 from __future__ import annotations
 
 import contextlib
-import json
 import warnings
 from collections.abc import Iterator, Sequence
 from pathlib import Path
@@ -22,6 +21,7 @@ from torch import nn
 
 from medlandmark.errors import MedlandmarkError
 from medlandmark.io.files import atomic_path
+from medlandmark.training.run_record import read_run_record
 
 DEFAULT_OPSET = 17
 MIN_OPSET = 15  # CastLike (opset 15) in the floor division; attention needs 14
@@ -83,28 +83,6 @@ def export_onnx(
         "architecture": record["arch"], "weights": weights,
         "max_abs_heatmap_difference": difference, "max_abs_heatmap": peak, "tolerance": tolerance,
     }  # fmt: skip
-
-
-def read_run_record(run_dir: Path) -> dict:
-    """``run.json`` of a training run, with the keys export needs checked."""
-    path = run_dir / "run.json"
-    if not path.is_file():
-        raise MedlandmarkError("not a training run folder: run.json does not exist", path)
-    try:
-        record = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
-        raise MedlandmarkError(f"not a readable run record ({error})", path) from None
-    missing = [k for k in ("arch", "configuration", "plan", "landmarks") if k not in record]
-    if missing:
-        raise MedlandmarkError(f"run record lacks {', '.join(missing)}", path)
-    configurations = (
-        record["plan"].get("configurations") if isinstance(record["plan"], dict) else None
-    )
-    if not isinstance(configurations, dict) or record["configuration"] not in configurations:
-        raise MedlandmarkError(
-            f"the plan in the run record has no configuration '{record['configuration']}'", path
-        )
-    return record
 
 
 def run_network(run_dir: Path, record: dict, weights: str = "best") -> nn.Module:

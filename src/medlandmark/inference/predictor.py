@@ -8,7 +8,6 @@ landmark). Ground truth is never read.
 
 from __future__ import annotations
 
-import json
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,6 +26,7 @@ from medlandmark.io.landmarks import LandmarkSet
 from medlandmark.models import build_model, channels_last
 from medlandmark.preprocessing import preprocess_image
 from medlandmark.training.checkpoint import load_weights
+from medlandmark.training.run_record import read_run_record
 from medlandmark.training.sampling import crop_with_zeros
 
 RUN_FILE = "run.json"
@@ -235,17 +235,7 @@ def _run_records(model_dir: Path) -> list[tuple[Path, dict]]:
         folders = sorted(p.parent for p in model_dir.glob(f"*/{RUN_FILE}"))
     if not folders:
         raise MedlandmarkError("no trained run here (no run.json, nor sub-folders with one)", model_dir)
-    records = []
-    for folder in folders:
-        try:
-            record = json.loads((folder / RUN_FILE).read_text(encoding="utf-8"))
-        except (UnicodeDecodeError, json.JSONDecodeError) as error:
-            raise MedlandmarkError(f"invalid run.json ({error})", folder / RUN_FILE) from None
-        for key in ("arch", "configuration", "plan", "landmarks"):
-            if key not in record:
-                raise MedlandmarkError(f"run.json lacks '{key}'", folder / RUN_FILE)
-        records.append((folder, record))
-    return records
+    return [(folder, read_run_record(folder)) for folder in folders]
 
 
 def _stage_order(by_configuration: dict[str, list], model_dir: Path) -> list[list]:

@@ -42,6 +42,7 @@ from medlandmark.training import distributed
 from medlandmark.training.checkpoint import load_checkpoint, save_checkpoint, save_weights, unwrap
 from medlandmark.training.losses import heatmap_loss
 from medlandmark.training.optimization import build_optimizer, build_scheduler
+from medlandmark.training.run_record import read_run_record
 from medlandmark.training.sampling import PatchSampler
 from medlandmark.training.validation import validate
 
@@ -349,7 +350,7 @@ def _fine_offset_sd(config: dict, plan: dict, coarse_run: str | None) -> list[fl
     coarse = plan["configurations"][config["previous_stage"]]
     sd_coarse_voxels = [2.0] * len(config["spacing_mm"])
     if coarse_run is not None:
-        record = json.loads((Path(coarse_run) / RUN_FILE).read_text(encoding="utf-8"))
+        record = read_run_record(coarse_run)
         measured = record.get("best", {}).get("error_sd_voxels")
         if record.get("configuration") != config["previous_stage"] or measured is None:
             raise TrainingError(f"{coarse_run} is not a validated run of {config['previous_stage']}")

@@ -1,0 +1,120 @@
+"""The schema of a run folder's ``run.json``: what prediction and export trust from it.
+
+A run folder may come from anyone. Its weights are safetensors (no code), and its metadata is
+JSON checked here before any of it sizes a network, names a cache folder or indexes an array.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from medlandmark.errors import MedlandmarkError
+
+RUN_FILE = "run.json"
+_NAME = r"^[A-Za-z0-9_.-]+$"  # configuration names and cache folders: never a path
+
+
+def _positive_finite(values: list[float]) -> list[float]:
+    if not values or not all(math.isfinite(v) and v > 0 for v in values):
+        raise ValueError(f"must hold positive finite numbers, got {values}")
+    return values
+
+
+class ConfigurationRecord(BaseModel):
+    """One plan configuration, as far as inference uses it."""
+
+    model_config = ConfigDict(extra="allow")
+    name: str = Field(pattern=_NAME)
+    stage: Literal["full", "coarse", "fine"]
+    data_identifier: str = Field(pattern=_NAME)
+    spacing_mm: list[float]
+    patch_size: list[int]
+    batch_size: int = Field(ge=1, le=4096)
+    heatmap_sigma_mm: float = Field(gt=0, allow_inf_nan=False)
+    architectures: dict[str, dict]
+    next_stage: str | None = None
+    previous_stage: str | None = None
+
+    _spacing = field_validator("spacing_mm")(_positive_finite)
+
+    @field_validator("patch_size")
+    @classmethod
+    def _patch(cls, patch: list[int]) -> list[int]:
+        if not all(1 <= p <= 4096 for p in patch):
+            raise ValueError(f"must hold sizes from 1 to 4096 voxels, got {patch}")
+        return patch
+
+
+class PlanRecord(BaseModel):
+    """The plan copied into the run."""
+
+    model_config = ConfigDict(extra="allow")
+    spatial_dims: Literal[2, 3]
+    modalities: list[str] = Field(min_length=1)
+    transpose_forward: list[int]
+    normalization: list[dict]
+    configurations: dict[str, ConfigurationRecord] = Field(min_length=1)
+
+    @model_validator(mode="after")
+    def _consistent(self) -> PlanRecord:
+        ndim = self.spatial_dims
+        if sorted(self.transpose_forward) != list(range(ndim)):
+            raise ValueError(f"transpose_forward {self.transpose_forward} is not a permutation of {ndim} axes")
+        if len(self.normalization) != len(self.modalities):
+            raise ValueError("normalization needs one entry per modality")
+        for name, config in self.configurations.items():
+            if len(config.patch_size) != ndim or len(config.spacing_mm) != ndim:
+                raise ValueError(f"configuration '{name}' is not {ndim}D")
+        return self
+
+
+class RunRecord(BaseModel):
+    """``run.json``: the network, its plan, its landmarks and the calibrated threshold."""
+
+    model_config = ConfigDict(extra="allow")
+    arch: str = Field(pattern=_NAME)
+    configuration: str
+    plan: PlanRecord
+    landmarks: list[str] = Field(min_length=1)
+    symmetric_pairs: list[tuple[str, str]] = []
+    spacing_mm: list[float] | None = None
+    presence_threshold: float | None = Field(default=None, allow_inf_nan=False)  # a heatmap peak value
+
+    @model_validator(mode="after")
+    def _consistent(self) -> RunRecord:
+        if self.configuration not in self.plan.configurations:
+            raise ValueError(f"configuration '{self.configuration}' is not in its plan")
+        if len(set(self.landmarks)) != len(self.landmarks):
+            raise ValueError("landmark names repeat")
+        unknown = {n for pair in self.symmetric_pairs for n in pair} - set(self.landmarks)
+        if unknown:
+            raise ValueError(f"symmetric_pairs name unknown landmarks: {', '.join(sorted(unknown))}")
+        if self.spacing_mm is not None:
+            _positive_finite(self.spacing_mm)
+        return self
+
+
+def read_run_record(folder: str | Path) -> dict:
+    """``folder/run.json`` checked against :class:`RunRecord`; the JSON as a dict."""
+    path = Path(folder) / RUN_FILE
+    try:
+        record = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise MedlandmarkError("no run.json: not a trained run", path) from None
+    except (UnicodeDecodeError, ValueError) as error:
+        raise MedlandmarkError(f"invalid run.json ({error})", path) from None
+    if not isinstance(record, dict):
+        raise MedlandmarkError("invalid run.json (not a JSON object)", path)
+    try:
+        RunRecord.model_validate(record)
+    except ValidationError as error:
+        problems = "; ".join(
+            f"{'.'.join(map(str, e['loc'])) or 'run.json'}: {e['msg']}" for e in error.errors()[:5]
+        )
+        raise MedlandmarkError(f"run.json does not match the run schema: {problems}", path) from None
+    return record
