@@ -42,7 +42,7 @@ class DemoRecipe:
 
 RECIPES = {
     "2d": DemoRecipe(1.0, 16, 16, 50, 8, 3e-3, "test"),
-    "3d": DemoRecipe(1.0, 8, 10, 50, 4, 3e-3, "test"),
+    "3d": DemoRecipe(1.0, 8, 30, 50, 4, 3e-3, "test"),
     "isbi2015": DemoRecipe(1.0, 16, 8, 50, 4, 2e-3, "test1", max_test_cases=25),
 }
 
