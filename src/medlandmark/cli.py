@@ -187,6 +187,11 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--amp", default="auto", choices=["auto", "bf16", "fp16", "off"])
     train.add_argument("--ema", type=float, default=None, metavar="DECAY", help="keep a weight moving average")
     train.add_argument("--missing-target", choices=["mask", "zero"], default=None)
+    train.add_argument(
+        "--loss", choices=["mse", "smooth_l1", "balanced_mse"], default=None,
+        help="heatmap loss (default: the plan's, mse); balanced_mse weighs each landmark's neighbourhood "
+        "as much as the background, which leaves the empty-map plateau far sooner on large images",
+    )
     train.add_argument("--seed", type=int, default=0)
     train.add_argument("--deterministic", action="store_true", help="deterministic algorithms (slower)")
     train.add_argument("--resume", action="store_true", help="continue the run in --out")
@@ -305,7 +310,7 @@ def run(args: argparse.Namespace) -> int:
             iterations_per_epoch=args.iterations, batch_size=args.batch_size, learning_rate=args.lr,
             validate_every=args.validate_every, max_steps=args.max_steps, device=args.device,
             seed=args.seed, deterministic=args.deterministic, amp=args.amp, ema_decay=args.ema,
-            missing_target=args.missing_target,
+            missing_target=args.missing_target, loss=args.loss,
             preprocessed=None if args.preprocessed is None else str(args.preprocessed),
             coarse_run=None if args.coarse_run is None else str(args.coarse_run),
         )  # fmt: skip

@@ -40,7 +40,7 @@ from medlandmark.planning import load_plan, preprocessed_folder
 from medlandmark.preprocessing import cache_folder, load_cached_case
 from medlandmark.training import distributed
 from medlandmark.training.checkpoint import load_checkpoint, save_checkpoint, save_weights, unwrap
-from medlandmark.training.losses import heatmap_loss
+from medlandmark.training.losses import HEATMAP_LOSSES, heatmap_loss
 from medlandmark.training.optimization import build_optimizer, build_scheduler
 from medlandmark.training.run_record import read_run_record
 from medlandmark.training.sampling import PatchSampler
@@ -80,6 +80,7 @@ class TrainOptions:
     amp: str = "auto"
     ema_decay: float | None = None
     missing_target: str | None = None
+    loss: str | None = None
     preprocessed: str | None = None
     coarse_run: str | None = None
     augment: dict = field(default_factory=dict)
@@ -266,10 +267,12 @@ def _settings(plan: dict, options: TrainOptions) -> dict:
     settings["learning_rate"] = learning_rate[options.arch] if isinstance(learning_rate, dict) else learning_rate
     config = plan["configurations"][options.configuration or plan["default_configuration"]]
     settings["batch_size"] = config["batch_size"]
-    for key in ("epochs", "iterations_per_epoch", "batch_size", "learning_rate", "validate_every", "ema_decay", "missing_target"):
+    for key in ("epochs", "iterations_per_epoch", "batch_size", "learning_rate", "validate_every", "ema_decay", "missing_target", "loss"):
         value = getattr(options, key)
         if value is not None:
             settings[key] = value
+    if settings["loss"] not in HEATMAP_LOSSES:
+        raise TrainingError(f"unknown loss '{settings['loss']}' (use {', '.join(HEATMAP_LOSSES)})")
     return settings
 
 

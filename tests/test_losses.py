@@ -1,0 +1,44 @@
+"""Heatmap losses: the balanced loss keeps a small Gaussian from being outweighed by its map."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from medlandmark.heatmaps import gaussian_heatmaps
+from medlandmark.training.loop import TrainingError, TrainOptions, _settings
+from medlandmark.training.losses import heatmap_loss
+
+
+def _sparse_target() -> tuple[torch.Tensor, torch.Tensor]:
+    """Two channels of a 192 x 160 map with a sigma-2 Gaussian each (under 1 % of the voxels)."""
+    points = torch.tensor([[[40.0, 50.0], [120.0, 100.0]]])
+    return gaussian_heatmaps(points, (192, 160), 2.0)
+
+
+def test_an_empty_map_is_cheap_under_mse_but_not_under_balanced_mse():
+    target, present = _sparse_target()
+    empty = torch.zeros_like(target)
+    assert heatmap_loss(empty, target, present, "mse") < 0.005
+    assert heatmap_loss(empty, target, present, "balanced_mse") > 0.2
+    assert heatmap_loss(target, target, present, "balanced_mse") == 0.0
+
+
+def test_balanced_mse_still_masks_landmarks_outside_the_patch():
+    target, _ = _sparse_target()
+    noise = target + 0.3
+    only_first = torch.tensor([[True, False]])
+    masked = heatmap_loss(noise, target, only_first, "balanced_mse")
+    first_alone = heatmap_loss(noise[:, :1], target[:, :1], only_first[:, :1], "balanced_mse")
+    assert masked == pytest.approx(float(first_alone))
+
+
+def test_the_loss_is_chosen_by_option_and_checked():
+    plan = {
+        "training": {"learning_rate": 1e-3, "loss": "mse"}, "default_configuration": "2d",
+        "configurations": {"2d": {"batch_size": 2}},
+    }  # fmt: skip
+    assert _settings(plan, TrainOptions(loss="balanced_mse"))["loss"] == "balanced_mse"
+    assert _settings(plan, TrainOptions())["loss"] == "mse"
+    with pytest.raises(TrainingError, match="unknown loss 'huber'"):
+        _settings(plan, TrainOptions(loss="huber"))
