@@ -43,6 +43,7 @@ def _configuration(r: dict) -> dict:
 
 BROKEN = {
     "cache folder as a path": (lambda r: _configuration(r).update(data_identifier="../../etc"), "data_identifier"),
+    "cache folder '..'": (lambda r: _configuration(r).update(data_identifier=".."), "data_identifier"),
     "unknown configuration": (lambda r: r.update(configuration="3d_nowhere"), "not in its plan"),
     "negative patch": (lambda r: _configuration(r).update(patch_size=[-4, 32]), "patch_size"),
     "huge patch": (lambda r: _configuration(r).update(patch_size=[10**9, 32]), "patch_size"),

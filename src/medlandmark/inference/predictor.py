@@ -26,10 +26,9 @@ from medlandmark.io.landmarks import LandmarkSet
 from medlandmark.models import build_model, channels_last
 from medlandmark.preprocessing import preprocess_image
 from medlandmark.training.checkpoint import load_weights
-from medlandmark.training.run_record import read_run_record
+from medlandmark.training.run_record import RUN_FILE, read_run_record
 from medlandmark.training.sampling import crop_with_zeros
 
-RUN_FILE = "run.json"
 WEIGHT_FILES = {"best": "model_best.safetensors", "final": "model_final.safetensors"}
 Network = Callable[[torch.Tensor], Sequence[torch.Tensor]]
 

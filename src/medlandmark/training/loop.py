@@ -42,11 +42,10 @@ from medlandmark.training import distributed
 from medlandmark.training.checkpoint import load_checkpoint, save_checkpoint, save_weights, unwrap
 from medlandmark.training.losses import HEATMAP_LOSSES, heatmap_loss
 from medlandmark.training.optimization import build_optimizer, build_scheduler
-from medlandmark.training.run_record import read_run_record
+from medlandmark.training.run_record import RUN_FILE, read_run_record
 from medlandmark.training.sampling import PatchSampler
 from medlandmark.training.validation import validate
 
-RUN_FILE = "run.json"
 CHECKPOINT_FILE = "checkpoint_latest.pt"
 BEST_WEIGHTS = "model_best.safetensors"
 FINAL_WEIGHTS = "model_final.safetensors"
@@ -368,7 +367,7 @@ def _run_record(run_dir: Path, dataset: Dataset, plan: dict, name: str, options:
     if resume:
         if not path.is_file():
             raise TrainingError("nothing to resume: no run.json", run_dir)
-        record = json.loads(path.read_text(encoding="utf-8"))
+        record = read_run_record(run_dir)
         if record["arch"] != options.arch or record["configuration"] != name:
             raise TrainingError(f"the run trained {record['arch']} on {record['configuration']}; cannot resume it as {options.arch} on {name}", path)
         return record

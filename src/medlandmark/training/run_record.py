@@ -13,10 +13,17 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from medlandmark.datasets.dataset import valid_case_id
 from medlandmark.errors import MedlandmarkError
 
 RUN_FILE = "run.json"
-_NAME = r"^[A-Za-z0-9_.-]+$"  # configuration names and cache folders: never a path
+
+
+def _plain_name(name: str) -> str:
+    """Configuration, cache-folder and architecture names: never a path (as case ids)."""
+    if not valid_case_id(name):
+        raise ValueError(f"must be a plain name (letters, digits, '.', '_', '-', no '..'), got {name!r}")
+    return name
 
 
 def _positive_finite(values: list[float]) -> list[float]:
@@ -29,9 +36,9 @@ class ConfigurationRecord(BaseModel):
     """One plan configuration, as far as inference uses it."""
 
     model_config = ConfigDict(extra="allow")
-    name: str = Field(pattern=_NAME)
+    name: str
     stage: Literal["full", "coarse", "fine"]
-    data_identifier: str = Field(pattern=_NAME)
+    data_identifier: str
     spacing_mm: list[float]
     patch_size: list[int]
     batch_size: int = Field(ge=1, le=4096)
@@ -40,6 +47,7 @@ class ConfigurationRecord(BaseModel):
     next_stage: str | None = None
     previous_stage: str | None = None
 
+    _names = field_validator("name", "data_identifier")(_plain_name)
     _spacing = field_validator("spacing_mm")(_positive_finite)
 
     @field_validator("patch_size")
@@ -77,13 +85,15 @@ class RunRecord(BaseModel):
     """``run.json``: the network, its plan, its landmarks and the calibrated threshold."""
 
     model_config = ConfigDict(extra="allow")
-    arch: str = Field(pattern=_NAME)
+    arch: str
     configuration: str
     plan: PlanRecord
     landmarks: list[str] = Field(min_length=1)
     symmetric_pairs: list[tuple[str, str]] = []
     spacing_mm: list[float] | None = None
     presence_threshold: float | None = Field(default=None, allow_inf_nan=False)  # a heatmap peak value
+
+    _arch = field_validator("arch")(_plain_name)
 
     @model_validator(mode="after")
     def _consistent(self) -> RunRecord:
