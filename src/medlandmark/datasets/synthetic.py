@@ -8,6 +8,7 @@ case's pose, so the landmarks, mapped through the same pose, are exact.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -86,24 +87,40 @@ def synthetic_case(seed: int, size_px: int = 128) -> tuple[np.ndarray, np.ndarra
     return (np.clip(image, 0, 1) * 255).astype(np.uint8), landmarks_xy
 
 
+def write_synthetic_cases(
+    out: Path, make_case: Callable[[int], tuple[np.ndarray, np.ndarray]], names: list[str],
+    geometry: Geometry, suffixes: tuple[str, str], num_cases: int, seed: int,
+) -> dict[str, list[str]]:
+    """Write ``num_cases`` cases from ``make_case(case_seed) -> (array, landmarks as x, y[, z]
+    indices)`` as ``images/caseNNN<suffix>`` and ``landmarks/caseNNN<suffix>``; returns the
+    splits (the first three quarters train, the rest test)."""
+    case_ids = [f"case{i:03d}" for i in range(num_cases)]
+    image_suffix, landmark_suffix = suffixes
+    description = "synthetic volumes" if geometry.ndim == 3 else "synthetic cases"
+    for index, case_id in enumerate(progress(case_ids, description=description)):
+        array, landmarks_itk = make_case(seed * 100_003 + index)
+        write_image(out / "images" / f"{case_id}{image_suffix}", array, geometry)
+        points_mm = index_to_world(landmarks_itk[:, ::-1], geometry)
+        write_landmarks(out / "landmarks" / f"{case_id}{landmark_suffix}", LandmarkSet(names, points_mm))
+    split = int(round(num_cases * 0.75))
+    return {"train": case_ids[:split], "test": case_ids[split:]}
+
+
 def make_synthetic_dataset(
     out: str | Path, num_cases: int = 24, size_px: int = 128, spacing_mm: float = 0.5, seed: int = 0
 ) -> Path:
     """Write a synthetic 2D dataset folder (PNG images, spacing in dataset.json, CSV landmarks)."""
     out = Path(out)
     geometry = Geometry.identity((size_px, size_px), (spacing_mm, spacing_mm))
-    case_ids = [f"case{i:03d}" for i in range(num_cases)]
-    for index, case_id in enumerate(progress(case_ids, description="synthetic cases")):
-        image, landmarks_xy = synthetic_case(seed * 100_003 + index, size_px)
-        write_image(out / "images" / f"{case_id}.png", image, geometry)
-        points_mm = index_to_world(landmarks_xy[:, ::-1], geometry)
-        write_landmarks(out / "landmarks" / f"{case_id}.csv", LandmarkSet(SYNTHETIC_LANDMARKS, points_mm))
-    split = int(round(num_cases * 0.75))
+    splits = write_synthetic_cases(
+        out, lambda case_seed: synthetic_case(case_seed, size_px), SYNTHETIC_LANDMARKS, geometry,
+        (".png", ".csv"), num_cases, seed,
+    )  # fmt: skip
     spec = DatasetSpec(
         name="synthetic-hands-2d", spatial_dims=2, landmarks=SYNTHETIC_LANDMARKS,
         modalities=["xray"], spacing_mm=[spacing_mm, spacing_mm],
         symmetric_pairs=[("tip_left", "tip_right"), ("base_left", "base_right"), ("palm_left", "palm_right")],
-        splits={"train": case_ids[:split], "test": case_ids[split:]},
+        splits=splits,
         description="Procedural palm-and-fingers images with exact landmarks (medlandmark demo).",
         license="CC0-1.0",
     )  # fmt: skip
@@ -182,16 +199,13 @@ def make_synthetic_volume_dataset(
     """Write a synthetic 3D dataset folder (NIfTI volumes, Slicer .mrk.json landmarks)."""
     out = Path(out)
     geometry = Geometry.identity((size_vox,) * 3, (spacing_mm,) * 3)
-    case_ids = [f"case{i:03d}" for i in range(num_cases)]
-    for index, case_id in enumerate(progress(case_ids, description="synthetic volumes")):
-        volume, landmarks_xyz = synthetic_volume_case(seed * 100_003 + index, size_vox)
-        write_image(out / "images" / f"{case_id}.nii.gz", volume, geometry)
-        points_mm = index_to_world(landmarks_xyz[:, ::-1], geometry)
-        write_landmarks(out / "landmarks" / f"{case_id}.mrk.json", LandmarkSet(SYNTHETIC_LANDMARKS_3D, points_mm))
-    split = int(round(num_cases * 0.75))
+    splits = write_synthetic_cases(
+        out, lambda case_seed: synthetic_volume_case(case_seed, size_vox), SYNTHETIC_LANDMARKS_3D,
+        geometry, (".nii.gz", ".mrk.json"), num_cases, seed,
+    )  # fmt: skip
     spec = DatasetSpec(
         name="synthetic-body-3d", spatial_dims=3, landmarks=SYNTHETIC_LANDMARKS_3D, modalities=["ct"],
-        splits={"train": case_ids[:split], "test": case_ids[split:]},
+        splits=splits,
         description="Procedural body-with-limbs volumes with exact landmarks (medlandmark demo --3d).",
         license="CC0-1.0",
     )  # fmt: skip
