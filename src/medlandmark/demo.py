@@ -93,8 +93,7 @@ def run_demo(out: str | Path, kind: str = "2d", isbi2015: str | Path | None = No
 
 def _test_images(dataset: Dataset, recipe: DemoRecipe) -> list[Path]:
     case_ids = dataset.split(recipe.test_split)[: recipe.max_test_cases]
-    by_id = {case.case_id: case for case in dataset.cases}
-    return [by_id[case_id].image_path for case_id in case_ids]
+    return [dataset.case(case_id).image_path for case_id in case_ids]
 
 
 class _Steps:

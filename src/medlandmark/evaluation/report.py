@@ -181,9 +181,9 @@ def print_summary(metrics: dict, out_dir: Path) -> None:
     )
     console.print(table)
     console.print(f"report: {escape(str(Path(out_dir) / REPORT_FILE))}", soft_wrap=True)
-    html = Path(out_dir) / metrics.get("files", {}).get("html_report", "report.html")
-    if html.is_file():
-        console.print(f"report for a browser: {escape(str(html))}", soft_wrap=True)
+    html = metrics.get("files", {}).get("html_report")
+    if html is not None:
+        console.print(f"report for a browser: {escape(str(Path(out_dir) / html))}", soft_wrap=True)
 
 
 def _cell(text: str) -> str:
