@@ -57,6 +57,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from host import cpu_model
 from PIL import Image
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -310,15 +311,10 @@ def error_summary(errors_mm: np.ndarray) -> dict:
 
 def environment() -> dict:
     """Package versions, torchvision's ops status, CPU, threads and load."""
-    cpu = "unknown CPU"
-    cpuinfo = Path("/proc/cpuinfo")
-    if cpuinfo.is_file():
-        names = [line.split(":", 1)[1].strip() for line in cpuinfo.read_text().splitlines() if line.startswith("model name")]
-        cpu = names[0] if names else cpu
     return {
         "landmarker": landmarker.__version__ if hasattr(landmarker, "__version__") else version("landmarker"),
         "torch": torch.__version__, "torchvision": torchvision.__version__, "monai": version("monai"),
-        "torchvision_ops": TORCHVISION_OPS, "python": platform.python_version(), "cpu": cpu,
+        "torchvision_ops": TORCHVISION_OPS, "python": platform.python_version(), "cpu": cpu_model(),
         "cores": os.cpu_count(), "torch_threads": torch.get_num_threads(),
         "load_1_5_15": [round(v, 2) for v in os.getloadavg()],
     }  # fmt: skip

@@ -29,6 +29,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 import torch
+from host import cpu_model
 
 from medlandmark.console import info, warn
 from medlandmark.datasets.check import check_dataset, print_check_report
@@ -344,13 +345,8 @@ def target_results(targets: list[Target], split: dict | None) -> list[dict]:
 
 def machine() -> dict:
     """CPU model, cores, torch and its threads, GPU; the load when the benchmark ended."""
-    model = "unknown CPU"
-    cpuinfo = Path("/proc/cpuinfo")
-    if cpuinfo.is_file():
-        names = [line.split(":", 1)[1].strip() for line in cpuinfo.read_text().splitlines() if line.startswith("model name")]
-        model = names[0] if names else model
     return {
-        "cpu": model, "cores": os.cpu_count(), "torch": torch.__version__, "torch_threads": torch.get_num_threads(),
+        "cpu": cpu_model(), "cores": os.cpu_count(), "torch": torch.__version__, "torch_threads": torch.get_num_threads(),
         "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
         "python": platform.python_version(), "load_1_5_15": [round(v, 2) for v in os.getloadavg()],
     }  # fmt: skip
