@@ -189,8 +189,8 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--missing-target", choices=["mask", "zero"], default=None)
     train.add_argument(
         "--loss", choices=["mse", "smooth_l1", "balanced_mse"], default=None,
-        help="heatmap loss (default: the plan's, mse); balanced_mse weighs each landmark's neighbourhood "
-        "as much as the background, which leaves the empty-map plateau far sooner on large images",
+        help="heatmap loss (default: the plan's, balanced_mse, which weighs each landmark's neighbourhood "
+        "as much as the background and leaves the empty-map plateau far sooner than mse on large images)",
     )
     train.add_argument("--seed", type=int, default=0)
     train.add_argument("--deterministic", action="store_true", help="deterministic algorithms (slower)")
