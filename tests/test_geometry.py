@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import itertools
+
 import numpy as np
 import pytest
 import SimpleITK as sitk
@@ -140,3 +142,38 @@ def test_transposed_and_cropped_geometry_follow_the_array() -> None:
     np.testing.assert_allclose(index_to_world(index[:, [2, 0, 1]], moved), index_to_world(index, geometry))
     crop = cropped_geometry(geometry, (1, -2, 3), (2, 2, 2))
     np.testing.assert_allclose(index_to_world(index - [1, -2, 3], crop), index_to_world(index, geometry))
+
+
+@given(geometries(), st.integers(0, 2**31 - 1))
+def test_reorientation_keeps_every_voxel_in_place_and_ends_nearest_identity(geometry: Geometry, seed: int) -> None:
+    from medlandmark.io.geometry import canonical_axes, reoriented_geometry
+    from medlandmark.preprocessing import reoriented_array
+
+    shape = tuple(min(n, 7) for n in geometry.shape)
+    geometry = Geometry(geometry.spacing_mm, geometry.origin_mm, geometry.direction, shape)
+    array = np.random.default_rng(seed).random((1, *shape))
+    moved, canonical = reoriented_array(array, geometry)
+    assert canonical == reoriented_geometry(geometry, *canonical_axes(geometry))
+    # each voxel value sits at the same world position before and after
+    old_index = np.argwhere(np.ones(shape, bool)).astype(float)
+    new_index = world_to_index(index_to_world(old_index, geometry), canonical)
+    np.testing.assert_allclose(new_index, np.round(new_index), atol=1e-6)
+    np.testing.assert_array_equal(moved[0][tuple(np.round(new_index).astype(int).T)], array[0][tuple(old_index.astype(int).T)])
+    # array axis i runs along +world axis (ndim - 1 - i) more than along any other, and forward
+    direction = canonical.direction_matrix[::-1]  # row i: world axis ndim - 1 - i
+    assert np.all(np.diag(direction) > 0)
+    assert np.diag(np.abs(direction)).sum() >= max(
+        sum(np.abs(direction)[i, p] for i, p in enumerate(order)) for order in itertools.permutations(range(geometry.ndim))
+    ) - 1e-12
+
+
+def test_reorientation_of_axis_aligned_images_is_a_permutation_with_flips() -> None:
+    from medlandmark.io.geometry import canonical_axes
+
+    # direction columns are array axes (z, y, x): a NIfTI stored in RAS+ as ITK reads it
+    ras_nifti = Geometry((1.0, 1.0, 1.0), (0.0, 0.0, 0.0), ((0, 0, -1), (0, -1, 0), (1, 0, 0)), (4, 5, 6))
+    assert canonical_axes(ras_nifti) == ([0, 1, 2], [False, True, True])  # A->P and R->L flipped
+    lsp = Geometry((1.0, 1.0, 1.0), (0.0, 0.0, 0.0), ((1, 0, 0), (0, 0, 1), (0, 1, 0)), (4, 5, 6))
+    assert canonical_axes(lsp) == ([1, 2, 0], [False, False, False])  # axes running L, S, P
+    radiograph = Geometry.identity((2400, 1935), (0.1, 0.1))
+    assert canonical_axes(radiograph) == ([0, 1], [False, False])

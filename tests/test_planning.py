@@ -97,6 +97,22 @@ def test_large_radiograph_gets_a_cascade_covering_the_whole_image() -> None:
     assert "hyatt" in fine["architectures"] and "h3de" not in fine["architectures"]
 
 
+def test_target_spacing_override_is_per_image_axis_and_moves_every_stage() -> None:
+    spacings, shapes = _rounds(20, [0.7, 0.7, 5.0]), _rounds(20, [512, 512, 60])
+    planned = make_plan(fingerprint(spacings, shapes, modality="ct"))
+    assert planned["transpose_forward"] == [2, 0, 1] and planned["target_spacing_overridden"] is False
+    plan = make_plan(fingerprint(spacings, shapes, modality="ct"), spacing_override_mm=[1.5, 1.5, 3.0])
+    assert plan["target_spacing_overridden"] is True
+    assert plan["target_spacing_mm"] == [3.0, 1.5, 1.5]  # given in image axes, stored transposed
+    assert plan["median_shape_at_target"] == pytest.approx([100.0, 238.93, 238.93], abs=0.01)
+    radiograph = fingerprint(_rounds(10, [0.1, 0.1]), _rounds(10, [2400, 1935]), modality="xray", smallest=3.0)
+    one_value = make_plan(radiograph, gpu_memory_gb=1.0, base_features=16, spacing_override_mm=[0.4])
+    assert one_value["configurations"]["2d_fine"]["spacing_mm"] == [0.4, 0.4]
+    for bad in ([0.0], [float("nan")], [1.0, 1.0, 1.0], [-1.0]):
+        with pytest.raises(ValueError, match="target spacing"):
+            make_plan(radiograph, spacing_override_mm=bad)
+
+
 def test_tiny_2d_image_is_one_patch_with_minimum_batch() -> None:
     plan = make_plan(fingerprint(_rounds(20, [0.5, 0.5]), _rounds(20, [64, 64]), modality="xray"))
     assert list(plan["configurations"]) == ["2d"]

@@ -67,11 +67,13 @@ def blobs(tmp_path_factory) -> Path:
 
 def test_blobs_sit_at_the_cached_landmark_indices(blobs: Path) -> None:
     plan = load_plan(blobs / "preprocessed")
-    assert plan["transpose_forward"] == [2, 0, 1]  # the thick axis was moved first
+    # the files' array axes run near world (x, y, z): reorientation puts z, the thick axis, first
+    assert plan["reorient"] and plan["transpose_forward"] == [0, 1, 2]
     for config in plan["configurations"].values():
         for case in ("case0", "case1", "case2"):
             cached = load_cached_case(cache_folder(blobs / "preprocessed", config), case)
             assert cached.image.dtype == np.float16 and cached.geometry.shape == cached.image.shape[1:]
+            assert np.argmax(np.abs(cached.geometry.direction_matrix[:, 0])) == 2  # first axis along world z
             for index in cached.landmarks_index:
                 image = np.asarray(cached.image[0], np.float32)
                 found = _weighted_centroid(image, index, cached.geometry.spacing_mm)

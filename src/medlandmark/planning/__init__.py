@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Sequence
 from pathlib import Path
 
 from medlandmark.console import info
@@ -10,6 +11,7 @@ from medlandmark.datasets.dataset import Dataset
 from medlandmark.errors import MedlandmarkError
 from medlandmark.io.files import atomic_write_text
 from medlandmark.planning.fingerprint import (
+    FINGERPRINT_VERSION,
     compute_fingerprint,
     dataset_signature,
     write_fingerprint,
@@ -29,17 +31,20 @@ def preprocessed_folder(dataset_root: str | Path, preprocessed: str | Path | Non
 
 def plan_dataset(
     dataset_root: str | Path, preprocessed: str | Path | None = None, gpu_memory_gb: float = 8.0,
-    workers: int = 4, base_features: int = BASE_FEATURES,
+    workers: int = 4, base_features: int = BASE_FEATURES, spacing_override_mm: Sequence[float] | None = None,
 ) -> dict:
     """Fingerprint the dataset (reusing an up-to-date ``fingerprint.json``), plan, write
-    ``plans.json`` and print the plan's summary."""
+    ``plans.json`` and print the plan's summary (``spacing_override_mm``: see ``make_plan``)."""
     dataset = Dataset(dataset_root)
     folder = preprocessed_folder(dataset_root, preprocessed)
     fingerprint = _cached_fingerprint(folder / FINGERPRINT_FILE, dataset)
     if fingerprint is None:
         fingerprint = compute_fingerprint(dataset, workers=workers)
         write_fingerprint(folder / FINGERPRINT_FILE, fingerprint)
-    plan = make_plan(fingerprint, gpu_memory_gb=gpu_memory_gb, base_features=base_features)
+    try:
+        plan = make_plan(fingerprint, gpu_memory_gb, base_features, spacing_override_mm)
+    except ValueError as error:
+        raise MedlandmarkError(str(error), dataset_root) from None
     plan["dataset_path"] = str(Path(dataset_root).resolve())
     atomic_write_text(folder / PLANS_FILE, json.dumps(plan, indent=1) + "\n")
     info(plan_summary(plan))
@@ -67,6 +72,8 @@ def _cached_fingerprint(path: Path, dataset: Dataset) -> dict | None:
     try:
         fingerprint = json.loads(path.read_text(encoding="utf-8"))
     except (UnicodeDecodeError, json.JSONDecodeError):
+        return None
+    if fingerprint.get("version") != FINGERPRINT_VERSION:
         return None
     case_ids = fingerprint.get("case_ids", [])
     try:

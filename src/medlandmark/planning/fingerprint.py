@@ -19,10 +19,10 @@ from medlandmark.datasets.check import check_landmarks_inside
 from medlandmark.datasets.dataset import Dataset
 from medlandmark.errors import LandmarkFileError
 from medlandmark.io.files import atomic_write_text
-from medlandmark.io.geometry import Geometry
+from medlandmark.io.geometry import Geometry, canonical_axes, reoriented_geometry
 from medlandmark.io.landmarks import read_landmarks
 
-FINGERPRINT_VERSION = 1
+FINGERPRINT_VERSION = 2  # 2: shapes and spacings in the canonical orientation
 VOXELS_SAMPLED_PER_CASE = 20_000
 CT_BODY_THRESHOLD_HU = -500.0
 
@@ -70,12 +70,12 @@ def _case_fingerprint(dataset: Dataset, case_id: str, seed: int) -> CaseFingerpr
         values = _body_voxels(channel.ravel(), modality)
         take = min(VOXELS_SAMPLED_PER_CASE, values.size)
         samples.append(values[rng.choice(values.size, take, replace=False)].astype(np.float64))
-    geometry = image.geometry
+    geometry = reoriented_geometry(image.geometry, *canonical_axes(image.geometry))  # as preprocessing sees it
     return CaseFingerprint(
         case_id=case_id,
         shape=list(geometry.shape),
         spacing_mm=list(geometry.spacing_mm),
-        orientation=orientation_code(geometry),
+        orientation=orientation_code(image.geometry),
         points_mm=landmarks.points_mm.tolist(),
         extent_mm=list(geometry.extent_mm),
         intensity_samples=samples,

@@ -50,6 +50,16 @@ def target_spacing_mm(spacings_mm: np.ndarray, shapes: np.ndarray) -> np.ndarray
     return target
 
 
+def checked_spacing_override(spacing_mm: Sequence[float], ndim: int) -> np.ndarray:
+    """A target spacing given by hand, per image axis: one value for every axis, or one each."""
+    values = np.asarray(list(spacing_mm), float).ravel()
+    if len(values) == 1:
+        values = np.repeat(values, ndim)
+    if len(values) != ndim or not np.all(np.isfinite(values)) or np.any(values <= 0):
+        raise ValueError(f"target spacing {list(spacing_mm)}: give one positive value in mm, or {ndim}")
+    return values
+
+
 def transpose_axes(spacing_mm: Sequence[float]) -> list[int]:
     """Axis order for the cache: a 3D volume's coarsest axis goes first when it is anisotropic."""
     spacing = np.asarray(spacing_mm)
@@ -227,15 +237,22 @@ def _configuration(
     }  # fmt: skip
 
 
-def make_plan(fingerprint: dict, gpu_memory_gb: float = 8.0, base_features: int = BASE_FEATURES) -> dict:
+def make_plan(
+    fingerprint: dict, gpu_memory_gb: float = 8.0, base_features: int = BASE_FEATURES,
+    spacing_override_mm: Sequence[float] | None = None,
+) -> dict:
     """The whole plan for a fingerprint: spacing, transposition, normalisation, configurations.
-    ``base_features`` sets the U-Net's first-stage width (nnU-Net's 32; narrower for CPU budgets)."""
+    ``base_features`` sets the U-Net's first-stage width (nnU-Net's 32; narrower for CPU budgets);
+    ``spacing_override_mm`` (one value, or one per image axis) replaces the planned target
+    spacing, like nnU-Net's ``overwrite_target_spacing``."""
     ndim = fingerprint["spatial_dims"]
     spacings = np.asarray(fingerprint["spacings_mm"], float)
     shapes = np.asarray(fingerprint["shapes"], float)
     axes = transpose_axes(np.median(spacings, axis=0))
     spacings, shapes = spacings[:, axes], shapes[:, axes]
     target = target_spacing_mm(spacings, shapes)
+    if spacing_override_mm is not None:
+        target = checked_spacing_override(spacing_override_mm, ndim)[axes]
     shapes_at_target = shapes * spacings / target
     median_shape = np.median(shapes_at_target, axis=0)
     dataset_voxels = float(np.prod(shapes_at_target, axis=1).sum())
@@ -272,6 +289,8 @@ def make_plan(fingerprint: dict, gpu_memory_gb: float = 8.0, base_features: int 
         "modalities": fingerprint["modalities"],
         "gpu_memory_gb": gpu_memory_gb,
         "base_features": base_features,
+        "target_spacing_overridden": spacing_override_mm is not None,
+        "reorient": True,  # every image permuted and flipped to the canonical orientation first
         "fingerprint_signature": fingerprint["input_signature"],
         "transpose_forward": axes,
         "transpose_backward": [int(i) for i in np.argsort(axes)],

@@ -29,6 +29,8 @@ from medlandmark.errors import ImageError, MedlandmarkError
 from medlandmark.io.files import atomic_path, atomic_write_text, remove_partials
 from medlandmark.io.geometry import (
     Geometry,
+    canonical_axes,
+    reoriented_geometry,
     resampled_geometry,
     transposed_geometry,
     world_to_index,
@@ -63,14 +65,25 @@ def preprocess_image(image: ImageData, plan: dict, configuration: dict) -> tuple
         raise MedlandmarkError(f"image is {image.ndim}D, the plan is for {plan_ndim}D images")
     if image.channels != len(plan["normalization"]):
         raise MedlandmarkError(f"image has {image.channels} channels, the plan expects {len(plan['normalization'])}")
+    array, geometry = normalize_image(image.array, plan["normalization"]), image.geometry
+    if plan.get("reorient", False):  # plans written before reorientation existed: as they were
+        array, geometry = reoriented_array(array, geometry)
     axes = plan["transpose_forward"]
-    array = normalize_image(image.array, plan["normalization"])
     array = array.transpose(0, *[a + 1 for a in axes])
-    geometry = transposed_geometry(image.geometry, axes)
+    geometry = transposed_geometry(geometry, axes)
     target = configuration["spacing_mm"]
     shape = resampled_shape(geometry.shape, geometry.spacing_mm, target)
     linear_axes = [a for a, s in enumerate(target) if s > ANISOTROPY_THRESHOLD * min(target)]
     return resample_image(array, shape, linear_axes), resampled_geometry(geometry, shape)
+
+
+def reoriented_array(array: np.ndarray, geometry: Geometry) -> tuple[np.ndarray, Geometry]:
+    """Voxels ``(C, *shape)`` permuted and flipped into the canonical orientation
+    (:func:`~medlandmark.io.geometry.canonical_axes`), losslessly, and their geometry."""
+    axes, flips = canonical_axes(geometry)
+    array = array.transpose(0, *[a + 1 for a in axes])
+    array = np.flip(array, [j + 1 for j, flip in enumerate(flips) if flip])
+    return array, reoriented_geometry(geometry, axes, flips)
 
 
 def case_signature(image_path: Path, landmarks_path: Path | None, plan: dict, configuration: dict) -> str:
@@ -78,6 +91,7 @@ def case_signature(image_path: Path, landmarks_path: Path | None, plan: dict, co
     parts: dict = {
         "version": PREPROCESS_VERSION, "normalization": plan["normalization"],
         "transpose": plan["transpose_forward"], "spacing_mm": configuration["spacing_mm"],
+        "reorient": plan.get("reorient", False),
     }  # fmt: skip
     for key, path in (("image", image_path), ("landmarks", landmarks_path)):
         if path is not None:
