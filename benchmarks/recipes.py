@@ -8,7 +8,7 @@ evaluated, and the numbers are printed and written to ``results.json``.
 Work folder layout (every step is reused when the benchmark is run again)::
 
     WORK/dataset/                               the converted or generated dataset
-    WORK/preprocessed-<GB>gb-<F>f/              plan and caches for one plan budget
+    WORK/preprocessed-<GB>gb-<F>f[-<S>mm]/      plan and caches for one plan budget (and spacing)
     WORK/<budget>-<arch>[-<overrides>]/         runs/<configuration>/, predictions/<split>/,
                                                 evaluation/<split>/, results.json
 """
@@ -65,9 +65,11 @@ class Budget:
     minutes: float  # training wall clock, probes and every stage included
     gpu_memory_gb: float  # the plan's budget: patch and batch sizes
     base_features: int  # the U-Net's first-stage width
+    target_spacing_mm: float | None = None  # instead of the planned (median) spacing
     shares: dict[str, float]  # share of the budget per stage kind ("coarse", "fine", "full")
     batch_size: dict[str, int] = field(default_factory=dict)  # per stage kind; absent: the plan's
     learning_rate: dict[str, float] = field(default_factory=dict)  # per arch; absent: the plan's
+    loss: str | None = None  # heatmap loss; None: the plan's
 
 
 @dataclass(frozen=True)
@@ -111,6 +113,7 @@ def argument_parser(benchmark: Benchmark, doc: str) -> argparse.ArgumentParser:
     parser.add_argument("--minutes", type=float, default=None, help="training budget instead of the budget's (smoke tests)")
     parser.add_argument("--gpu-memory", type=float, default=None, help="plan budget in GB instead of the budget's")
     parser.add_argument("--base-features", type=int, default=None, help="U-Net width instead of the budget's")
+    parser.add_argument("--target-spacing", type=float, default=None, metavar="MM", help="plan's target spacing instead of the budget's")
     parser.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1...")
     parser.add_argument("--threads", type=int, default=None, help="PyTorch CPU threads (default: one per core); 1 on a machine busy with other jobs")
     parser.add_argument("--seed", type=int, default=0, help="training seed")
@@ -120,7 +123,10 @@ def argument_parser(benchmark: Benchmark, doc: str) -> argparse.ArgumentParser:
 def chosen_budget(benchmark: Benchmark, args: argparse.Namespace) -> Budget:
     """The budget named by ``--budget``, with the command line's overrides."""
     budget = benchmark.budgets[args.budget]
-    overrides = {"minutes": args.minutes, "gpu_memory_gb": args.gpu_memory, "base_features": args.base_features}
+    overrides = {
+        "minutes": args.minutes, "gpu_memory_gb": args.gpu_memory, "base_features": args.base_features,
+        "target_spacing_mm": args.target_spacing,
+    }  # fmt: skip
     return replace(budget, **{k: v for k, v in overrides.items() if v is not None})
 
 
@@ -149,8 +155,9 @@ def _run_benchmark(benchmark: Benchmark, args: argparse.Namespace, command: str)
     started, load_at_start, budget = time.perf_counter(), os.getloadavg(), chosen_budget(benchmark, args)
     work = Path(args.work)
     root = dataset_ready(benchmark, Path(args.source), work / "dataset")
-    preprocessed = work / f"preprocessed-{budget.gpu_memory_gb:g}gb-{budget.base_features}f"
-    plan = plan_dataset(root, preprocessed, gpu_memory_gb=budget.gpu_memory_gb, base_features=budget.base_features, workers=2)
+    spacing = [budget.target_spacing_mm] if budget.target_spacing_mm else None
+    preprocessed = work / f"preprocessed-{budget.gpu_memory_gb:g}gb-{budget.base_features}f{f'-{spacing[0]:g}mm' if spacing else ''}"
+    plan = plan_dataset(root, preprocessed, budget.gpu_memory_gb, workers=2, base_features=budget.base_features, spacing_override_mm=spacing)
     stages = stage_names(plan)
     preprocess_dataset(root, preprocessed, configurations=stages)
     out = work / run_name(args)
@@ -176,7 +183,8 @@ def run_name(args: argparse.Namespace) -> str:
     """The folder of one benchmark run: ``cpu-unet``, with what the command line overrode."""
     overrides = [
         f"{args.minutes:g}min" if args.minutes is not None else "", f"{args.gpu_memory:g}gb" if args.gpu_memory is not None else "",
-        f"{args.base_features}f" if args.base_features is not None else "", f"seed{args.seed}" if args.seed else "",
+        f"{args.base_features}f" if args.base_features is not None else "",
+        f"{args.target_spacing:g}mm" if args.target_spacing is not None else "", f"seed{args.seed}" if args.seed else "",
     ]  # fmt: skip
     return "-".join([args.budget, args.arch, *filter(None, overrides)])
 
@@ -236,7 +244,7 @@ def stage_options(plan: dict, name: str, budget: Budget, arch: str, seed: int, d
     kind = plan["configurations"][name]["stage"]
     return TrainOptions(
         configuration=name, arch=arch, fold=FOLD_BY_STAGE[kind], batch_size=budget.batch_size.get(kind),
-        learning_rate=budget.learning_rate.get(arch), device=device, seed=seed, preprocessed=preprocessed,
+        learning_rate=budget.learning_rate.get(arch), loss=budget.loss, device=device, seed=seed, preprocessed=preprocessed,
         coarse_run=coarse_run if kind == "fine" else None,
     )  # fmt: skip
 

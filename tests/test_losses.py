@@ -42,3 +42,24 @@ def test_the_loss_is_chosen_by_option_and_checked():
     assert _settings(plan, TrainOptions())["loss"] == "mse"
     with pytest.raises(TrainingError, match="unknown loss 'huber'"):
         _settings(plan, TrainOptions(loss="huber"))
+
+
+def test_centroid_term_charges_a_far_look_alike_by_its_distance_and_ignores_empty_targets():
+    target, present = _sparse_target()
+    far = torch.tensor([[[40.0, 150.0], [20.0, 10.0]]])
+    near = torch.tensor([[[40.0, 56.0], [120.0, 106.0]]])
+    far_peaks, _ = gaussian_heatmaps(far, (192, 160), 2.0)
+    near_peaks, _ = gaussian_heatmaps(near, (192, 160), 2.0)
+    # the true peak plus an equal one elsewhere: a far one is nearly free pixelwise (its error is
+    # averaged over the whole background), which is how look-alikes survive training
+    with_far, with_near = target + far_peaks, target + near_peaks
+    assert heatmap_loss(with_far, target, present, "balanced_mse") < 0.001
+    far_cost = heatmap_loss(with_far, target, present, "balanced_mse_centroid") - heatmap_loss(with_far, target, present, "balanced_mse")
+    near_cost = heatmap_loss(with_near, target, present, "balanced_mse_centroid") - heatmap_loss(with_near, target, present, "balanced_mse")
+    # half the mass 100 (first) and 134.5 (second) voxels off moves each centroid half-way: in units of 192
+    assert float(far_cost) == pytest.approx((100.0 + (100**2 + 90**2) ** 0.5) / 2 / 2 / 192, rel=1e-3)
+    assert float(near_cost) == pytest.approx(3.0 / 192, rel=1e-3)
+    assert heatmap_loss(target, target, present, "balanced_mse_centroid") < 1e-6
+    empty_target = torch.zeros_like(target)  # a missing landmark trained toward "nothing here"
+    assert heatmap_loss(target, empty_target, present, "balanced_mse_centroid", "zero") == pytest.approx(
+        float(heatmap_loss(target, empty_target, present, "balanced_mse", "zero")))

@@ -117,6 +117,11 @@ def test_fine_stage_offsets_come_from_the_coarse_runs_measured_error(small_isbi:
     plan = json.loads((small_isbi / "preprocessed" / "plans.json").read_text())
     fine = plan["configurations"]["2d_fine"]
     ratio = np.array(plan["configurations"]["2d_coarse"]["spacing_mm"]) / np.array(fine["spacing_mm"])
-    np.testing.assert_allclose(_fine_offset_sd(fine, plan, str(tmp_path / "coarse")), np.array(measured) * ratio)
+    limit = np.array(fine["patch_size"]) / 6  # a coarse error beyond half a patch cannot be refined
+    np.testing.assert_allclose(_fine_offset_sd(fine, plan, str(tmp_path / "coarse")), np.minimum(np.array(measured) * ratio, limit))
+    record = json.loads((tmp_path / "coarse" / "run.json").read_text())
+    record["best"]["error_sd_voxels"] = [0.5, 0.25]
+    (tmp_path / "coarse" / "run.json").write_text(json.dumps(record))
+    np.testing.assert_allclose(_fine_offset_sd(fine, plan, str(tmp_path / "coarse")), np.array([0.5, 0.25]) * ratio)
     record = train(small_isbi, tmp_path / "fine", TrainOptions(configuration="2d_fine", epochs=1, iterations_per_epoch=2, fold="all", coarse_run=str(tmp_path / "coarse")))
     assert record["status"] == "finished"

@@ -144,6 +144,10 @@ def build_parser() -> argparse.ArgumentParser:
         "--base-features", type=int, default=32, metavar="N",
         help="U-Net first-stage width, doubling per stage (default 32, nnU-Net's; 8-16 for CPU budgets)",
     )
+    plan.add_argument(
+        "--target-spacing", type=_positive, nargs="+", default=None, metavar="MM",
+        help="target spacing instead of the planned one (the median): one value, or one per image axis",
+    )
     plan.add_argument("--workers", type=int, default=2, help="parallel readers (default 2)")
 
     preprocess = _verb(
@@ -188,7 +192,7 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--ema", type=float, default=None, metavar="DECAY", help="keep a weight moving average")
     train.add_argument("--missing-target", choices=["mask", "zero"], default=None)
     train.add_argument(
-        "--loss", choices=["mse", "smooth_l1", "balanced_mse"], default=None,
+        "--loss", choices=["mse", "smooth_l1", "balanced_mse", "balanced_mse_centroid"], default=None,
         help="heatmap loss (default: the plan's, balanced_mse, which weighs each landmark's neighbourhood "
         "as much as the background and leaves the empty-map plateau far sooner than mse on large images)",
     )
@@ -285,7 +289,7 @@ def run(args: argparse.Namespace) -> int:
 
         plan_dataset(
             args.dataset, args.preprocessed, gpu_memory_gb=args.gpu_memory, workers=args.workers,
-            base_features=args.base_features,
+            base_features=args.base_features, spacing_override_mm=args.target_spacing,
         )
         return 0
     if args.verb == "preprocess":

@@ -52,6 +52,7 @@ FINAL_WEIGHTS = "model_final.safetensors"
 LOG_FILE = "log.csv"
 CROP_MARGIN = 1.5  # source crops are larger than the patch so rotations bring in image, not zeros
 MIN_LOSS_SCALE = 2.0**-10  # fp16: below this, skipping steps no longer rescues the run
+FINE_OFFSET_SD_PATCH_FRACTION = 6.0  # fine-patch offsets: SD at most patch / 6 per axis
 AMP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "off": None}
 LOG_COLUMNS = ["epoch", "step", "train_loss", "learning_rate", "samples_per_s", "val_mre_mm", "val_sdr_2mm", "seconds"]
 
@@ -348,7 +349,9 @@ def _step_seed(seed: int, rank: int, step: int) -> int:
 
 def _fine_offset_sd(config: dict, plan: dict, coarse_run: str | None) -> list[float]:
     """Offsets of fine patches from their landmark, in fine voxels per axis: the coarse stage's
-    measured validation error (RMS per axis) when its run is given, else two coarse voxels."""
+    measured validation error (RMS per axis) when its run is given, else two coarse voxels; at
+    most a sixth of the fine patch, so that the landmark stays inside nearly every patch (a
+    coarse estimate further off than half a patch cannot be refined anyway)."""
     coarse = plan["configurations"][config["previous_stage"]]
     sd_coarse_voxels = [2.0] * len(config["spacing_mm"])
     if coarse_run is not None:
@@ -359,7 +362,15 @@ def _fine_offset_sd(config: dict, plan: dict, coarse_run: str | None) -> list[fl
         sd_coarse_voxels = measured
     else:
         info("fine stage: no --coarse-run given; patch offsets assume a coarse error of 2 voxels")
-    return [s * c / f for s, c, f in zip(sd_coarse_voxels, coarse["spacing_mm"], config["spacing_mm"], strict=True)]
+    sd_fine_voxels = [s * c / f for s, c, f in zip(sd_coarse_voxels, coarse["spacing_mm"], config["spacing_mm"], strict=True)]
+    limit = [p / FINE_OFFSET_SD_PATCH_FRACTION for p in config["patch_size"]]
+    if any(s > m for s, m in zip(sd_fine_voxels, limit, strict=True)):
+        info(f"fine stage: the coarse error ({_voxels(sd_fine_voxels)} fine voxels RMS) exceeds a sixth of the patch; offsets limited to {_voxels(limit)}")
+    return [min(s, m) for s, m in zip(sd_fine_voxels, limit, strict=True)]
+
+
+def _voxels(values: Sequence[float]) -> str:
+    return " x ".join(f"{v:.1f}" for v in values)
 
 
 def _run_record(run_dir: Path, dataset: Dataset, plan: dict, name: str, options: TrainOptions, settings: dict, train_ids, val_ids, resume: bool) -> dict:

@@ -30,11 +30,33 @@ def _balanced_mse(prediction: torch.Tensor, target: torch.Tensor) -> torch.Tenso
     return mean_fg + mean_bg
 
 
+def _centroid_distance(prediction: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """Distance between the centroids of the squared positive prediction and of the target, in
+    units of the patch's longest side (0 for an empty target): mass left on a wrong structure
+    far away costs in proportion to its distance, which the pixelwise losses do not see."""
+    spatial = prediction.shape[2:]
+    axes = [torch.arange(n, device=prediction.device, dtype=prediction.dtype) / max(spatial) for n in spatial]
+    grid = torch.stack(torch.meshgrid(*axes, indexing="ij")).flatten(1)  # (D, N)
+    weight_p = prediction.clamp_min(0.0).square().flatten(2)
+    weight_t = target.flatten(2)
+    mass_t = weight_t.sum(2)
+    centroid_p = weight_p @ grid.T / weight_p.sum(2, keepdim=True).clamp_min(1e-6)
+    centroid_t = weight_t @ grid.T / mass_t.unsqueeze(2).clamp_min(1e-6)
+    return (centroid_p - centroid_t).norm(dim=2) * (mass_t > 0)
+
+
+def _balanced_mse_centroid(prediction: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """``balanced_mse`` plus the centroid distance: suppresses confident peaks on look-alike
+    structures far from the landmark."""
+    return _balanced_mse(prediction, target) + _centroid_distance(prediction, target)
+
+
 # each maps (B, K, *spatial) prediction and target to a (B, K) loss per channel
 CHANNEL_LOSSES: dict[str, Callable[[torch.Tensor, torch.Tensor], torch.Tensor]] = {
     "mse": _mse,
     "smooth_l1": _smooth_l1,
     "balanced_mse": _balanced_mse,
+    "balanced_mse_centroid": _balanced_mse_centroid,
 }
 HEATMAP_LOSSES = tuple(CHANNEL_LOSSES)
 
