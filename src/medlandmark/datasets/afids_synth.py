@@ -28,10 +28,10 @@ from medlandmark import console
 from medlandmark.datasets.converters import (
     AFIDS_LANDMARKS,
     AFIDS_SYMMETRIC_PAIRS,
-    _afids_landmarks,
-    _check_out,
-    _refuse_other_files_of_case,
-    _warn_outside,
+    check_output_dataset,
+    read_afids_landmarks,
+    refuse_other_files_of_case,
+    warn_landmarks_outside,
 )
 from medlandmark.datasets.dataset import DATASET_FILE, DatasetSpec, discover_cases, write_spec
 from medlandmark.errors import DatasetError, ImageError
@@ -189,10 +189,10 @@ def convert_afids_synth(
         raise DatasetError(f"the seed must be 0 or more, got {seed}")
     options = options or SynthOptions()
     source = load_template(template, fcsv)
-    _check_out(out, AFIDS_LANDMARKS)
+    check_output_dataset(out, AFIDS_LANDMARKS)
     ids = synth_case_ids(cases)
     for case_id in ids:
-        _refuse_other_files_of_case(out, case_id)
+        refuse_other_files_of_case(out, case_id)
     (out / DATASET_FILE).unlink(missing_ok=True)  # a folder without it shows an unfinished run
     for index, case_id in enumerate(console.progress(ids, description=f"warping {template.name}")):
         case = synth_case(source, draw_case(case_rng(seed, index), options), options)
@@ -236,8 +236,8 @@ def load_template(image: Path, fcsv: Path) -> Template:
             f"the template must be a 3D single-channel image, got {data.geometry.ndim}D with "
             f"{data.channels} channels", image,
         )  # fmt: skip
-    landmarks = _afids_landmarks(Path(fcsv))
-    _warn_outside(landmarks, data.geometry, Path(fcsv))
+    landmarks = read_afids_landmarks(Path(fcsv))
+    warn_landmarks_outside(landmarks, data.geometry, Path(fcsv))
     return make_template(data.array[0], data.geometry, landmarks)
 
 

@@ -88,7 +88,7 @@ def convert_isbi2015(src: Path, out: Path, annotator: str = "mean") -> Path:
         raise DatasetError(f"unknown annotator '{annotator}' (use mean, senior or junior)")
     splits = _isbi_images_by_split(src)
     annotation_dirs = _isbi_annotation_dirs(src, annotator)
-    _check_out(out, ISBI_LANDMARKS)
+    check_output_dataset(out, ISBI_LANDMARKS)
     images = [image for split_images in splits.values() for image in split_images]
     cases = [
         _isbi_case(image, annotation_dirs)
@@ -177,7 +177,7 @@ def _isbi_case(image: Path, annotation_dirs: Sequence[Path]) -> _ConvertedCase:
         sets.append(read_landmarks(path, geometry=geometry, names=ISBI_LANDMARKS))
     points_mm = np.mean([s.points_mm for s in sets], axis=0)
     landmarks = LandmarkSet(ISBI_LANDMARKS, points_mm)
-    _warn_outside(landmarks, geometry, image)
+    warn_landmarks_outside(landmarks, geometry, image)
     return _ConvertedCase(case_id, image, landmarks, geometry)
 
 
@@ -195,7 +195,7 @@ def convert_hand_xray(src: Path, out: Path) -> Path:
         )
     table = read_landmark_table(table_path, ndim=2)
     _check_hand_pairs(images, table, table_path)
-    _check_out(out, HAND_LANDMARKS)
+    check_output_dataset(out, HAND_LANDMARKS)
     cases = [
         _hand_case(case_id, images[case_id], table[case_id])
         for case_id in console.progress(sorted(images), description="reading hand X-rays")
@@ -261,7 +261,7 @@ def _hand_case(case_id: str, image: Path, points_px: np.ndarray) -> _ConvertedCa
     if geometry.ndim != 2:
         raise ImageError(f"expected a 2D radiograph, got a {geometry.ndim}D image", image)
     landmarks = LandmarkSet(HAND_LANDMARKS, itk_index_to_world(points_px, geometry))
-    _warn_outside(landmarks, geometry, image)
+    warn_landmarks_outside(landmarks, geometry, image)
     return _ConvertedCase(case_id, image, landmarks, geometry)
 
 
@@ -285,10 +285,10 @@ def convert_afids(image: Path, fcsv: Path, out: Path, case_id: str | None = None
             f"AFIDs need a 3D single-channel image, got {info.geometry.ndim}D with "
             f"{info.channels} channels", image,
         )  # fmt: skip
-    landmarks = _afids_landmarks(fcsv)
-    _warn_outside(landmarks, info.geometry, fcsv)
+    landmarks = read_afids_landmarks(fcsv)
+    warn_landmarks_outside(landmarks, info.geometry, fcsv)
     spec = _afids_spec(out)
-    _refuse_other_files_of_case(out, case_id)
+    refuse_other_files_of_case(out, case_id)
     image_out = out / "images" / f"{case_id}.nii.gz"
     if full_suffix(image) == ".nii.gz":
         _place_file(image, image_out)
@@ -302,7 +302,7 @@ def convert_afids(image: Path, fcsv: Path, out: Path, case_id: str | None = None
     return out
 
 
-def _afids_landmarks(path: Path) -> LandmarkSet:
+def read_afids_landmarks(path: Path) -> LandmarkSet:
     """The file's points named by their order (the AFIDs protocol numbers them 1..32)."""
     points = read_landmarks(path, ndim=3)
     if len(points.names) != len(AFIDS_LANDMARKS):
@@ -342,7 +342,7 @@ def _afids_spec(out: Path) -> DatasetSpec:
     )
 
 
-def _refuse_other_files_of_case(out: Path, case_id: str) -> None:
+def refuse_other_files_of_case(out: Path, case_id: str) -> None:
     """A case already stored under another suffix would give the dataset a duplicate id."""
     for folder, kept in (("images", ".nii.gz"), ("landmarks", ".mrk.json")):
         if not (out / folder).is_dir():
@@ -362,7 +362,7 @@ def _refuse_other_files_of_case(out: Path, case_id: str) -> None:
 # --- shared steps --------------------------------------------------------------------------------
 
 
-def _check_out(out: Path, landmark_names: Sequence[str]) -> None:
+def check_output_dataset(out: Path, landmark_names: Sequence[str]) -> None:
     """``out`` must be new, empty, or a dataset of the same landmarks (which is then replaced)."""
     if (out / DATASET_FILE).is_file():
         spec = load_spec(out)
@@ -427,7 +427,8 @@ def _place_file(src: Path, dst: Path) -> None:
             shutil.copyfile(src, tmp)
 
 
-def _warn_outside(landmarks: LandmarkSet, geometry: Geometry, path: Path) -> None:
+def warn_landmarks_outside(landmarks: LandmarkSet, geometry: Geometry, path: Path) -> None:
+    """Warn, naming ``path``, about present landmarks that lie outside the image."""
     inside = geometry.contains_world(landmarks.points_mm)
     outside = [
         n for n, i, p in zip(landmarks.names, inside, landmarks.present, strict=True) if p and not i
