@@ -37,16 +37,17 @@ def _blob_volume(geometry: Geometry, point_mm: np.ndarray) -> np.ndarray:
     return 1000 * np.exp(-np.sum((world - point_mm) ** 2, axis=1) / (2 * BLOB_SIGMA_MM**2)).reshape(geometry.shape)
 
 
-def _blob_model(tmp_path: Path, gpu_memory_gb: float, shape=(90, 80, 30), spacing=(1.0, 1.1, 3.5)) -> tuple[Path, Path, np.ndarray]:
+def _blob_model(tmp_path: Path, gpu_memory_gb: float, shape=(30, 80, 90), spacing=(3.5, 1.1, 1.0)) -> tuple[Path, Path, np.ndarray]:
     """A one-landmark 3D dataset of oblique, anisotropic blob volumes (MR: a CT clip would
-    flatten the blob), planned (thick axis transposed first), and a model
+    flatten the blob) whose thick first array axis runs near world x, planned (reoriented, which
+    makes it the last axis, then transposed first again), and a model
     folder of runs (one per configuration) whose network is the identity."""
     dataset = tmp_path / "ds"
     direction = Rotation.from_euler("xyz", [0.3, -0.2, 0.25]).as_matrix()
     geometry = Geometry(spacing, (-30.0, 12.0, 5.0), tuple(map(tuple, direction)), shape)
     points = []
     for case in range(3):
-        point = index_to_world(np.array([20.0 + 9 * case, 50.0 - 4 * case, 12.3 + case]), geometry)
+        point = index_to_world(np.array([12.3 + case, 50.0 - 4 * case, 20.0 + 9 * case]), geometry)
         write_image(dataset / "images" / f"c{case}.nii.gz", _blob_volume(geometry, point).astype(np.float32), geometry)
         write_landmarks(dataset / "landmarks" / f"c{case}.json", LandmarkSet(["tip"], point[None]))
         points.append(point)
@@ -74,7 +75,8 @@ def test_single_stage_prediction_is_exact_in_world_mm(tmp_path: Path) -> None:
     dataset, models, points = _blob_model(tmp_path, gpu_memory_gb=24.0)
     runs = sorted(p for p in models.iterdir())
     assert len(runs) == 1  # the whole volume fits one patch: no cascade
-    assert json.loads((runs[0] / "run.json").read_text())["plan"]["transpose_forward"] == [2, 0, 1]
+    plan = json.loads((runs[0] / "run.json").read_text())["plan"]
+    assert plan["reorient"] and plan["transpose_forward"] == [2, 0, 1]  # both moves on the way in and back
     predictor = Predictor.from_run(runs[0], network_factory=_identity_factory)
     for case, point in enumerate(points):
         prediction = predictor.predict(dataset / "images" / f"c{case}.nii.gz")
