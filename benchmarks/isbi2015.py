@@ -26,13 +26,13 @@ from medlandmark.datasets.dataset import Dataset
 
 BUDGETS = {
     # 2 CPU cores: a narrow U-Net (width 16) planned at 0.4 mm instead of the 0.1 mm pixels, for
-    # 0.9 GB: coarse stage 128x96 at 2 mm (the whole image), fine stage 64x64 patches at 0.4 mm.
-    # Planned at 0.1 mm the coarse stage (192x160 at 1.25 mm) learned 3x slower per second and
-    # the 6.4 mm fine patches could not hold its error; lr 3e-3 learned faster than 1e-3 (RESULTS.md)
+    # 0.9 GB: coarse stage 128x96 at 2 mm (the whole image), fine stage 64x64 patches at 0.4 mm
+    # (at 0.1 mm the fine patches span 6.4 mm, less than the coarse error); lr 3e-3 and the
+    # centroid loss, which removes the coarse stage's far-off peaks (RESULTS.md)
     "cpu": Budget(
         minutes=45, gpu_memory_gb=0.9, base_features=16, target_spacing_mm=0.4,
         shares={"coarse": 0.5, "fine": 0.5, "full": 1.0}, batch_size={"coarse": 8, "fine": 16},
-        learning_rate={"unet": 3e-3},
+        learning_rate={"unet": 3e-3}, loss="balanced_mse_centroid",
     ),
     # one large GPU: the cascade planned for 8 GB (coarse 1472x1216 at 0.163 mm, fine 960x768
     # patches at 0.1 mm) with larger batches; --gpu-memory 16 or more plans one full-size stage

@@ -65,11 +65,12 @@ class Budget:
     minutes: float  # training wall clock, probes and every stage included
     gpu_memory_gb: float  # the plan's budget: patch and batch sizes
     base_features: int  # the U-Net's first-stage width
-    target_spacing_mm: float | None = None  # instead of the planned (median) spacing
     shares: dict[str, float]  # share of the budget per stage kind ("coarse", "fine", "full")
+    target_spacing_mm: float | None = None  # instead of the planned (median) spacing
     batch_size: dict[str, int] = field(default_factory=dict)  # per stage kind; absent: the plan's
     learning_rate: dict[str, float] = field(default_factory=dict)  # per arch; absent: the plan's
     loss: str | None = None  # heatmap loss; None: the plan's
+    missing_target: dict[str, str] = field(default_factory=dict)  # per stage kind; absent: the plan's
 
 
 @dataclass(frozen=True)
@@ -244,7 +245,8 @@ def stage_options(plan: dict, name: str, budget: Budget, arch: str, seed: int, d
     kind = plan["configurations"][name]["stage"]
     return TrainOptions(
         configuration=name, arch=arch, fold=FOLD_BY_STAGE[kind], batch_size=budget.batch_size.get(kind),
-        learning_rate=budget.learning_rate.get(arch), loss=budget.loss, device=device, seed=seed, preprocessed=preprocessed,
+        learning_rate=budget.learning_rate.get(arch), loss=budget.loss, missing_target=budget.missing_target.get(kind),
+        device=device, seed=seed, preprocessed=preprocessed,
         coarse_run=coarse_run if kind == "fine" else None,
     )  # fmt: skip
 
