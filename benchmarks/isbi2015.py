@@ -9,7 +9,7 @@ go to WORK/<run>/results.json (paste them into benchmarks/RESULTS.md).
 
 Options: --source (default ../shared/data/isbi2015), --work (default benchmarks/work/isbi2015,
 reused when run again: an interrupted benchmark resumes), --arch unet|hyatt, --minutes,
---gpu-memory / --base-features (plan budget overrides), --device, --seed,
+--gpu-memory / --base-features / --target-spacing (plan overrides), --device, --seed,
 --threads (PyTorch CPU threads: 1 on a machine busy with other jobs).
 """
 
