@@ -16,11 +16,10 @@ reused when run again: an interrupted benchmark resumes), --arch unet|h3de, --mi
 
 from __future__ import annotations
 
-import shlex
-import sys
 from pathlib import Path
 
-from recipes import SHARED_DATA, Benchmark, Budget, Target, argument_parser, run_benchmark
+import recipes
+from recipes import SHARED_DATA, Benchmark, Budget, Target
 
 from medlandmark.datasets.afids_synth import SynthOptions, convert_afids_synth
 from medlandmark.datasets.dataset import Dataset
@@ -72,8 +71,7 @@ AFIDS3D = Benchmark(
 
 
 def main(argv: list[str] | None = None) -> dict:
-    args = argument_parser(AFIDS3D, __doc__).parse_args(argv)
-    return run_benchmark(AFIDS3D, args, shlex.join(sys.orig_argv if argv is None else ["afids3d.py", *argv]))
+    return recipes.main(AFIDS3D, __doc__, argv)
 
 
 if __name__ == "__main__":

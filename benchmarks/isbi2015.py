@@ -15,11 +15,10 @@ reused when run again: an interrupted benchmark resumes), --arch unet|hyatt, --m
 
 from __future__ import annotations
 
-import shlex
-import sys
 from pathlib import Path
 
-from recipes import SHARED_DATA, Benchmark, Budget, Target, argument_parser, run_benchmark
+import recipes
+from recipes import SHARED_DATA, Benchmark, Budget, Target
 
 from medlandmark.datasets.converters import ISBI_SPLIT_FOLDERS, convert_isbi2015
 from medlandmark.datasets.dataset import Dataset
@@ -66,8 +65,7 @@ ISBI2015 = Benchmark(
 
 
 def main(argv: list[str] | None = None) -> dict:
-    args = argument_parser(ISBI2015, __doc__).parse_args(argv)
-    return run_benchmark(ISBI2015, args, shlex.join(sys.orig_argv if argv is None else ["isbi2015.py", *argv]))
+    return recipes.main(ISBI2015, __doc__, argv)
 
 
 if __name__ == "__main__":

@@ -21,7 +21,9 @@ import json
 import math
 import os
 import platform
+import shlex
 import shutil
+import sys
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, replace
@@ -119,6 +121,14 @@ def argument_parser(benchmark: Benchmark, doc: str) -> argparse.ArgumentParser:
     parser.add_argument("--threads", type=int, default=None, help="PyTorch CPU threads (default: one per core); 1 on a machine busy with other jobs")
     parser.add_argument("--seed", type=int, default=0, help="training seed")
     return parser
+
+
+def main(benchmark: Benchmark, doc: str, argv: list[str] | None = None) -> dict:
+    """Parse a recipe's command line (``sys.argv`` when ``argv`` is None) and run it; the command
+    recorded in ``results.json`` is the one typed, or ``<name>.py ARGV``."""
+    args = argument_parser(benchmark, doc).parse_args(argv)
+    command = shlex.join(sys.orig_argv if argv is None else [f"{benchmark.name}.py", *argv])
+    return run_benchmark(benchmark, args, command)
 
 
 def chosen_budget(benchmark: Benchmark, args: argparse.Namespace) -> Budget:
