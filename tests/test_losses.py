@@ -63,3 +63,13 @@ def test_centroid_term_charges_a_far_look_alike_by_its_distance_and_ignores_empt
     empty_target = torch.zeros_like(target)  # a missing landmark trained toward "nothing here"
     assert heatmap_loss(target, empty_target, present, "balanced_mse_centroid", "zero") == pytest.approx(
         float(heatmap_loss(target, empty_target, present, "balanced_mse", "zero")))
+
+
+def test_train_offers_exactly_the_registered_losses():
+    """cli.py lists the loss names itself (importing the losses would import torch at start-up)."""
+    from medlandmark.cli import build_parser
+    from medlandmark.training.losses import HEATMAP_LOSSES
+
+    verbs = next(a for a in build_parser()._actions if a.dest == "verb").choices
+    loss = next(a for a in verbs["train"]._actions if a.dest == "loss")
+    assert tuple(loss.choices) == HEATMAP_LOSSES
