@@ -11,7 +11,8 @@ allowed) by an HTML comment that says what this test does with it:
     <!-- docs-test: parse-only REASON -->
         Do not run, only parse: `medlandmark ...` with medlandmark.cli.build_parser; `torchrun ...`
         with torchrun's own parser, then what it runs (`-m medlandmark`) with build_parser;
-        `make TARGET` by finding TARGET in the Makefile. REASON (why it cannot run) is required.
+        `make TARGET` by finding TARGET in the Makefile; `python benchmarks/RECIPE.py ...` with the
+        recipe's own parser. REASON (why it cannot run) is required.
 
 Other blocks may carry a marker too:
 
@@ -36,6 +37,7 @@ checked even where ../shared/data/isbi2015 is absent.
 from __future__ import annotations
 
 import argparse
+import importlib
 import json
 import math
 import os
@@ -233,12 +235,30 @@ def parse_check(statement: str, where: str) -> None:
         elif argv[0] == "make":
             missing = set(argv[1:]) - makefile_targets()
             assert not missing, f"{where}: no Makefile target {sorted(missing)}"
+        elif Path(argv[0]).name.startswith("python") and len(argv) > 1 and argv[1].startswith("benchmarks/"):
+            recipe_parser(argv[1], where).parse_args(argv[2:])
         else:
             pytest.fail(
-                f"{where}: cannot parse-check '{statement}' (only medlandmark, torchrun, make)"
+                f"{where}: cannot parse-check '{statement}' (only medlandmark, torchrun, make, "
+                "python benchmarks/RECIPE.py)"
             )
     except SystemExit as error:
         pytest.fail(f"{where}: '{statement}' does not parse (exit {error.code})")
+
+
+def recipe_parser(script: str, where: str) -> argparse.ArgumentParser:
+    """The command-line parser of a benchmark recipe (``benchmarks/NAME.py``)."""
+    path = REPO / script
+    assert path.is_file(), f"{where}: no {script}"
+    sys.path.insert(0, str(path.parent))
+    try:
+        module = importlib.import_module(path.stem)
+        recipes = importlib.import_module("recipes")
+    finally:
+        sys.path.remove(str(path.parent))
+    benchmark = next((v for v in vars(module).values() if isinstance(v, recipes.Benchmark)), None)
+    assert benchmark is not None, f"{where}: {script} is not a benchmark recipe"
+    return recipes.argument_parser(benchmark, module.__doc__)
 
 
 # --- running ------------------------------------------------------------------------------------
