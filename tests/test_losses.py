@@ -73,3 +73,24 @@ def test_train_offers_exactly_the_registered_losses():
     verbs = next(a for a in build_parser()._actions if a.dest == "verb").choices
     loss = next(a for a in verbs["train"]._actions if a.dest == "loss")
     assert tuple(loss.choices) == HEATMAP_LOSSES
+
+
+def test_a_peak_where_nothing_is_costs_as_much_as_no_peak_where_a_landmark_is():
+    """balanced_mse with an empty target (missing_target="zero"): the brightest voxels, as many
+    as a landmark's neighbourhood, are that channel's foreground."""
+    target, present = _sparse_target()
+    empty = torch.zeros_like(target)
+    second_missing = torch.stack([target[:, 0], empty[:, 1]], dim=1)
+    # a confident peak for the missing second landmark; before, its error was averaged over the
+    # whole map and nearly free (~0.0003)
+    false_cost = float(heatmap_loss(target, second_missing, present, "balanced_mse", "zero"))
+    miss_cost = float(heatmap_loss(second_missing, target, present, "balanced_mse", "zero"))  # no peak for a present one
+    assert false_cost > 0.1
+    assert false_cost == pytest.approx(miss_cost, rel=0.05)
+    assert float(heatmap_loss(second_missing, second_missing, present, "balanced_mse", "zero")) == 0.0
+    # masked (the default), the missing channel is ignored whatever it shows
+    assert float(heatmap_loss(target, second_missing, torch.tensor([[True, False]]), "balanced_mse")) == 0.0
+    # with every target empty (a patch with no landmark), the single brightest voxel counts
+    peak = empty.clone()
+    peak[0, :, 10, 10] = 1.0
+    assert float(heatmap_loss(peak, empty, present, "balanced_mse", "zero")) == pytest.approx(1.0 + 1.0 / (192 * 160), rel=1e-4)

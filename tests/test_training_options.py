@@ -63,3 +63,36 @@ def test_schedules_warm_up_then_decay() -> None:
         learning_rate_factor(20, 100, 10, "step")
     with pytest.raises(ValueError, match="unknown optimizer"):
         build_optimizer(torch.nn.Linear(2, 2), "lion", 1e-3, 0.0, 0.9)
+
+
+def test_augment_settings_from_the_command_line_reach_the_run(tiny: Path, tmp_path: Path) -> None:
+    from medlandmark.cli import main
+
+    code = main([
+        "train", str(tiny), "-o", str(tmp_path / "run"), "--fold", "all", "--epochs", "1", "--iterations", "2",
+        "--missing-target", "zero", "--augment", "p_field_of_view_cut=0.5", "--augment", "scale=[0.8,1.2]",
+    ])  # fmt: skip
+    assert code == 0
+    record = json.loads((tmp_path / "run" / "run.json").read_text())
+    assert record["options"]["augment"] == {"p_field_of_view_cut": 0.5, "scale": [0.8, 1.2]}
+
+
+@pytest.mark.parametrize(
+    ("setting", "message"),
+    [("p_field_of_view_cut=2", "p_field_of_view_cut: Input should be less than or equal to 1"),
+     ("p_wobble=0.1", "p_wobble: Extra inputs are not permitted")],
+)  # fmt: skip
+def test_a_bad_augment_setting_is_refused_before_training(tiny: Path, tmp_path: Path, setting: str, message: str, capsys) -> None:
+    from medlandmark.cli import main
+
+    assert main(["train", str(tiny), "-o", str(tmp_path / "run"), "--fold", "all", "--augment", setting]) != 0
+    assert f"bad augmentation setting: {message}" in capsys.readouterr().err
+    assert not (tmp_path / "run").exists()
+
+
+def test_an_augment_option_needs_a_name_and_a_value(capsys) -> None:
+    from medlandmark.cli import main
+
+    with pytest.raises(SystemExit):
+        main(["train", "ds", "-o", "run", "--augment", "p_rotation"])
+    assert "expected NAME=VALUE" in capsys.readouterr().err

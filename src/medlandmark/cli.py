@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import json
 import math
 import sys
 import traceback
@@ -42,6 +43,17 @@ def _positive(text: str) -> float:
     if not 0 < value < math.inf:  # NaN fails too
         raise argparse.ArgumentTypeError(f"must be a positive finite number, got {text}")
     return value
+
+
+def _setting(text: str) -> tuple[str, object]:
+    """``NAME=VALUE`` with the value read as JSON (a number, a list...) or else kept as text."""
+    name, equals, value = text.partition("=")
+    if not equals or not name.strip():
+        raise argparse.ArgumentTypeError(f"expected NAME=VALUE, got {text!r}")
+    try:
+        return name.strip(), json.loads(value)
+    except json.JSONDecodeError:
+        return name.strip(), value
 
 
 def _dataset_arguments(verb: argparse.ArgumentParser, dataset_help: str, preprocessed_help: str) -> None:
@@ -192,6 +204,11 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--ema", type=float, default=None, metavar="DECAY", help="keep a weight moving average")
     train.add_argument("--missing-target", choices=["mask", "zero"], default=None)
     train.add_argument(
+        "--augment", type=_setting, action="append", default=[], metavar="NAME=VALUE",
+        help="change an augmentation setting (repeatable), e.g. p_field_of_view_cut=0.3 or scale=[0.8,1.2]; "
+        "the names are AugmentConfig's (docs/training.md)",
+    )
+    train.add_argument(
         "--loss", choices=["mse", "smooth_l1", "balanced_mse", "balanced_mse_centroid"], default=None,
         help="heatmap loss (default: the plan's, balanced_mse, which weighs each landmark's neighbourhood "
         "as much as the background and leaves the empty-map plateau far sooner than mse on large images)",
@@ -314,7 +331,7 @@ def run(args: argparse.Namespace) -> int:
             iterations_per_epoch=args.iterations, batch_size=args.batch_size, learning_rate=args.lr,
             validate_every=args.validate_every, max_steps=args.max_steps, device=args.device,
             seed=args.seed, deterministic=args.deterministic, amp=args.amp, ema_decay=args.ema,
-            missing_target=args.missing_target, loss=args.loss,
+            missing_target=args.missing_target, loss=args.loss, augment=dict(args.augment),
             preprocessed=None if args.preprocessed is None else str(args.preprocessed),
             coarse_run=None if args.coarse_run is None else str(args.coarse_run),
         )  # fmt: skip

@@ -11,7 +11,9 @@ returns patches ``(B, C, *patch_size)`` and the landmarks' coordinates in them:
    follow the same map (affine inverted analytically, elastic by fixed-point iteration to
    < 0.05 voxel); one pushed out of the patch becomes missing for that sample; a mirroring
    swaps the landmarks of each symmetric pair;
-2. random intensity transforms (:mod:`medlandmark.augment.intensity`), which move nothing.
+2. random intensity transforms (:mod:`medlandmark.augment.intensity`), which move nothing;
+3. a field-of-view cut (:mod:`medlandmark.augment.field_of_view`, off by default): one side of a
+   plane among the landmarks blanked to 0, its landmarks missing, as where a scan ends early.
 
 All randomness comes from ``generator`` (a ``torch.Generator``; best on the batch's device, a CPU
 one also drives CUDA batches, more slowly), so a seed reproduces a batch exactly.
@@ -27,6 +29,7 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 from torch import Tensor
 
+from medlandmark.augment.field_of_view import random_field_of_view_cut
 from medlandmark.augment.intensity import augment_intensity
 from medlandmark.augment.spatial import (
     MAX_INVERSE_RESIDUAL_VOXELS,
@@ -43,6 +46,7 @@ __all__ = [
     "augment_batch",
     "augment_intensity",
     "left_right_axis",
+    "random_field_of_view_cut",
     "random_spatial_transform",
     "symmetric_pair_indices",
 ]
@@ -54,7 +58,9 @@ class AugmentConfig(BaseModel):
     Defaults follow nnU-Net where it has a counterpart (rotation, zoom 0.7-1.4, noise, blur,
     brightness, contrast, gamma, mirroring p=0.5). Elastic deformation is off by default, as in
     nnU-Net v2: it costs little here, but bends the anatomy the landmarks are defined on; switch
-    it on with ``p_elastic``. Translation is off by default because the patch sampler already
+    it on with ``p_elastic``. Field-of-view cuts (``p_field_of_view_cut``) are off by default:
+    they teach a network trained with ``missing_target="zero"`` that nothing lies past an
+    image's edge. Translation is off by default because the patch sampler already
     chooses a random crop position. ``scale`` > 1 enlarges the anatomy in the patch. Padding
     (``zeros``: 0 is the mean of z-scored intensities; or ``border``, ``reflection``) fills only
     what the transform brings in from outside the crop.
@@ -95,6 +101,9 @@ class AugmentConfig(BaseModel):
     contrast: tuple[float, float] = (0.75, 1.25)
     p_gamma: float = Field(0.3, ge=0.0, le=1.0)
     gamma: tuple[float, float] = (0.7, 1.5)
+    p_field_of_view_cut: float = Field(
+        0.0, ge=0.0, le=1.0, description="blank one side of a plane among the landmarks (missing)"
+    )
 
     @model_validator(mode="after")
     def _check_ranges(self) -> AugmentConfig:
@@ -170,7 +179,10 @@ def augment_batch(
     if points is not None:
         moved, _ = transform.points_to_output(points.to(images.device))
         moved = swap_pairs(moved, pairs, transform.mirrored)
-    return augment_intensity(patches, config, generator), moved
+    patches = augment_intensity(patches, config, generator)
+    if moved is not None:
+        patches, moved = random_field_of_view_cut(patches, moved, config.p_field_of_view_cut, generator)
+    return patches, moved
 
 
 def _check_shapes(images: Tensor, points: Tensor | None, patch_size: tuple[int, ...]) -> None:

@@ -22,6 +22,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from pydantic import ValidationError
 from torch import nn
 
 from medlandmark.augment import (
@@ -102,6 +103,7 @@ def _train(dataset_root: str | Path, run_dir: str | Path, options: TrainOptions,
         plans_path = preprocessed_folder(dataset_root, options.preprocessed) / "plans.json"
         raise TrainingError(f"no configuration '{name}' in the plan (it has {', '.join(plan['configurations'])})", plans_path)
     config, settings = plan["configurations"][name], _settings(plan, options)
+    augment = _augment_config(options.augment)
     train_ids, val_ids = fold_case_ids(dataset, options.fold, settings["folds"], options.seed)
     folder = cache_folder(preprocessed_folder(dataset_root, options.preprocessed), config)
     train_cases = [load_cached_case(folder, c) for c in train_ids]
@@ -128,7 +130,6 @@ def _train(dataset_root: str | Path, run_dir: str | Path, options: TrainOptions,
         _fine_offset_sd(config, plan, options.coarse_run) if config["stage"] == "fine" else None,
         options.seed, context.rank,
     )  # fmt: skip
-    augment = AugmentConfig(**options.augment)
     pairs = symmetric_pair_indices(dataset.spec.landmarks, dataset.spec.symmetric_pairs)
     mirror_axis = left_right_axis(train_cases[0].geometry)
     per_rank_batch = max(1, settings["batch_size"] // context.world_size)
@@ -274,6 +275,15 @@ def _settings(plan: dict, options: TrainOptions) -> dict:
     if settings["loss"] not in HEATMAP_LOSSES:
         raise TrainingError(f"unknown loss '{settings['loss']}' (use {', '.join(HEATMAP_LOSSES)})")
     return settings
+
+
+def _augment_config(overrides: dict) -> AugmentConfig:
+    """The augmentation with ``overrides`` (names of :class:`AugmentConfig`), or a TrainingError."""
+    try:
+        return AugmentConfig(**overrides)
+    except ValidationError as error:
+        problems = "; ".join(f"{'.'.join(str(p) for p in e['loc']) or 'augment'}: {e['msg']}" for e in error.errors())
+        raise TrainingError(f"bad augmentation setting: {problems}") from None
 
 
 def _device(name: str) -> torch.device:

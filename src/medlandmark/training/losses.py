@@ -21,13 +21,27 @@ def _smooth_l1(prediction: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
 def _balanced_mse(prediction: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     """Squared error averaged over the foreground and the background of each channel
     separately, then summed: a Gaussian covering 0.5 % of a patch weighs as much as the rest,
-    so the network cannot settle on an empty map."""
+    so the network cannot settle on an empty map. An empty target's foreground is its
+    brightest prediction, as many voxels as a landmark's neighbourhood: a peak where nothing
+    is costs as much as no peak where a landmark is."""
     error = (prediction - target).square().flatten(2)
     foreground = (target > FOREGROUND_LEVEL).flatten(2).float()
     background = 1.0 - foreground
-    mean_fg = (error * foreground).sum(2) / foreground.sum(2).clamp_min(1.0)
+    counts = foreground.sum(2)
+    mean_fg = (error * foreground).sum(2) / counts.clamp_min(1.0)
     mean_bg = (error * background).sum(2) / background.sum(2).clamp_min(1.0)
+    empty = counts == 0
+    if bool(empty.any()):
+        mean_fg = torch.where(empty, _brightest_mean(error, counts), mean_fg)
     return mean_fg + mean_bg
+
+
+def _brightest_mean(error: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
+    """Mean of each channel's largest errors ``(B, K)``, over as many voxels as the median
+    non-empty neighbourhood in ``counts`` (one voxel when every target is empty)."""
+    sizes = counts[counts > 0]
+    voxels = int(sizes.median().item()) if sizes.numel() else 1
+    return error.topk(min(max(voxels, 1), error.shape[2]), dim=2).values.mean(2)
 
 
 def _centroid_distance(prediction: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
