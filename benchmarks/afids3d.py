@@ -29,14 +29,6 @@ FCSV = "tpl-MNI152NLin2009cAsym_res-01_desc-groundtruth_afids.fcsv"
 CASES, DATA_SEED = 60, 0
 SYNTH_OPTIONS = SynthOptions()
 
-# the stage that decides presence (coarse, or a single full one) is trained toward empty maps for
-# landmarks outside the image, and sees field-of-view cuts in 3 patches of 10, so that it can
-# say "missing" where a scan ends early (RESULTS.md)
-SAYS_MISSING = dict(
-    missing_target={"coarse": "zero", "full": "zero"},
-    augment={"coarse": {"p_field_of_view_cut": 0.3}, "full": {"p_field_of_view_cut": 0.3}},
-)
-
 BUDGETS = {
     # 2 CPU cores: planned at 1.5 mm instead of the 1 x 1.2 x 1 mm median, for 0.9 GB: a coarse
     # stage of 40^3 at 5.7 mm (the whole head), then 32^3 patches (48 mm) at 1.5 mm; lr 3e-3, the
@@ -44,13 +36,13 @@ BUDGETS = {
     "cpu": Budget(
         minutes=45, gpu_memory_gb=0.9, base_features=16, target_spacing_mm=1.5,
         shares={"coarse": 0.5, "fine": 0.5, "full": 1.0}, batch_size={"coarse": 4, "fine": 8},
-        learning_rate={"unet": 3e-3}, loss="balanced_mse_centroid", **SAYS_MISSING,
+        learning_rate={"unet": 3e-3}, loss="balanced_mse_centroid",
     ),
     # one large GPU: the cascade planned for 8 GB (coarse 128^3 at about 1.7 mm, fine 80^3 patches
     # at the 1 mm data spacing) with larger batches; --gpu-memory 16 or more plans one 3d_fullres stage
     "gpu": Budget(
         minutes=20, gpu_memory_gb=8.0, base_features=32, shares={"coarse": 0.4, "fine": 0.6, "full": 1.0},
-        batch_size={"coarse": 4, "fine": 8}, **SAYS_MISSING,
+        batch_size={"coarse": 4, "fine": 8},
     ),
 }  # fmt: skip
 TARGETS = {

@@ -219,3 +219,32 @@ def test_overlay_option_writes_a_png_per_case(trained, tmp_path: Path) -> None:
     rows = predict_files(run, [dataset / "images" / "case004.png"], tmp_path / "out", overlay=True)
     assert rows[0]["status"] == "ok"
     assert (tmp_path / "out" / "overlays" / "case004.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+class _CutsEverything:
+    """A shape model stand-in that calls every landmark cut off and records what it was given."""
+
+    def __init__(self) -> None:
+        self.calls: list[tuple] = []
+
+    def cut_off(self, points_mm: np.ndarray, usable: np.ndarray, geometry: Geometry) -> np.ndarray:
+        self.calls.append((points_mm.copy(), usable.copy(), geometry))
+        return np.ones(len(points_mm), dtype=bool)
+
+
+def test_the_shape_check_reports_cut_off_landmarks_missing_in_the_image_geometry(tmp_path: Path) -> None:
+    dataset, models, points = _blob_model(tmp_path, gpu_memory_gb=24.0)
+    run = next(models.iterdir())
+    image = read_image(dataset / "images" / "c0.nii.gz")
+    shape = _CutsEverything()
+    predictor = Predictor.from_run(run, network_factory=_identity_factory)
+    assert predictor.stages[0].shape_model is None  # a run.json without one (older runs)
+    predictor.stages[0].shape_model = shape
+    prediction = predictor.predict(image)
+    assert not prediction.present[0] and np.linalg.norm(prediction.landmarks.recorded_mm[0] - points[0]) < 0.05
+    found, usable, geometry = shape.calls[0]
+    assert geometry == image.geometry and usable.tolist() == [True]  # world mm of the image as given
+    assert np.linalg.norm(found[0] - points[0]) < 0.05
+    unchecked = Predictor.from_run(run, network_factory=_identity_factory, shape_check=False)
+    unchecked.stages[0].shape_model = shape
+    assert unchecked.predict(image).present[0] and len(shape.calls) == 1

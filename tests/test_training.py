@@ -44,6 +44,8 @@ def test_training_writes_a_complete_run_and_the_loss_falls(synthetic: Path, tmp_
     saved = json.loads((run / "run.json").read_text())
     assert saved["best"]["val_mre_mm"] > 0 and 0 < saved["presence_threshold"] < 1
     assert set(saved["val_cases"]).isdisjoint(saved["train_cases"])
+    shape = saved["shape_model"]  # the training landmarks' constellation, for the shape check
+    assert len(shape["reference_mm"]) == 9 and shape["inlier_mm"] > 0 and 0 < shape["singular_values"][0] < 1 < shape["singular_values"][1]
 
 
 def test_resume_after_a_stop_equals_an_uninterrupted_run(synthetic: Path, tmp_path: Path) -> None:

@@ -236,6 +236,10 @@ def build_parser() -> argparse.ArgumentParser:
     predict.add_argument("--overlay", action="store_true", help="also write OUT/overlays/<case>.png")
     predict.add_argument("--spacing", type=_positive, nargs="+", default=None, metavar="MM", help="pixel spacing (x y) for PNG/JPEG/BMP/TIFF")
     predict.add_argument("--weights", choices=["best", "final"], default="best")
+    predict.add_argument(
+        "--no-shape-check", dest="shape_check", action="store_false",
+        help="keep landmarks that the training constellation, fitted to the landmarks found, places outside the image",
+    )
     predict.add_argument("--onnx", nargs="?", const="run", default=None, metavar="MODEL.onnx",
                          help="run with onnxruntime: this file, or each run's model.onnx when no file is given")
 
@@ -342,7 +346,7 @@ def run(args: argparse.Namespace) -> int:
 
         rows = predict_files(
             args.model_dir, args.inputs, args.out, args.format, args.device, args.tta,
-            args.overlay, args.spacing, args.weights, args.onnx,
+            args.overlay, args.spacing, args.weights, args.onnx, args.shape_check,
         )  # fmt: skip
         return EXIT_PROBLEMS if any(r["status"] == "failed" for r in rows) else 0
     if args.verb == "export":

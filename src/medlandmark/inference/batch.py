@@ -53,14 +53,16 @@ def predict_files(
     model_dir: str | Path, inputs: Sequence[str | Path], out: str | Path, output_format: str = "json",
     device: str = "auto", tta: bool = False, overlay: bool = False,
     spacing_xy_mm: Sequence[float] | None = None, weights: str = "best", onnx: str | Path | None = None,
+    shape_check: bool = True,
 ) -> list[dict]:
     """Predict every input into ``out/<case_id>.<format>`` and ``out/summary.csv``; returns the
-    summary rows (``status`` is ``ok`` or ``failed``, with the reason)."""
+    summary rows (``status`` is ``ok`` or ``failed``, with the reason). ``shape_check``: see
+    :class:`~medlandmark.inference.predictor.Predictor`."""
     if output_format not in OUTPUT_FORMATS:
         raise MedlandmarkError(f"unknown output format '{output_format}' (use {', '.join(OUTPUT_FORMATS)})")
     out = Path(out)
     cases = collect_inputs(inputs)
-    predictor = Predictor.from_run(model_dir, device=device, weights=weights, tta=tta, onnx=onnx)
+    predictor = Predictor.from_run(model_dir, device=device, weights=weights, tta=tta, onnx=onnx, shape_check=shape_check)
     spacing = spacing_xy_mm or predictor.stages[0].spacing_mm
     rows = []
     for case_id, path in progress(cases, description="predicting"):

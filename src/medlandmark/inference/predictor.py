@@ -25,6 +25,7 @@ from medlandmark.io.images import ImageData, read_image
 from medlandmark.io.landmarks import LandmarkSet
 from medlandmark.models import build_model, channels_last
 from medlandmark.preprocessing import preprocess_image
+from medlandmark.shape_model import ShapeModel
 from medlandmark.training.checkpoint import load_weights
 from medlandmark.training.run_record import RUN_FILE, read_run_record
 from medlandmark.training.sampling import crop_with_zeros
@@ -57,6 +58,7 @@ class Stage:
     presence_threshold: float
     pairs: list[tuple[int, int]]
     spacing_mm: list[float] | None
+    shape_model: ShapeModel | None = None
 
     def heatmaps(
         self, array: np.ndarray, geometry: Geometry, device: torch.device, mirror: bool, batch_size: int = 1,
@@ -101,13 +103,16 @@ class Predictor:
 
     ``windows_per_batch`` sliding windows go through a network at once (default: the plan's
     training batch size, which fits the device); out of memory halves it, then moves to the CPU.
+    ``shape_check`` reports missing the landmarks that the training constellation, fitted to the
+    landmarks found, places beyond the image's field of view (:mod:`medlandmark.shape_model`).
     """
 
     def __init__(
         self, stages: list[Stage], names: list[str], device: torch.device, tta: bool = False,
-        windows_per_batch: int | None = None,
+        windows_per_batch: int | None = None, shape_check: bool = True,
     ):  # fmt: skip
         self.stages, self.names, self.device, self.tta = stages, names, torch.device(device), tta
+        self.shape_check = shape_check
         planned = min(int(s.configuration.get("batch_size", 1)) for s in stages)
         self.windows_per_batch = max(1, windows_per_batch or planned)
 
@@ -115,6 +120,7 @@ class Predictor:
     def from_run(
         cls, model_dir: str | Path, device: str = "auto", weights: str = "best", tta: bool = False,
         network_factory: Callable[[dict, Path], Network] | None = None, onnx: str | Path | None = None,
+        shape_check: bool = True,
     ) -> Predictor:
         """Load a run folder, or a folder of runs (ensembles per configuration, a cascade when a
         coarse configuration and its fine one are both present). ``onnx`` runs the networks
@@ -133,7 +139,7 @@ class Predictor:
             _stage(runs, device, weights, network_factory)
             for runs in _stage_order(by_configuration, Path(model_dir))
         ]
-        return cls(stages, names, device, tta)
+        return cls(stages, names, device, tta, shape_check=shape_check)
 
     def predict(
         self, image: str | Path | ImageData, spacing_xy_mm: Sequence[float] | None = None, name: str | None = None,
@@ -178,6 +184,8 @@ class Predictor:
         present = peak >= first.presence_threshold
         if len(self.stages) > 1:
             points, spread_mm = self._refine(image, points, present, spread_mm)
+        if self.shape_check and first.shape_model is not None:
+            present &= ~first.shape_model.cut_off(points, present, image.geometry)
         kept = points.copy()
         points[~present] = np.nan
         landmarks = LandmarkSet(self.names, points, recorded_mm=np.where(present[:, None], np.nan, kept), confidence=peak)
@@ -263,7 +271,8 @@ def _stage(runs: list[tuple[Path, dict]], device: torch.device, weights: str, ne
         thresholds.append(record.get("presence_threshold", DEFAULT_PRESENCE_THRESHOLD))
     _, record = runs[0]
     pairs = symmetric_pair_indices(record["landmarks"], [tuple(p) for p in record.get("symmetric_pairs", [])])
+    shape = record.get("shape_model")
     return Stage(
         record["plan"]["configurations"][record["configuration"]], record["plan"], networks,
-        float(np.mean(thresholds)), pairs, record.get("spacing_mm"),
+        float(np.mean(thresholds)), pairs, record.get("spacing_mm"), None if shape is None else ShapeModel.from_dict(shape),
     )  # fmt: skip

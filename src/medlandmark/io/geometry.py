@@ -105,6 +105,15 @@ class Geometry:
         """True for each world point inside the image; NaN points are not inside."""
         return self.contains_index(world_to_index(points_mm, self))
 
+    def depth_inside_mm(self, points_mm: np.ndarray) -> np.ndarray:
+        """``(N,)`` distance in mm from each world point to the nearest face of the image's box
+        (the voxels' outer edges); outside, minus the largest overshoot past a face; NaN
+        points give NaN."""
+        index = world_to_index(points_mm, self)
+        size = np.asarray(self.shape, dtype=np.float64)
+        per_axis = np.minimum(index + 0.5, size - 0.5 - index) * np.asarray(self.spacing_mm)
+        return per_axis.min(axis=-1)
+
     def to_dict(self) -> dict:
         return {
             "spacing_mm": list(self.spacing_mm),

@@ -36,9 +36,11 @@ from medlandmark.datasets.dataset import Dataset
 from medlandmark.errors import MedlandmarkError
 from medlandmark.heatmaps import calibrate_presence_threshold, deep_supervision_targets
 from medlandmark.io.files import atomic_write_bytes, atomic_write_text, remove_partials
+from medlandmark.io.geometry import index_to_world
 from medlandmark.models import build_model, channels_last
 from medlandmark.planning import load_plan, preprocessed_folder
 from medlandmark.preprocessing import cache_folder, load_cached_case
+from medlandmark.shape_model import fit_shape_model
 from medlandmark.training import distributed
 from medlandmark.training.checkpoint import load_checkpoint, save_checkpoint, save_weights, unwrap
 from medlandmark.training.losses import HEATMAP_LOSSES, heatmap_loss
@@ -118,6 +120,8 @@ def _train(dataset_root: str | Path, run_dir: str | Path, options: TrainOptions,
     amp_dtype, scaler = _mixed_precision(options.amp, device)
     ema = _ema(model, settings["ema_decay"])
     record = _run_record(run_dir, dataset, plan, name, options, settings, train_ids, val_ids, resume)
+    if "shape_model" not in record:  # runs from before it had one get it on resumption
+        record["shape_model"] = _shape_model(train_cases)
     run_dir.mkdir(parents=True, exist_ok=True)
     _write_record(run_dir, record, context)
     step, best = 0, record.get("best", {})
@@ -275,6 +279,12 @@ def _settings(plan: dict, options: TrainOptions) -> dict:
     if settings["loss"] not in HEATMAP_LOSSES:
         raise TrainingError(f"unknown loss '{settings['loss']}' (use {', '.join(HEATMAP_LOSSES)})")
     return settings
+
+
+def _shape_model(cases) -> dict | None:
+    """The training landmarks' constellation (:mod:`medlandmark.shape_model`), for ``run.json``."""
+    model = fit_shape_model([index_to_world(c.landmarks_index, c.geometry) for c in cases])
+    return None if model is None else model.to_dict()
 
 
 def _augment_config(overrides: dict) -> AugmentConfig:
