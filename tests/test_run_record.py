@@ -24,6 +24,10 @@ def record(tmp_path_factory) -> dict:
         "arch": "unet", "configuration": plan["default_configuration"], "plan": plan,
         "landmarks": plan["landmarks"], "symmetric_pairs": [["tip_left", "tip_right"]],
         "spacing_mm": [0.5, 0.5], "presence_threshold": 0.3, "status": "finished",
+        "shape_model": {
+            "reference_mm": [[float(i), float(i % 3)] for i in range(len(plan["landmarks"]))],
+            "inlier_mm": 2.0, "singular_values": [0.8, 1.2],
+        },
     }  # fmt: skip
 
 
@@ -56,6 +60,11 @@ BROKEN = {
     "arch as a path": (lambda r: r.update(arch="../evil"), "arch"),
     "no plan": (lambda r: r.pop("plan"), "plan"),
     "transpose not a permutation": (lambda r: r["plan"].update(transpose_forward=[0, 0]), "permutation"),
+    "shape model of other landmarks": (lambda r: r["shape_model"]["reference_mm"].pop(), "shape_model does not match"),
+    "3D shape model in a 2D run": (lambda r: r["shape_model"].update(reference_mm=[[0.0, 1.0, 2.0]] * len(r["landmarks"])), "shape_model does not match"),
+    "NaN in the shape model": (lambda r: r["shape_model"]["reference_mm"][0].__setitem__(0, float("nan")), "finite"),
+    "shape model without a range": (lambda r: r["shape_model"].update(singular_values=[1.2, 0.8]), "singular_values"),
+    "shape model with a zero inlier distance": (lambda r: r["shape_model"].update(inlier_mm=0), "inlier_mm"),
 }
 
 

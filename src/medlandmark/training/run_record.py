@@ -81,6 +81,27 @@ class PlanRecord(BaseModel):
         return self
 
 
+class ShapeModelRecord(BaseModel):
+    """The training landmarks' constellation (:class:`medlandmark.shape_model.ShapeModel`)."""
+
+    model_config = ConfigDict(extra="forbid")
+    reference_mm: list[list[float] | None] = Field(min_length=1)
+    inlier_mm: float = Field(gt=0, allow_inf_nan=False)
+    singular_values: tuple[float, float]
+
+    @model_validator(mode="after")
+    def _consistent(self) -> ShapeModelRecord:
+        rows = [r for r in self.reference_mm if r is not None]
+        if not rows or len({len(r) for r in rows}) != 1 or len(rows[0]) not in (2, 3):
+            raise ValueError("reference_mm must hold 2D or 3D points (null for a landmark never seen)")
+        if not all(math.isfinite(v) for r in rows for v in r):
+            raise ValueError("reference_mm must be finite")
+        low, high = self.singular_values
+        if not (math.isfinite(low) and math.isfinite(high) and 0 < low <= high):
+            raise ValueError(f"singular_values must be 0 < low <= high, got {[low, high]}")
+        return self
+
+
 class RunRecord(BaseModel):
     """``run.json``: the network, its plan, its landmarks and the calibrated threshold."""
 
@@ -92,6 +113,7 @@ class RunRecord(BaseModel):
     symmetric_pairs: list[tuple[str, str]] = []
     spacing_mm: list[float] | None = None
     presence_threshold: float | None = Field(default=None, allow_inf_nan=False)  # a heatmap peak value
+    shape_model: ShapeModelRecord | None = None
 
     _arch = field_validator("arch")(_plain_name)
 
@@ -106,6 +128,10 @@ class RunRecord(BaseModel):
             raise ValueError(f"symmetric_pairs name unknown landmarks: {', '.join(sorted(unknown))}")
         if self.spacing_mm is not None:
             _positive_finite(self.spacing_mm)
+        if self.shape_model is not None:
+            rows = [r for r in self.shape_model.reference_mm if r is not None]
+            if len(self.shape_model.reference_mm) != len(self.landmarks) or len(rows[0]) != self.plan.spatial_dims:
+                raise ValueError("shape_model does not match the landmarks or the plan's dimensions")
         return self
 
 
