@@ -231,6 +231,9 @@ class _CutsEverything:
         self.calls.append((points_mm.copy(), usable.copy(), geometry))
         return np.ones(len(points_mm), dtype=bool)
 
+    def expected(self, points_mm: np.ndarray, usable: np.ndarray, seed: int = 0) -> None:
+        return None  # no fit: nothing to re-decode
+
 
 def test_the_shape_check_reports_cut_off_landmarks_missing_in_the_image_geometry(tmp_path: Path) -> None:
     dataset, models, points = _blob_model(tmp_path, gpu_memory_gb=24.0)
@@ -248,3 +251,53 @@ def test_the_shape_check_reports_cut_off_landmarks_missing_in_the_image_geometry
     unchecked = Predictor.from_run(run, network_factory=_identity_factory, shape_check=False)
     unchecked.stages[0].shape_model = shape
     assert unchecked.predict(image).present[0] and len(shape.calls) == 1
+
+
+class _PlacesItElsewhere:
+    """A shape model stand-in: nothing cut off, and the landmark expected ``offset_mm`` from
+    where it was found (as when the network's peak sits on a look-alike)."""
+
+    inlier_mm = 3.0
+
+    def __init__(self, offset_mm: np.ndarray) -> None:
+        self.offset_mm = offset_mm
+
+    def cut_off(self, points_mm, usable, geometry) -> np.ndarray:
+        return np.zeros(len(points_mm), dtype=bool)
+
+    def expected(self, points_mm, usable, seed: int = 0):
+        from medlandmark.shape_model import ExpectedFit
+
+        return ExpectedFit(points_mm + self.offset_mm, np.flatnonzero(usable), 0.5)
+
+
+def _guided(predictor: Predictor, offset_mm: np.ndarray) -> Predictor:
+    predictor.stages[0].shape_model = _PlacesItElsewhere(offset_mm)
+    return predictor
+
+
+def test_a_landmark_far_from_its_expected_place_takes_the_peak_there(tmp_path: Path, cascade_blobs) -> None:
+    """The blob is the only peak; expected 15 mm away, the landmark moves to the edge of the
+    allowed neighbourhood nearest the blob (single stage: on its heatmaps; cascade: in a fine
+    patch centred on the expected place)."""
+    offset = np.array([9.0, -12.0, 0.0])
+    dataset, models, points = _blob_model(tmp_path, gpu_memory_gb=24.0)
+    single = _guided(Predictor.from_run(next(models.iterdir()), network_factory=_identity_factory), offset)
+    geometry = single.stages[0].configuration["spacing_mm"]
+    radius = max(3.0, 2 * max(geometry))
+    found = single.predict(dataset / "images" / "c0.nii.gz").landmarks.points_mm[0]
+    assert np.linalg.norm(found - (points[0] + offset)) <= radius + 0.5
+    assert np.linalg.norm(found - points[0]) < 15.0 - radius + 2.0  # pulled toward the blob
+    cascade_dataset, cascade_models, cascade_points = cascade_blobs
+    names = sorted(p.name for p in cascade_models.iterdir() if p.name.endswith(("_coarse", "_fine")))
+    folder = tmp_path / "cascade"
+    for name in names:
+        (folder / name).mkdir(parents=True)
+        (folder / name / "run.json").write_text((cascade_models / name / "run.json").read_text())
+    cascade = _guided(Predictor.from_run(folder, network_factory=_identity_factory), offset)
+    fine_spacing = cascade.stages[1].configuration["spacing_mm"]
+    found = cascade.predict(cascade_dataset / "images" / "c0.nii.gz").landmarks.points_mm[0]
+    assert np.linalg.norm(found - (cascade_points[0] + offset)) <= max(3.0, 2 * max(fine_spacing)) + 0.5
+    unguided = Predictor.from_run(folder, network_factory=_identity_factory)
+    unguided.stages[0].shape_model = _PlacesItElsewhere(np.zeros(3))  # found where expected: untouched
+    assert np.linalg.norm(unguided.predict(cascade_dataset / "images" / "c0.nii.gz").landmarks.points_mm[0] - cascade_points[0]) < 0.05

@@ -109,3 +109,28 @@ def test_depth_inside_is_signed_millimetres_to_the_nearest_face():
     # array axis 0 runs along world x over [-1, 19] mm, array axis 1 along world y over [-0.5, 19.5]
     assert geometry.depth_inside_mm(points)[:4] == pytest.approx([10.0, 0.0, -2.0, -5.5])
     assert np.isnan(geometry.depth_inside_mm(points)[4])
+
+
+def test_shape_outliers_and_the_peak_near_a_place():
+    import torch
+
+    from medlandmark.heatmaps import gaussian_heatmaps
+    from medlandmark.inference.predictor import decode_near, shape_outliers
+
+    base, shapes = _training_shapes(2)
+    model = fit_shape_model(shapes)
+    found = base + 100.0
+    found[4] += [30.0, 0.0]  # on a look-alike 30 mm off
+    present = np.ones(14, bool)
+    present[7] = False
+    geometry = Geometry.identity((250, 250))
+    outliers, expected = shape_outliers(model, found, present, geometry)
+    assert outliers.tolist() == [4]
+    assert np.linalg.norm(expected[4] - (base[4] + 100.0)) < 2.0
+    # two peaks: a strong one on the look-alike and a weaker one at the landmark
+    index = np.array([found[4][::-1], (base[4] + 100.0)[::-1]])  # world (x, y) -> array (row, column)
+    strong, _ = gaussian_heatmaps(torch.tensor(index[None, :1]), (250, 250), 2.0)
+    weak, _ = gaussian_heatmaps(torch.tensor(index[None, 1:]), (250, 250), 2.0)
+    heatmap = strong[0, 0] + 0.4 * weak[0, 0]
+    point, peak, _ = decode_near(heatmap, geometry, expected[4], model.inlier_mm)
+    assert np.linalg.norm(point - (base[4] + 100.0)) < 0.2 and peak == pytest.approx(0.4, abs=0.02)

@@ -177,7 +177,8 @@ class Predictor:
         first = self.stages[0]
         array, geometry = preprocess_image(image, first.plan, first.configuration)
         mirror = self.tta and bool(first.pairs)
-        decoded = decode_heatmaps(first.heatmaps(array, geometry, self.device, mirror, self.windows_per_batch)[None])
+        heatmaps = first.heatmaps(array, geometry, self.device, mirror, self.windows_per_batch)
+        decoded = decode_heatmaps(heatmaps[None])
         points = index_to_world(decoded.points[0].double().cpu().numpy(), geometry)
         peak = decoded.peak[0].float().cpu().numpy()
         spread_mm = spread_in_mm(decoded.spread_per_axis[0], geometry)
@@ -186,14 +187,36 @@ class Predictor:
             points, spread_mm = self._refine(image, points, present, spread_mm)
         if self.shape_check and first.shape_model is not None:
             present &= ~first.shape_model.cut_off(points, present, image.geometry)
+            self._follow_the_shape(image, heatmaps, geometry, points, peak, spread_mm, present)
         kept = points.copy()
         points[~present] = np.nan
         landmarks = LandmarkSet(self.names, points, recorded_mm=np.where(present[:, None], np.nan, kept), confidence=peak)
         return Prediction(landmarks, peak, spread_mm)
 
-    def _refine(self, image: ImageData, points_mm: np.ndarray, present: np.ndarray, spread_mm: np.ndarray):
+    def _follow_the_shape(
+        self, image: ImageData, heatmaps: torch.Tensor, geometry: Geometry, points_mm: np.ndarray,
+        peak: np.ndarray, spread_mm: np.ndarray, present: np.ndarray,
+    ) -> None:  # fmt: skip
+        """In place: each present landmark found far from where the others place it (a peak on a
+        look-alike, e.g. the other side's twin) takes its heatmap's peak near that place instead:
+        the fine stage's, in a patch centred there, or the single stage's ``heatmaps``."""
+        shape_model = self.stages[0].shape_model
+        outliers, expected_mm = shape_outliers(shape_model, points_mm, present, image.geometry)
+        if not len(outliers):
+            return
+        if len(self.stages) > 1:
+            chosen = np.isin(np.arange(len(points_mm)), outliers)
+            again, again_spread = self._refine(image, expected_mm, chosen, spread_mm, guided=shape_model)
+            points_mm[outliers], spread_mm[outliers] = again[outliers], again_spread[outliers]
+            return
+        radius_mm = guided_radius_mm(shape_model, geometry)
+        for k in outliers:
+            points_mm[k], peak[k], spread_mm[k] = decode_near(heatmaps[k], geometry, expected_mm[k], radius_mm)
+
+    def _refine(self, image: ImageData, points_mm: np.ndarray, present: np.ndarray, spread_mm: np.ndarray, guided: ShapeModel | None = None):
         """The cascade's fine stage: a patch of the fine configuration centred on each coarse
-        estimate, at full resolution; the landmark's own channel refines its position."""
+        estimate, at full resolution; the landmark's own channel refines its position (when
+        ``guided``, its peak near the patch centre, within :func:`guided_radius_mm`)."""
         fine = self.stages[1]
         array, geometry = preprocess_image(image, fine.plan, fine.configuration)
         patch = np.asarray(fine.configuration["patch_size"])
@@ -205,11 +228,45 @@ class Predictor:
             mirror = self.tta and bool(fine.pairs)
             window_geometry = cropped_geometry(geometry, [int(v) for v in start], [int(v) for v in patch])
             heatmaps = fine.heatmaps(window, window_geometry, self.device, mirror, self.windows_per_batch)
+            if guided is not None:
+                radius_mm = guided_radius_mm(guided, geometry)
+                refined[k], _, refined_spread[k] = decode_near(heatmaps[k], window_geometry, points_mm[k], radius_mm)
+                continue
             decoded = decode_heatmaps(heatmaps[k : k + 1][None])
             index = decoded.points[0, 0].double().cpu().numpy() + start
             refined[k] = index_to_world(index, geometry)
             refined_spread[k] = spread_in_mm(decoded.spread_per_axis[0], geometry)[0]
         return refined, refined_spread
+
+
+def shape_outliers(shape_model: ShapeModel, points_mm: np.ndarray, present: np.ndarray, geometry: Geometry) -> tuple[np.ndarray, np.ndarray]:
+    """Present landmarks found farther than the shape model's inlier distance from where the
+    other landmarks place them, that place being inside ``geometry``; their indices and the
+    expected positions ``(K, D)`` (none when no fit is possible)."""
+    fit = shape_model.expected(points_mm, present)
+    if fit is None:
+        return np.zeros(0, dtype=int), points_mm
+    distance = np.linalg.norm(points_mm - fit.expected_mm, axis=1)
+    inside = geometry.contains_world(fit.expected_mm)
+    return np.flatnonzero(present & inside & (distance > shape_model.inlier_mm)), fit.expected_mm
+
+
+def decode_near(heatmap: torch.Tensor, geometry: Geometry, centre_mm: np.ndarray, radius_mm: float) -> tuple[np.ndarray, float, float]:
+    """The peak of one heatmap ``(*spatial)`` within ``radius_mm`` of ``centre_mm``: its world
+    position, height and spread in mm."""
+    spacing = torch.tensor(geometry.spacing_mm, dtype=torch.float32, device=heatmap.device)
+    grid = torch.stack(torch.meshgrid(*[torch.arange(n, device=heatmap.device) for n in geometry.shape], indexing="ij"), dim=-1)
+    centre = torch.tensor(world_to_index(centre_mm, geometry), dtype=torch.float32, device=heatmap.device)
+    near = (((grid - centre) * spacing).norm(dim=-1) <= radius_mm).to(heatmap.dtype)
+    decoded = decode_heatmaps((heatmap * near)[None, None])
+    point = index_to_world(decoded.points[0, 0].double().cpu().numpy(), geometry)
+    return point, float(decoded.peak[0, 0]), float(spread_in_mm(decoded.spread_per_axis[0], geometry)[0])
+
+
+def guided_radius_mm(shape_model: ShapeModel, geometry: Geometry) -> float:
+    """How far from its expected position a re-decoded landmark may lie: the inlier distance,
+    and at least two voxels."""
+    return max(shape_model.inlier_mm, 2.0 * max(geometry.spacing_mm))
 
 
 def is_out_of_memory(error: BaseException) -> bool:
