@@ -7,7 +7,8 @@ confidently found landmarks are matched to the reference by a robust (RANSAC) af
 keeps to that range, and every landmark gets an expected position. A landmark expected outside
 the image, or inside by less than the fit's own RMS residual, is one the field of view has cut
 off: reported missing whatever its heatmap shows (a network leaves a peak at the border, or on a
-look-alike, for a landmark it cannot see).
+look-alike, for a landmark it cannot see). The predictor also re-decodes a landmark found far
+from its expected position near that position (:func:`medlandmark.inference.predictor.shape_outliers`).
 """
 
 from __future__ import annotations
