@@ -3,6 +3,10 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from pydantic import ValidationError
 
 
 class MedlandmarkError(Exception):
@@ -24,3 +28,11 @@ class LandmarkFileError(MedlandmarkError):
 
 class DatasetError(MedlandmarkError):
     """A dataset folder or dataset.json that is malformed or inconsistent."""
+
+
+def validation_problems(error: ValidationError, top_level: str, limit: int | None = None) -> str:
+    """A pydantic validation error as ``where: what`` parts joined by "; " (the first ``limit``
+    of them), ``top_level`` naming a problem with the whole object."""
+    return "; ".join(
+        f"{'.'.join(str(p) for p in item['loc']) or top_level}: {item['msg']}" for item in error.errors()[:limit]
+    )

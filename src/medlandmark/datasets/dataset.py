@@ -19,7 +19,7 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from medlandmark.errors import DatasetError, ImageError
+from medlandmark.errors import DatasetError, ImageError, validation_problems
 from medlandmark.io.files import atomic_write_text, full_suffix, stem
 from medlandmark.io.geometry import Geometry
 from medlandmark.io.images import IMAGE_SUFFIXES, ImageData, read_image
@@ -306,8 +306,4 @@ def _entries_by_case(folder: Path, accept, problems: list[Problem]) -> dict[str,
 
 
 def _schema_message(error: ValidationError) -> str:
-    parts = []
-    for item in error.errors():
-        where = ".".join(str(p) for p in item["loc"]) or "(top level)"
-        parts.append(f"{where}: {item['msg']}")
-    return "dataset.json does not match the schema: " + "; ".join(parts)
+    return "dataset.json does not match the schema: " + validation_problems(error, "(top level)")

@@ -33,7 +33,7 @@ from medlandmark.augment import (
 )
 from medlandmark.console import ProgressBar, info, warn
 from medlandmark.datasets.dataset import Dataset
-from medlandmark.errors import MedlandmarkError
+from medlandmark.errors import MedlandmarkError, validation_problems
 from medlandmark.heatmaps import calibrate_presence_threshold, deep_supervision_targets
 from medlandmark.io.files import atomic_write_bytes, atomic_write_text, remove_partials
 from medlandmark.io.geometry import index_to_world
@@ -292,8 +292,7 @@ def _augment_config(overrides: dict) -> AugmentConfig:
     try:
         return AugmentConfig(**overrides)
     except ValidationError as error:
-        problems = "; ".join(f"{'.'.join(str(p) for p in e['loc']) or 'augment'}: {e['msg']}" for e in error.errors())
-        raise TrainingError(f"bad augmentation setting: {problems}") from None
+        raise TrainingError(f"bad augmentation setting: {validation_problems(error, 'augment')}") from None
 
 
 def _device(name: str) -> torch.device:

@@ -14,7 +14,7 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from medlandmark.datasets.dataset import valid_case_id
-from medlandmark.errors import MedlandmarkError
+from medlandmark.errors import MedlandmarkError, validation_problems
 
 RUN_FILE = "run.json"
 
@@ -149,8 +149,6 @@ def read_run_record(folder: str | Path) -> dict:
     try:
         RunRecord.model_validate(record)
     except ValidationError as error:
-        problems = "; ".join(
-            f"{'.'.join(map(str, e['loc'])) or 'run.json'}: {e['msg']}" for e in error.errors()[:5]
-        )
+        problems = validation_problems(error, "run.json", limit=5)
         raise MedlandmarkError(f"run.json does not match the run schema: {problems}", path) from None
     return record
