@@ -221,6 +221,7 @@ class Predictor:
         array, geometry = preprocess_image(image, fine.plan, fine.configuration)
         patch = np.asarray(fine.configuration["patch_size"])
         refined, refined_spread = points_mm.copy(), spread_mm.copy()
+        radius_mm = None if guided is None else guided_radius_mm(guided, geometry)
         for k in np.flatnonzero(present):
             centre = world_to_index(points_mm[k], geometry)
             start = np.round(centre - (patch - 1) / 2).astype(int)
@@ -228,8 +229,7 @@ class Predictor:
             mirror = self.tta and bool(fine.pairs)
             window_geometry = cropped_geometry(geometry, [int(v) for v in start], [int(v) for v in patch])
             heatmaps = fine.heatmaps(window, window_geometry, self.device, mirror, self.windows_per_batch)
-            if guided is not None:
-                radius_mm = guided_radius_mm(guided, geometry)
+            if radius_mm is not None:
                 refined[k], _, refined_spread[k] = decode_near(heatmaps[k], window_geometry, points_mm[k], radius_mm)
                 continue
             decoded = decode_heatmaps(heatmaps[k : k + 1][None])
