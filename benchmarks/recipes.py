@@ -72,8 +72,6 @@ class Budget:
     batch_size: dict[str, int] = field(default_factory=dict)  # per stage kind; absent: the plan's
     learning_rate: dict[str, float] = field(default_factory=dict)  # per arch; absent: the plan's
     loss: str | None = None  # heatmap loss; None: the plan's
-    missing_target: dict[str, str] = field(default_factory=dict)  # per stage kind; absent: the plan's
-    augment: dict[str, dict] = field(default_factory=dict)  # per stage kind: AugmentConfig changes
 
 
 @dataclass(frozen=True)
@@ -256,8 +254,7 @@ def stage_options(plan: dict, name: str, budget: Budget, arch: str, seed: int, d
     kind = plan["configurations"][name]["stage"]
     return TrainOptions(
         configuration=name, arch=arch, fold=FOLD_BY_STAGE[kind], batch_size=budget.batch_size.get(kind),
-        learning_rate=budget.learning_rate.get(arch), loss=budget.loss, missing_target=budget.missing_target.get(kind),
-        augment=dict(budget.augment.get(kind, {})),
+        learning_rate=budget.learning_rate.get(arch), loss=budget.loss,
         device=device, seed=seed, preprocessed=preprocessed,
         coarse_run=coarse_run if kind == "fine" else None,
     )  # fmt: skip
