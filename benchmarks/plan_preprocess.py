@@ -41,7 +41,7 @@ def main() -> None:
     cache_bytes = sum(p.stat().st_size for p in (dataset / "preprocessed").rglob("*") if p.is_file())
     result = {
         "cases": sum(c["done"] + c["skipped"] for c in counts.values()) // len(counts),
-        "configurations": list(plan["configurations"]), "cache_folders": counts,
+        "configurations": list(plan.configurations), "cache_folders": counts,
         "convert_s": round(converted - start, 1), "plan_s": round(planned - converted, 1),
         "preprocess_s": round(done - planned, 1), "plan_plus_preprocess_s": round(done - converted, 1),
         "cache_gb": round(cache_bytes / 1024**3, 2), "workers": args.workers,

@@ -22,33 +22,34 @@ import torch
 from medlandmark.datasets.converters import convert_afids, convert_isbi2015
 from medlandmark.inference.predictor import Predictor
 from medlandmark.io.images import read_image
-from medlandmark.models import build_model, count_parameters
+from medlandmark.models import count_parameters, network_for
 from medlandmark.planning import plan_dataset
-from medlandmark.training.checkpoint import save_weights
+from medlandmark.records.plan import Plan
+from medlandmark.records.run import RunRecord, write_run_record
+from medlandmark.records.weights import save_weights
 
 REPO = Path(__file__).resolve().parents[1]
 DATA = REPO.parent / "shared" / "data"
 
 
-def random_runs(dataset: Path, plan: dict, arch: str, out: Path) -> dict[str, int]:
+def random_runs(dataset: Path, plan: Plan, arch: str, out: Path) -> dict[str, int]:
     """A run folder per configuration of the cascade (or the single one), random weights."""
-    names = [plan["default_configuration"]]
-    if plan["configurations"][names[0]].get("next_stage"):
-        names.append(plan["configurations"][names[0]]["next_stage"])
+    first = plan.configuration()
+    names = [first.name] + ([first.next_stage] if first.next_stage else [])
     sizes = {}
     for name in names:
-        config = plan["configurations"][name]
+        config = plan.configurations[name]
         torch.manual_seed(0)
-        network = build_model(arch if arch in config["architectures"] else "unet", config, len(plan["landmarks"]), len(plan["modalities"]))
+        chosen = arch if arch in config.architectures else "unet"
+        network = network_for(chosen, config, len(plan.landmarks), len(plan.modalities))
         run = out / name
         run.mkdir(parents=True)
         save_weights(run / "model_best.safetensors", network)
         # threshold 0: every landmark counts as present, so the fine stage refines all of them, as
         # it does for a trained model (random weights would leave most below the usual threshold)
-        record = {"arch": arch if arch in config["architectures"] else "unet", "configuration": name, "plan": plan,
-                  "landmarks": plan["landmarks"], "spacing_mm": [0.1, 0.1] if plan["spatial_dims"] == 2 else None,
-                  "presence_threshold": 0.0}  # fmt: skip
-        (run / "run.json").write_text(json.dumps(record))
+        record = RunRecord(arch=chosen, configuration=name, plan=plan, landmarks=plan.landmarks,
+                           spacing_mm=[0.1, 0.1] if plan.spatial_dims == 2 else None, presence_threshold=0.0)  # fmt: skip
+        write_run_record(run, record)
         sizes[name] = count_parameters(network)
     return sizes
 
@@ -84,7 +85,7 @@ def main() -> None:
         sizes = random_runs(isbi, plan, args.arch, work / "isbi_models")
         images = [isbi / "images" / f"{i}.jpg" for i in range(151, 151 + args.images)]
         seconds = time_predictions(work / "isbi_models", images, args.device, [0.1, 0.1])
-        results["isbi2015"] = {"configurations": {n: plan["configurations"][n]["patch_size"] for n in sizes},
+        results["isbi2015"] = {"configurations": {n: plan.configurations[n].patch_size for n in sizes},
                                "parameters": sizes, "seconds_per_image": seconds, "mean_s": sum(seconds) / len(seconds)}  # fmt: skip
         afids_dir = DATA / "afids_mni152"
         afids = convert_afids(afids_dir / "tpl-MNI152NLin2009cAsym_res-01_T1w.nii.gz",
@@ -94,7 +95,7 @@ def main() -> None:
         sizes = random_runs(afids, plan, arch, work / "afids_models")
         volumes = [next((afids / "images").iterdir())] * max(1, min(args.images, 2))
         seconds = time_predictions(work / "afids_models", volumes, args.device, None)
-        results["afids"] = {"configurations": {n: plan["configurations"][n]["patch_size"] for n in sizes},
+        results["afids"] = {"configurations": {n: plan.configurations[n].patch_size for n in sizes},
                             "parameters": sizes, "seconds_per_volume": seconds, "mean_s": sum(seconds) / len(seconds)}  # fmt: skip
     finally:
         shutil.rmtree(work, ignore_errors=True)

@@ -37,16 +37,18 @@ from medlandmark.console import info, warn
 from medlandmark.datasets.check import check_dataset, print_check_report
 from medlandmark.datasets.dataset import Dataset
 from medlandmark.evaluation import evaluate
-from medlandmark.inference.batch import predict_files
+from medlandmark.inference.batch import PredictOptions, predict_files
 from medlandmark.io.files import atomic_write_text
+from medlandmark.metrics import DEFAULT_RADII_MM as RADII_MM
 from medlandmark.planning import plan_dataset
 from medlandmark.preprocessing import preprocess_dataset
-from medlandmark.training.loop import LOG_FILE, RUN_FILE, TrainOptions, train
+from medlandmark.records.plan import Plan
+from medlandmark.records.run import LOG_FILE, RUN_FILE
+from medlandmark.training.loop import TrainOptions, train
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED_DATA = REPO.parent / "shared" / "data"
 WORK = REPO / "benchmarks" / "work"
-RADII_MM = (2.0, 2.5, 3.0, 4.0)
 SAFETY = 0.9  # of the time left after the probe: the probe's rate is an estimate
 PROBE_EPOCHS, PROBE_ITERATIONS = 3, 5  # a warm-up epoch, a timed one, a timed one that validates
 TARGET_EPOCHS = 20  # a checkpoint per epoch: few enough that saving costs little
@@ -215,27 +217,26 @@ def dataset_ready(benchmark: Benchmark, source: Path, out: Path) -> Path:
     return root
 
 
-def stage_names(plan: dict) -> list[str]:
+def stage_names(plan: Plan) -> list[str]:
     """The configurations to train, in order: the default one, then its fine stage if any."""
-    names = [plan["default_configuration"]]
-    following = plan["configurations"][names[0]].get("next_stage")
-    return names + ([following] if following else [])
+    first = plan.configuration()
+    return [first.name] + ([first.next_stage] if first.next_stage else [])
 
 
-def plan_sizes(plan: dict, stages: list[str]) -> dict:
+def plan_sizes(plan: Plan, stages: list[str]) -> dict:
     """The planned sizes of the trained configurations."""
-    keys = ("stage", "spacing_mm", "patch_size", "batch_size", "heatmap_sigma_mm")
-    return {name: {k: plan["configurations"][name][k] for k in keys} for name in stages}
+    keys = {"stage", "spacing_mm", "patch_size", "batch_size", "heatmap_sigma_mm"}
+    return {name: plan.configurations[name].model_dump(include=keys) for name in stages}
 
 
 # --- budgeted training ---------------------------------------------------------------------------
 
 
-def train_stages(root: Path, preprocessed: Path, out: Path, plan: dict, budget: Budget, arch: str, seed: int, device: str) -> list[dict]:
+def train_stages(root: Path, preprocessed: Path, out: Path, plan: Plan, budget: Budget, arch: str, seed: int, device: str) -> list[dict]:
     """Train every stage within the budget: a stage gets its share of the total, and the last
     stage gets whatever the earlier ones left (an overrun there is taken from it)."""
     stages, records, coarse_run = stage_names(plan), [], None
-    shares = [budget.shares[plan["configurations"][name]["stage"]] for name in stages]
+    shares = [budget.shares[plan.configurations[name].stage] for name in stages]
     for index, name in enumerate(stages):
         spent_s = sum(r["total_s"] for r in records)
         if index == len(stages) - 1:
@@ -249,9 +250,9 @@ def train_stages(root: Path, preprocessed: Path, out: Path, plan: dict, budget: 
     return records
 
 
-def stage_options(plan: dict, name: str, budget: Budget, arch: str, seed: int, device: str, preprocessed: str, coarse_run: str | None) -> TrainOptions:
+def stage_options(plan: Plan, name: str, budget: Budget, arch: str, seed: int, device: str, preprocessed: str, coarse_run: str | None) -> TrainOptions:
     """Training options of one stage, before the budget sets its length."""
-    kind = plan["configurations"][name]["stage"]
+    kind = plan.configurations[name].stage
     return TrainOptions(
         configuration=name, arch=arch, fold=FOLD_BY_STAGE[kind], batch_size=budget.batch_size.get(kind),
         learning_rate=budget.learning_rate.get(arch), loss=budget.loss,
@@ -278,12 +279,12 @@ def budgeted_training(root: Path, run: Path, probe_dir: Path, options: TrainOpti
     started = time.perf_counter()
     summary = train(root, run, options, resume=resumed)
     train_s = time.perf_counter() - started
-    if summary["status"] != "finished":
-        raise SystemExit(f"{run}: training {summary['status']} at step {summary['step']}; run the same command again to resume")
+    if summary.status != "finished":
+        raise SystemExit(f"{run}: training {summary.status} at step {summary.step}; run the same command again to resume")
     record.update(
-        status=summary["status"], resumed=resumed, train_s=round(train_s, 1),
+        status=summary.status, resumed=resumed, train_s=round(train_s, 1),
         total_s=round(train_s + record["probe"]["wall_s"], 1),
-        steps=summary["step"], validation=summary.get("best", {}).get("val_mre_mm"),
+        steps=summary.step, validation=None if summary.best is None else summary.best.val_mre_mm,
     )  # fmt: skip
     record["within_budget"] = None if resumed else record["total_s"] <= record["budget_s"]
     atomic_write_text(run / BUDGET_FILE, json.dumps(record, indent=1) + "\n")
@@ -329,7 +330,7 @@ def evaluate_test_splits(root: Path, runs: Path, out: Path, device: str) -> dict
             continue
         images = [dataset.case(case_id).image_path for case_id in case_ids]
         started = time.perf_counter()
-        rows = predict_files(runs, images, out / "predictions" / split, device=device)
+        rows = predict_files(runs, images, out / "predictions" / split, PredictOptions(device=device))
         seconds = time.perf_counter() - started
         metrics = evaluate(out / "predictions" / split, root, out / "evaluation" / split, radii=RADII_MM)
         results[split] = split_summary(metrics, rows, seconds)

@@ -19,10 +19,10 @@ from medlandmark.planning.planner import architecture_sizes, network_topology
 def step_seconds(dims: int, size: int, base_features: int, batch: int, layout: str, repeats: int) -> list[float]:
     """Wall time of ``repeats`` training steps of the planned U-Net for a ``size``^dims patch."""
     topology = network_topology([size] * dims, [1.0] * dims, base_features)
-    config = {"architectures": architecture_sizes(topology, dims, 1.0), "patch_size": topology["patch_size"]}
+    sizes = architecture_sizes(topology, dims, 1.0)["unet"]
     torch.manual_seed(0)
-    model = build_model("unet", config, 7, 1)
-    x = torch.randn(batch, 1, *topology["patch_size"])
+    model = build_model("unet", 7, 1, spatial_dims=dims, **sizes)
+    x = torch.randn(batch, 1, *topology.patch_size)
     if layout == "channels-last":
         model, x = channels_last(model, dims), channels_last(x, dims)
     optimizer = torch.optim.AdamW(model.parameters())

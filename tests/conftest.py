@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import os
 from pathlib import Path
 
@@ -12,7 +11,9 @@ from hypothesis import HealthCheck, settings
 
 from medlandmark.datasets.dataset import DatasetSpec, write_spec
 from medlandmark.planning import plan_dataset
+from medlandmark.planning.planner import training_defaults
 from medlandmark.preprocessing import preprocess_dataset
+from medlandmark.records.plan import Configuration, Normalization, Plan, load_plan, write_plan
 
 SMALL_FEATURES = 8
 
@@ -66,12 +67,31 @@ def real_datasets(tmp_path_factory) -> dict[str, Path]:
 
 def shrink_networks(dataset: Path, base: int = SMALL_FEATURES) -> None:
     """Narrow the plan's U-Net so that CPU tests run in seconds (sizes otherwise unchanged)."""
-    path = dataset / "preprocessed" / "plans.json"
-    plan = json.loads(path.read_text())
-    for config in plan["configurations"].values():
-        unet = config["architectures"]["unet"]
+    folder = dataset / "preprocessed"
+    plan = load_plan(folder)
+    for config in plan.configurations.values():
+        unet = config.architectures["unet"]
         unet["features_per_stage"] = [min(base * 2**i, 64) for i in range(len(unet["features_per_stage"]))]
-    path.write_text(json.dumps(plan))
+    write_plan(folder, plan)
+
+
+def single_configuration_plan(
+    arch: str, sizes: dict, patch_size: list[int], landmarks: list[str], channels: int = 1
+) -> Plan:
+    """A complete plan with one configuration ``fine`` at 1 mm whose ``arch`` has ``sizes``."""
+    ndim = len(patch_size)
+    configuration = Configuration(
+        name="fine", stage="full", data_identifier="data_fullres", spacing_mm=[1.0] * ndim,
+        patch_size=patch_size, batch_size=2, heatmap_sigma_mm=2.0, heatmap_sigma_voxels=[2.0] * ndim,
+        architectures={arch: sizes},
+    )  # fmt: skip
+    return Plan(
+        dataset="test", spatial_dims=ndim, landmarks=landmarks, modalities=[f"m{i}" for i in range(channels)],
+        transpose_forward=list(range(ndim)), transpose_backward=list(range(ndim)),
+        target_spacing_mm=[1.0] * ndim, median_shape_at_target=[float(p) for p in patch_size],
+        normalization=[Normalization(scheme="zscore_per_image")] * channels,
+        default_configuration="fine", configurations={"fine": configuration}, training=training_defaults(),
+    )  # fmt: skip
 
 
 @pytest.fixture(scope="session")
@@ -90,7 +110,7 @@ def small_isbi(tmp_path_factory) -> Path:
     write_spec(root, DatasetSpec(name="isbi-small", spatial_dims=2, landmarks=ISBI_LANDMARKS,
                                  modalities=["xray"], spacing_mm=[0.1, 0.1], splits={"train": case_ids}))  # fmt: skip
     plan = plan_dataset(root, gpu_memory_gb=1.0)
-    assert plan["configurations"][plan["default_configuration"]]["stage"] == "coarse"  # a cascade at 1 GB
+    assert plan.configuration().stage == "coarse"  # a cascade at 1 GB
     shrink_networks(root)
     preprocess_dataset(root, workers=2)
     return root

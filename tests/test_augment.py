@@ -12,9 +12,7 @@ from medlandmark.augment import (
     MAX_INVERSE_RESIDUAL_VOXELS,
     AugmentConfig,
     augment_batch,
-    left_right_axis,
     random_spatial_transform,
-    symmetric_pair_indices,
 )
 from medlandmark.augment.intensity import (
     gaussian_blur,
@@ -25,7 +23,8 @@ from medlandmark.augment.intensity import (
     random_shift,
 )
 from medlandmark.augment.spatial import crop_centre
-from medlandmark.io.geometry import Geometry
+from medlandmark.io.geometry import Geometry, left_right_axis
+from medlandmark.io.landmarks import symmetric_pair_indices
 
 SIGMA = 1.5
 CASES = {  # crop, patch

@@ -15,7 +15,7 @@ from torch import nn
 
 from medlandmark.io.geometry import Geometry
 from medlandmark.preprocessing import CachedCase
-from medlandmark.training.checkpoint import (
+from medlandmark.records.weights import (
     CheckpointError,
     load_checkpoint,
     load_weights,

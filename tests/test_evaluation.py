@@ -15,16 +15,16 @@ from medlandmark.cli import main
 from medlandmark.datasets.dataset import DatasetSpec, write_spec
 from medlandmark.errors import DatasetError, LandmarkFileError
 from medlandmark.evaluation import evaluate
-from medlandmark.evaluation.metrics import (
+from medlandmark.io.geometry import Geometry
+from medlandmark.io.images import write_image
+from medlandmark.io.landmarks import LandmarkSet, read_landmarks, write_landmarks
+from medlandmark.metrics import (
     error_statistics,
     missing_confusion,
     radial_errors_mm,
     success_detection_rates,
     summarize,
 )
-from medlandmark.io.geometry import Geometry
-from medlandmark.io.images import write_image
-from medlandmark.io.landmarks import LandmarkSet, read_landmarks, write_landmarks
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 NAN = math.nan

@@ -21,41 +21,35 @@ from medlandmark.inference.export import (  # noqa: E402
     read_run_record,
     run_network,
 )
-from medlandmark.inference.sliding_window import sliding_window_heatmaps  # noqa: E402
-from medlandmark.models.h3de_net import h3de_plan_config  # noqa: E402
-from medlandmark.models.hyatt_net import hyatt_config  # noqa: E402
-from medlandmark.models.registry import build_model  # noqa: E402
-from medlandmark.training.checkpoint import CheckpointError, save_weights  # noqa: E402
+from medlandmark.models import network_for  # noqa: E402
+from medlandmark.models.h3de_net import h3de_sizes  # noqa: E402
+from medlandmark.models.hyatt_net import hyatt_sizes  # noqa: E402
+from medlandmark.records.run import RunRecord, write_run_record  # noqa: E402
+from medlandmark.records.weights import CheckpointError, save_weights  # noqa: E402
+from medlandmark.sliding_window import sliding_window_heatmaps  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).parent))
-from test_unet import _config as unet_config  # noqa: E402
+from conftest import single_configuration_plan  # noqa: E402
+from test_unet import _sizes as unet_sizes  # noqa: E402
 
 LANDMARKS = ["nasion", "sella", "menton"]
-CONFIGS = {
-    "unet-2d": ("unet", lambda: unet_config([64, 48], [1.0, 1.0])),
-    "unet-3d": ("unet", lambda: unet_config([16, 32, 32], [3.0, 0.8, 0.8])),
-    "hyatt": ("hyatt", lambda: hyatt_config(0.25, (64, 64))),  # pads maps to its region grid
-    "h3de": ("h3de", lambda: h3de_plan_config((24, 24, 16))),  # region padding, top-k routing
+CONFIGS = {  # architecture, then (patch, builder arguments)
+    "unet-2d": ("unet", lambda: unet_sizes([64, 48], [1.0, 1.0])),
+    "unet-3d": ("unet", lambda: unet_sizes([16, 32, 32], [3.0, 0.8, 0.8])),
+    "hyatt": ("hyatt", lambda: ([64, 64], hyatt_sizes(0.25))),  # pads maps to its region grid
+    "h3de": ("h3de", lambda: ([24, 24, 16], h3de_sizes())),  # region padding, top-k routing
 }
 
 
-def make_run(run_dir: Path, arch: str, config: dict, channels: int = 1, seed: int = 0) -> Path:
+def make_run(run_dir: Path, arch: str, sized: tuple[list[int], dict], channels: int = 1, seed: int = 0) -> Path:
     """A training run folder as the training loop leaves it (random weights)."""
-    ndim = len(config["patch_size"])
-    config = {
-        "name": "fine", "stage": "full", "data_identifier": "data_fullres", "spacing_mm": [1.0] * ndim,
-        "batch_size": 2, "heatmap_sigma_mm": 2.0, **config,
-    }  # fmt: skip
-    plan = {
-        "configurations": {"fine": config}, "modalities": [f"m{i}" for i in range(channels)],
-        "landmarks": LANDMARKS, "spatial_dims": ndim, "transpose_forward": list(range(ndim)),
-        "normalization": [{"scheme": "zscore_per_image"}] * channels,
-    }  # fmt: skip
+    patch, sizes = sized
+    plan = single_configuration_plan(arch, sizes, patch, LANDMARKS, channels)
     run_dir.mkdir(parents=True)
-    record = {"arch": arch, "configuration": "fine", "plan": plan, "landmarks": LANDMARKS}
-    (run_dir / "run.json").write_text(json.dumps(record))
+    record = RunRecord(arch=arch, configuration="fine", plan=plan, landmarks=LANDMARKS)
+    write_run_record(run_dir, record)
     torch.manual_seed(seed)
-    model = build_model(arch, config, len(LANDMARKS), channels)
+    model = network_for(arch, plan.configurations["fine"], len(LANDMARKS), channels)
     save_weights(run_dir / "model_best.safetensors", model)
     return run_dir
 
@@ -79,19 +73,19 @@ def test_export_reproduces_pytorch_heatmaps(tmp_path: Path, name: str) -> None:
     assert report["onnx_path"] == str(out) and out.is_file()
     assert report["opset"] == export.DEFAULT_OPSET
     channels = 2 if name == "unet-3d" else 1
-    assert report["input_shape"] == ["batch", channels, *config["patch_size"]]
+    assert report["input_shape"] == ["batch", channels, *config[0]]
     assert report["max_abs_heatmap"] > 0.01  # the check compared real heatmaps, not zeros
     assert report["max_abs_heatmap_difference"] < 1e-4  # measured 1e-7 .. 3e-6
     assert sorted(p.name for p in out.parent.iterdir()) == ["model.onnx"]  # no partial file left
     network = run_network(run, read_run_record(run))
     onnx_network = OnnxNetwork(out).eval()
     assert onnx_network.training is False
-    x = torch.randn(3, channels, *config["patch_size"], generator=torch.Generator().manual_seed(7))
+    x = torch.randn(3, channels, *config[0], generator=torch.Generator().manual_seed(7))
     outputs = onnx_network(x)
     assert isinstance(outputs, list) and len(outputs) == 1
     with torch.no_grad():
         expected = network(x)[0]
-    assert outputs[0].shape == (3, len(LANDMARKS), *config["patch_size"])
+    assert outputs[0].shape == (3, len(LANDMARKS), *config[0])
     assert outputs[0].device == x.device and outputs[0].dtype == torch.float32
     torch.testing.assert_close(outputs[0], expected, atol=1e-4, rtol=1e-4)
 
@@ -112,7 +106,7 @@ def test_weights_final_are_exported(tmp_path: Path) -> None:
     with pytest.raises(CheckpointError, match="model_final.safetensors"):
         export_onnx(run, tmp_path / "final.onnx", weights="final")
     torch.manual_seed(5)
-    final = build_model("unet", CONFIGS["unet-2d"][1](), len(LANDMARKS))
+    final = network_for("unet", read_run_record(run).plan_configuration, len(LANDMARKS))
     save_weights(run / "model_final.safetensors", final)
     export_onnx(run, tmp_path / "final.onnx", weights="final")
     x = torch.randn(1, 1, 64, 48)

@@ -2,22 +2,22 @@
 
 from __future__ import annotations
 
-import copy
-import json
 import math
 from pathlib import Path
 
 import pytest
 import torch
 
+from medlandmark.models import network_for
 from medlandmark.models.h3de_net import (
     CPU_WIDTH_MULTIPLIER,
     H3DENet,
     build_h3de,
-    h3de_plan_config,
+    h3de_sizes,
 )
 from medlandmark.models.registry import available_models, build_model
 from medlandmark.models.routing_attention import BiLevelRoutingAttention
+from medlandmark.records.plan import Plan
 
 GOLDEN_PLANS = Path(__file__).parent / "golden" / "plans_afids.json"
 NUM_LANDMARKS = 5
@@ -25,7 +25,7 @@ NUM_LANDMARKS = 5
 
 def _cpu_net(seed: int = 0, **overrides) -> H3DENet:
     torch.manual_seed(seed)
-    return build_h3de(h3de_plan_config(**overrides), NUM_LANDMARKS, 1)
+    return build_h3de(NUM_LANDMARKS, 1, **h3de_sizes(**overrides))
 
 
 def _parameter_count(net: torch.nn.Module) -> int:
@@ -131,27 +131,26 @@ def test_eval_mode_is_deterministic():
 
 
 def test_full_size_matches_reference_parameter_count():
-    net = build_h3de(h3de_plan_config(width_multiplier=1.0), 14, 1)
+    net = build_h3de(14, 1, **h3de_sizes(width_multiplier=1.0))
     assert [s.blocks[0].attention.num_heads for s in net.stages] == [8, 16, 32, 64]
     assert [len(s.blocks) for s in net.stages] == [2, 2, 4, 2]
     assert [s.blocks[0].attention.topk for s in net.stages] == [1, 4, 16, 16]
     assert abs(_parameter_count(net) - 24.5e6) <= 0.1 * 24.5e6
-    cpu = build_h3de(h3de_plan_config(width_multiplier=CPU_WIDTH_MULTIPLIER), 14, 1)
+    cpu = build_h3de(14, 1, **h3de_sizes(width_multiplier=CPU_WIDTH_MULTIPLIER))
     assert _parameter_count(cpu) < _parameter_count(net) / 8
 
 
 def test_build_from_golden_plan():
     assert available_models()["h3de"] == (3,)
-    config = json.loads(GOLDEN_PLANS.read_text())["configurations"]["3d_fullres"]
-    sizes = config["architectures"]["h3de"]
-    net = build_model("h3de", config, 32)
+    config = Plan.model_validate_json(GOLDEN_PLANS.read_text()).configurations["3d_fullres"]
+    sizes = config.architectures["h3de"]
+    net = network_for("h3de", config, 32)
     widths = [round(w * sizes["width_multiplier"]) for w in sizes["widths"]]
     assert [s.blocks[0].attention.dim for s in net.stages] == widths
     assert all(s.planned_n_win == tuple(sizes["n_win"]) for s in net.stages)
 
-    small = copy.deepcopy(config)
-    small["architectures"]["h3de"]["width_multiplier"] = CPU_WIDTH_MULTIPLIER
-    small_net = build_model("h3de", small, 32, in_channels=2).eval()
+    small = {**sizes, "width_multiplier": CPU_WIDTH_MULTIPLIER}
+    small_net = build_model("h3de", 32, in_channels=2, spatial_dims=3, **small).eval()
     with torch.no_grad():
         outputs = small_net(torch.randn(1, 2, 32, 32, 32))
     assert outputs[0].shape == (1, 32, 32, 32, 32)
@@ -160,6 +159,6 @@ def test_build_from_golden_plan():
 
 def test_rejects_2d_plans_and_2d_inputs():
     with pytest.raises(ValueError, match="only, the plan is 2D"):
-        build_model("h3de", h3de_plan_config(patch_size=(64, 64)), 3)
+        build_model("h3de", 3, spatial_dims=2, **h3de_sizes())
     with pytest.raises(ValueError, match="D, H, W"):
         _cpu_net()(torch.randn(1, 1, 32, 32))

@@ -2,16 +2,16 @@
 
 from __future__ import annotations
 
-import json
 import math
 from pathlib import Path
 
 import pytest
 import torch
 
-from medlandmark.models.hyatt_net import CBAM, HyattNet, build_hyatt, hyatt_config, stage_widths
-from medlandmark.models.registry import build_model
+from medlandmark.models import network_for
+from medlandmark.models.hyatt_net import CBAM, HyattNet, build_hyatt, hyatt_sizes, stage_widths
 from medlandmark.models.routing_attention import BiLevelRoutingAttention
+from medlandmark.records.plan import Plan
 
 PLANS = Path(__file__).resolve().parent / "golden" / "plans_isbi2015.json"
 CPU_WIDTH = 0.25
@@ -23,7 +23,7 @@ def _n_params(model: torch.nn.Module) -> int:
 
 def _cpu_model(patch=(128, 128), seed=0) -> HyattNet:
     torch.manual_seed(seed)
-    return build_hyatt(hyatt_config(CPU_WIDTH, patch), 19, 1)
+    return build_hyatt(19, 1, **hyatt_sizes(CPU_WIDTH))
 
 
 @pytest.mark.parametrize("size", [(128, 128), (96, 160)])
@@ -69,7 +69,7 @@ def test_sizes_not_divisible_by_32_are_padded_and_cropped(size):
 
 
 def test_full_width_has_about_80m_parameters():
-    model = build_hyatt(hyatt_config(1.0, (1024, 1216)), 19, 1)
+    model = build_hyatt(19, 1, **hyatt_sizes(1.0))
     assert model.widths == [64, 128, 320, 512, 1024]
     assert 72e6 <= _n_params(model) <= 88e6
 
@@ -84,9 +84,9 @@ def test_stage_widths_are_multiples_of_head_dim():
 
 
 def test_build_from_real_plan_via_registry():
-    config = json.loads(PLANS.read_text())["configurations"]["2d_coarse"]
-    model = build_model("hyatt", config, 19)
-    arch = config["architectures"]["hyatt"]
+    config = Plan.model_validate_json(PLANS.read_text()).configurations["2d_coarse"]
+    model = network_for("hyatt", config, 19)
+    arch = config.architectures["hyatt"]
     assert model.widths == stage_widths(arch["width_multiplier"], arch["head_dim"])
     for stage, n_win, topk, ratio, width in zip(
         model.stages, arch["n_win"], arch["topk"], arch["mlp_ratios"], model.widths, strict=True
@@ -106,9 +106,9 @@ def test_build_from_real_plan_via_registry():
 
 def test_bad_plan_settings_are_rejected():
     with pytest.raises(ValueError, match="n_win"):
-        build_hyatt(hyatt_config(CPU_WIDTH, n_win=[16, 16, 8]), 19, 1)
+        build_hyatt(19, 1, **hyatt_sizes(CPU_WIDTH, n_win=[16, 16, 8]))
     with pytest.raises(ValueError, match="unknown HYATT-Net settings"):
-        build_hyatt(hyatt_config(CPU_WIDTH, windows=4), 19, 1)
+        build_hyatt(19, 1, **hyatt_sizes(CPU_WIDTH, windows=4))
 
 
 def test_cbam_weights_and_output():

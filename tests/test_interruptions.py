@@ -29,7 +29,7 @@ from medlandmark.inference.batch import predict_files
 from medlandmark.io.landmarks import read_landmarks
 from medlandmark.planning import plan_dataset
 from medlandmark.preprocessing import load_cached_case, preprocess_dataset
-from medlandmark.training.checkpoint import load_checkpoint
+from medlandmark.records.weights import load_checkpoint
 from medlandmark.training.loop import TrainOptions, train
 
 from .conftest import shrink_networks
@@ -183,7 +183,7 @@ def trainable(planned, tmp_path_factory) -> tuple[Path, Path]:
     preprocess_dataset(root, workers=1)
     reference = root.parent / "reference_run"
     record = train(root, reference, TrainOptions(**TRAIN_OPTIONS))
-    assert record["status"] == "finished" and record["step"] == 12
+    assert record.status == "finished" and record.step == 12
     return root, reference
 
 
@@ -224,7 +224,7 @@ def test_training_killed_then_resumed_equals_an_uninterrupted_run(trainable, tmp
         _killed(process, log, lambda: True, rng.uniform(0, 1) * first_epoch_s)  # two epochs remain
     _assert_run_files_complete(run)
     record = train(root, run, TrainOptions(**TRAIN_OPTIONS), resume=True)
-    assert record["status"] == "finished" and record["step"] == 12
+    assert record.status == "finished" and record.step == 12
     assert not _partials(run), "resume removes what the killed run left"
     for name in ("model_final.safetensors", "model_best.safetensors"):
         resumed, uninterrupted = load_file(str(run / name)), load_file(str(reference / name))
@@ -233,7 +233,7 @@ def test_training_killed_then_resumed_equals_an_uninterrupted_run(trainable, tmp
             assert torch.equal(resumed[key], tensor), (name, key)
     assert load_checkpoint(run / "checkpoint_latest.pt")["step"] == 12
     expected = json.loads((reference / "run.json").read_text())
-    assert record["best"] == expected["best"] and record["presence_threshold"] == expected["presence_threshold"]
+    assert record.best.model_dump() == expected["best"] and record.presence_threshold == expected["presence_threshold"]
     assert _log_rows(run) == _log_rows(reference)
 
 
@@ -249,7 +249,7 @@ def _predictions(folder: Path) -> dict[str, np.ndarray]:
 def test_prediction_killed_then_rerun_gives_the_same_landmarks(trainable, tmp_path: Path, kill: str) -> None:
     root, run = trainable
     images = sorted((root / "images").iterdir())
-    expected_rows = predict_files(run, images, tmp_path / "reference", "json")
+    expected_rows = predict_files(run, images, tmp_path / "reference")
     expected = _predictions(tmp_path / "reference")
     out = tmp_path / "out"
     argv = ["predict", str(run), *map(str, images), "-o", str(out), "--format", "json"]
@@ -267,7 +267,7 @@ def test_prediction_killed_then_rerun_gives_the_same_landmarks(trainable, tmp_pa
     assert 0 < len(found) < len(images)
     for case, points in found.items():  # every file there is whole
         np.testing.assert_allclose(points, expected[case], atol=1e-6, rtol=0)
-    rows = predict_files(run, images, out, "json")
+    rows = predict_files(run, images, out)
     assert [r["status"] for r in rows] == ["ok"] * len(images)
     assert [{k: v for k, v in r.items() if k != "seconds"} for r in rows] == [
         {k: v for k, v in r.items() if k != "seconds"} for r in expected_rows

@@ -6,8 +6,11 @@ import pytest
 import torch
 
 from medlandmark.heatmaps import gaussian_heatmaps
-from medlandmark.training.loop import TrainingError, TrainOptions, _settings
+from medlandmark.planning.planner import training_defaults
 from medlandmark.training.losses import heatmap_loss
+from medlandmark.training.options import TrainingError, TrainOptions, run_settings
+
+from .conftest import single_configuration_plan
 
 
 def _sparse_target() -> tuple[torch.Tensor, torch.Tensor]:
@@ -34,14 +37,12 @@ def test_balanced_mse_still_masks_landmarks_outside_the_patch():
 
 
 def test_the_loss_is_chosen_by_option_and_checked():
-    plan = {
-        "training": {"learning_rate": 1e-3, "loss": "mse"}, "default_configuration": "2d",
-        "configurations": {"2d": {"batch_size": 2}},
-    }  # fmt: skip
-    assert _settings(plan, TrainOptions(loss="balanced_mse"))["loss"] == "balanced_mse"
-    assert _settings(plan, TrainOptions())["loss"] == "mse"
+    plan = single_configuration_plan("unet", {}, [32, 32], ["a"])
+    plan.training = training_defaults().model_copy(update={"learning_rate": 1e-3, "loss": "mse"})
+    assert run_settings(plan, TrainOptions(loss="balanced_mse")).loss == "balanced_mse"
+    assert run_settings(plan, TrainOptions()).loss == "mse"
     with pytest.raises(TrainingError, match="unknown loss 'huber'"):
-        _settings(plan, TrainOptions(loss="huber"))
+        run_settings(plan, TrainOptions(loss="huber"))
 
 
 def test_centroid_term_charges_a_far_look_alike_by_its_distance_and_ignores_empty_targets():

@@ -12,9 +12,12 @@ from pathlib import Path
 import pytest
 import torch
 
+from medlandmark.planning.planner import training_defaults
+from medlandmark.records.run import RunSettings
+from medlandmark.records.weights import load_checkpoint
 from medlandmark.training import loop
-from medlandmark.training.checkpoint import load_checkpoint
 from medlandmark.training.loop import TrainingError, TrainOptions, train
+from medlandmark.training.state import TrainState, mixed_precision
 
 from .conftest import synthetic_training_set
 
@@ -77,7 +80,7 @@ def test_non_finite_step_stops_naming_it_and_keeps_the_last_good_state(
         assert torch.isfinite(saved[name].float()).all() and torch.equal(saved[name], tensor), name
     monkeypatch.undo()
     record = train(tiny, tmp_path / "run", TrainOptions(**OPTIONS), resume=True)  # the saved state is usable
-    assert record["status"] == "finished" and record["step"] == 8
+    assert record.status == "finished" and record.step == 8
 
 
 def test_fp16_overflow_is_skipped_by_the_scaler_and_training_goes_on(tiny: Path, tmp_path: Path, monkeypatch) -> None:
@@ -86,14 +89,14 @@ def test_fp16_overflow_is_skipped_by_the_scaler_and_training_goes_on(tiny: Path,
     before = load_checkpoint(tmp_path / "three" / "checkpoint_latest.pt")
     _inject(monkeypatch, 3, lambda loss, _: loss * 1e30)  # finite in fp32, overflows the fp16 gradients
     record = train(tiny, tmp_path / "run", TrainOptions(**fp16, max_steps=4))
-    assert record["status"] == "stopped" and record["step"] == 4
+    assert record.status == "stopped" and record.step == 4
     after = load_checkpoint(tmp_path / "run" / "checkpoint_latest.pt")
     assert after["scaler"]["scale"] == before["scaler"]["scale"] / 2  # the scale backed off...
     for name, tensor in before["model"].items():  # ...and the step was skipped: weights unchanged
         assert torch.equal(after["model"][name], tensor), name
     monkeypatch.undo()
     record = train(tiny, tmp_path / "run", TrainOptions(**fp16), resume=True)
-    assert record["status"] == "finished" and record["step"] == 8
+    assert record.status == "finished" and record.step == 8
     final = _weights(tmp_path / "run")
     assert all(torch.isfinite(t.float()).all() for t in final.values())
     assert any(not torch.equal(final[n], t) for n, t in before["model"].items()), "training went on"
@@ -113,10 +116,13 @@ def test_fp16_run_whose_gradients_always_overflow_stops(tiny: Path, tmp_path: Pa
 
 def test_amp_choices() -> None:
     cpu = torch.device("cpu")
-    dtype, scaler = loop._mixed_precision("fp16", cpu)
-    assert dtype == torch.float16 and scaler.is_enabled()
-    dtype, scaler = loop._mixed_precision("bf16", cpu)
+    settings = RunSettings(**{**training_defaults().model_dump(), "learning_rate": 1e-3, "batch_size": 2})
+    model = torch.nn.Linear(2, 2)
+    dtype = mixed_precision("fp16", cpu)
+    assert dtype == torch.float16 and TrainState.create(model, settings, dtype).scaler.is_enabled()
+    dtype = mixed_precision("bf16", cpu)
+    scaler = TrainState.create(model, settings, dtype).scaler
     assert dtype == torch.bfloat16 and not scaler.is_enabled()  # bf16 has fp32's range: no scaler
-    assert loop._mixed_precision("auto", cpu)[0] is None and loop._mixed_precision("off", cpu)[0] is None
+    assert mixed_precision("auto", cpu) is None and mixed_precision("off", cpu) is None
     with pytest.raises(TrainingError, match="unknown amp 'float16'.*fp16"):
-        loop._mixed_precision("float16", cpu)
+        loop._amp_dtype("float16", cpu)

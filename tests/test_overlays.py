@@ -10,15 +10,15 @@ import pytest
 from scipy import ndimage
 
 from medlandmark.errors import MedlandmarkError
-from medlandmark.inference.overlays import (
+from medlandmark.io.geometry import Geometry, index_to_world
+from medlandmark.io.images import ImageData
+from medlandmark.io.landmarks import LandmarkSet
+from medlandmark.overlays import (
     PREDICTION_COLOUR,
     figure_3d,
     overlay_2d,
     overlay_3d,
 )
-from medlandmark.io.geometry import Geometry, index_to_world
-from medlandmark.io.images import ImageData
-from medlandmark.io.landmarks import LandmarkSet
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 RED = np.array([int(PREDICTION_COLOUR[i : i + 2], 16) / 255 for i in (1, 3, 5)])

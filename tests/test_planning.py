@@ -41,19 +41,19 @@ def _rounds(n: int, value) -> list:
 
 def test_isotropic_mr_plans_one_isotropic_fullres_configuration() -> None:
     plan = make_plan(fingerprint(_rounds(30, [1.0, 1.0, 1.0]), _rounds(30, [120, 140, 130])))
-    assert plan["target_spacing_mm"] == [1.0, 1.0, 1.0]
-    assert plan["transpose_forward"] == [0, 1, 2]
-    assert list(plan["configurations"]) == ["3d_fullres"]  # one patch covers over half the image
-    config = plan["configurations"]["3d_fullres"]
-    patch = np.asarray(config["patch_size"])
-    divisor = 2 ** np.asarray(config["topology"]["pools_per_axis"])
+    assert plan.target_spacing_mm == [1.0, 1.0, 1.0]
+    assert plan.transpose_forward == [0, 1, 2]
+    assert list(plan.configurations) == ["3d_fullres"]  # one patch covers over half the image
+    config = plan.configurations["3d_fullres"]
+    patch = np.asarray(config.patch_size)
+    divisor = 2 ** np.asarray(config.topology.pools_per_axis)
     assert (patch <= np.ceil(np.array([120, 140, 130]) / divisor) * divisor).all()  # within the image
     assert np.prod(patch) * CASCADE_AREA_RATIO >= 120 * 140 * 130  # why there is no cascade
-    assert all(k == [3, 3, 3] for k in config["topology"]["kernel_sizes"])
-    assert len(set(config["topology"]["pools_per_axis"])) == 1  # pooled alike on every axis
-    assert plan["normalization"] == [{"scheme": "zscore_per_image"}]
-    assert config["estimated_gpu_memory_gb"] <= 8.0 - 0.75
-    assert config["heatmap_sigma_mm"] == pytest.approx(5.0)  # half the smallest distance, within 2-5 voxels
+    assert all(k == [3, 3, 3] for k in config.topology.kernel_sizes)
+    assert len(set(config.topology.pools_per_axis)) == 1  # pooled alike on every axis
+    assert [n.model_dump(exclude_none=True) for n in plan.normalization] == [{"scheme": "zscore_per_image"}]
+    assert config.estimated_gpu_memory_gb <= 8.0 - 0.75
+    assert config.heatmap_sigma_mm == pytest.approx(5.0)  # half the smallest distance, within 2-5 voxels
 
 
 def test_anisotropic_ct_takes_10th_percentile_spacing_transposes_and_skips_pooling_thick_axis() -> None:
@@ -62,16 +62,16 @@ def test_anisotropic_ct_takes_10th_percentile_spacing_transposes_and_skips_pooli
     spacings = [[0.7, 0.7, float(z)] for z in thick]  # (x, y, z)-like array order: thick axis last
     shapes = [[512, 512, int(300 / z)] for z in thick]
     plan = make_plan(fingerprint(spacings, shapes, modality="ct"))
-    assert plan["transpose_forward"] == [2, 0, 1]  # thick axis first
-    assert plan["transpose_backward"] == [1, 2, 0]
-    assert plan["target_spacing_mm"][0] == pytest.approx(np.percentile(thick, 10))
-    assert plan["target_spacing_mm"][1:] == [0.7, 0.7]
-    config = plan["configurations"][next(iter(plan["configurations"]))]
-    first_kernel = config["topology"]["kernel_sizes"][0]
+    assert plan.transpose_forward == [2, 0, 1]  # thick axis first
+    assert plan.transpose_backward == [1, 2, 0]
+    assert plan.target_spacing_mm[0] == pytest.approx(np.percentile(thick, 10))
+    assert plan.target_spacing_mm[1:] == [0.7, 0.7]
+    config = plan.configurations[next(iter(plan.configurations))]
+    first_kernel = config.topology.kernel_sizes[0]
     assert first_kernel == [1, 3, 3]  # 2.5 mm is over 2x the in-plane spacing
-    assert config["topology"]["strides"][1] == [1, 2, 2]  # in-plane pooled first
-    assert plan["normalization"][0]["scheme"] == "ct"
-    assert plan["normalization"][0]["clip"] == [-1000.0, 1500.0]
+    assert config.topology.strides[1] == [1, 2, 2]  # in-plane pooled first
+    assert plan.normalization[0].scheme == "ct"
+    assert plan.normalization[0].clip == (-1000.0, 1500.0)
 
 
 def test_median_spacing_when_thick_axis_has_many_voxels() -> None:
@@ -82,32 +82,32 @@ def test_median_spacing_when_thick_axis_has_many_voxels() -> None:
 
 def test_large_radiograph_gets_a_cascade_covering_the_whole_image() -> None:
     plan = make_plan(fingerprint(_rounds(150, [0.1, 0.1]), _rounds(150, [2400, 1935]), modality="xray", smallest=1.5))
-    configs = plan["configurations"]
+    configs = plan.configurations
     assert {"2d_coarse", "2d_fine", "2d"} <= set(configs)
     coarse, fine = configs["2d_coarse"], configs["2d_fine"]
-    assert plan["default_configuration"] == "2d_coarse"
-    assert coarse["next_stage"] == "2d_fine" and fine["previous_stage"] == "2d_coarse"
-    assert fine["spacing_mm"] == [0.1, 0.1]
-    coarse_image = np.array([2400, 1935]) * 0.1 / np.array(coarse["spacing_mm"])
-    assert (np.asarray(coarse["patch_size"]) >= np.floor(coarse_image)).all()  # whole image in one patch
-    assert np.prod(configs["2d"]["patch_size"]) * CASCADE_AREA_RATIO < 2400 * 1935
-    assert coarse["data_identifier"] != fine["data_identifier"] == configs["2d"]["data_identifier"]
+    assert plan.default_configuration == "2d_coarse"
+    assert coarse.next_stage == "2d_fine" and fine.previous_stage == "2d_coarse"
+    assert fine.spacing_mm == [0.1, 0.1]
+    coarse_image = np.array([2400, 1935]) * 0.1 / np.array(coarse.spacing_mm)
+    assert (np.asarray(coarse.patch_size) >= np.floor(coarse_image)).all()  # whole image in one patch
+    assert np.prod(configs["2d"].patch_size) * CASCADE_AREA_RATIO < 2400 * 1935
+    assert coarse.data_identifier != fine.data_identifier == configs["2d"].data_identifier
     # sigma: half of 1.5 mm = 0.75 mm; at 0.1 mm that is over 5 voxels, so 0.5 mm
-    assert fine["heatmap_sigma_mm"] == pytest.approx(0.5)
-    assert "hyatt" in fine["architectures"] and "h3de" not in fine["architectures"]
+    assert fine.heatmap_sigma_mm == pytest.approx(0.5)
+    assert "hyatt" in fine.architectures and "h3de" not in fine.architectures
 
 
 def test_target_spacing_override_is_per_image_axis_and_moves_every_stage() -> None:
     spacings, shapes = _rounds(20, [0.7, 0.7, 5.0]), _rounds(20, [512, 512, 60])
     planned = make_plan(fingerprint(spacings, shapes, modality="ct"))
-    assert planned["transpose_forward"] == [2, 0, 1] and planned["target_spacing_overridden"] is False
+    assert planned.transpose_forward == [2, 0, 1] and planned.target_spacing_overridden is False
     plan = make_plan(fingerprint(spacings, shapes, modality="ct"), spacing_override_mm=[1.5, 1.5, 3.0])
-    assert plan["target_spacing_overridden"] is True
-    assert plan["target_spacing_mm"] == [3.0, 1.5, 1.5]  # given in image axes, stored transposed
-    assert plan["median_shape_at_target"] == pytest.approx([100.0, 238.93, 238.93], abs=0.01)
+    assert plan.target_spacing_overridden is True
+    assert plan.target_spacing_mm == [3.0, 1.5, 1.5]  # given in image axes, stored transposed
+    assert plan.median_shape_at_target == pytest.approx([100.0, 238.93, 238.93], abs=0.01)
     radiograph = fingerprint(_rounds(10, [0.1, 0.1]), _rounds(10, [2400, 1935]), modality="xray", smallest=3.0)
     one_value = make_plan(radiograph, gpu_memory_gb=1.0, base_features=16, spacing_override_mm=[0.4])
-    assert one_value["configurations"]["2d_fine"]["spacing_mm"] == [0.4, 0.4]
+    assert one_value.configurations["2d_fine"].spacing_mm == [0.4, 0.4]
     for bad in ([0.0], [float("nan")], [1.0, 1.0, 1.0], [-1.0]):
         with pytest.raises(ValueError, match="target spacing"):
             make_plan(radiograph, spacing_override_mm=bad)
@@ -115,23 +115,23 @@ def test_target_spacing_override_is_per_image_axis_and_moves_every_stage() -> No
 
 def test_tiny_2d_image_is_one_patch_with_minimum_batch() -> None:
     plan = make_plan(fingerprint(_rounds(20, [0.5, 0.5]), _rounds(20, [64, 64]), modality="xray"))
-    assert list(plan["configurations"]) == ["2d"]
-    config = plan["configurations"]["2d"]
-    assert config["patch_size"] == [64, 64]
-    assert config["batch_size"] == 2  # 5 % of 20 images is less than one patch: the minimum
-    assert config["topology"]["pools_per_axis"] == [4, 4]  # down to 4 x 4 feature maps
+    assert list(plan.configurations) == ["2d"]
+    config = plan.configurations["2d"]
+    assert config.patch_size == [64, 64]
+    assert config.batch_size == 2  # 5 % of 20 images is less than one patch: the minimum
+    assert config.topology.pools_per_axis == [4, 4]  # down to 4 x 4 feature maps
 
 
 def test_bigger_budget_never_gives_a_smaller_patch() -> None:
     fp = fingerprint(_rounds(10, [1.0, 1.0, 1.0]), _rounds(10, [300, 300, 300]))
-    sizes = [np.prod(make_plan(fp, gpu_memory_gb=gb)["configurations"]["3d_fullres"]["patch_size"]) for gb in (4, 8, 16, 40)]
+    sizes = [np.prod(make_plan(fp, gpu_memory_gb=gb).configurations["3d_fullres"].patch_size) for gb in (4, 8, 16, 40)]
     assert sizes == sorted(sizes)
     assert sizes[0] < sizes[-1]
 
 
 def test_topology_patch_is_divisible_and_memory_grows_with_batch() -> None:
     topology = network_topology([100, 90], [1.0, 1.0])
-    assert all(p % d == 0 for p, d in zip(topology["patch_size"], topology["divisor"], strict=True))
+    assert all(p % d == 0 for p, d in zip(topology.patch_size, topology.divisor, strict=True))
     assert training_memory_gb(topology, 4, 10) > training_memory_gb(topology, 2, 10)
 
 

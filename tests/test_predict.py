@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import subprocess
 import sys
 from pathlib import Path
@@ -14,12 +13,13 @@ from scipy.spatial.transform import Rotation
 from torch import nn
 
 from medlandmark.datasets.dataset import DatasetSpec, write_spec
-from medlandmark.inference.batch import predict_files
+from medlandmark.inference.batch import PredictOptions, predict_files
 from medlandmark.inference.predictor import Predictor, swap_channels
 from medlandmark.io.geometry import Geometry, index_to_world
 from medlandmark.io.images import read_image, write_image
 from medlandmark.io.landmarks import LandmarkSet, read_landmarks, write_landmarks
 from medlandmark.planning import plan_dataset
+from medlandmark.records.run import RunRecord, read_run_record, write_run_record
 
 BLOB_SIGMA_MM = 4.0
 
@@ -54,11 +54,10 @@ def _blob_model(tmp_path: Path, gpu_memory_gb: float, shape=(30, 80, 90), spacin
     write_spec(dataset, DatasetSpec(name="blob", spatial_dims=3, landmarks=["tip"], modalities=["mr"]))
     plan = plan_dataset(dataset, gpu_memory_gb=gpu_memory_gb)
     models = tmp_path / "models"
-    for name in plan["configurations"]:
+    for name in plan.configurations:
         run = models / name
         run.mkdir(parents=True)
-        record = {"arch": "unet", "configuration": name, "plan": plan, "landmarks": ["tip"], "presence_threshold": 0.2}
-        (run / "run.json").write_text(json.dumps(record))
+        write_run_record(run, RunRecord(arch="unet", configuration=name, plan=plan, landmarks=["tip"], presence_threshold=0.2))
     return dataset, models, np.array(points)
 
 
@@ -75,8 +74,8 @@ def test_single_stage_prediction_is_exact_in_world_mm(tmp_path: Path) -> None:
     dataset, models, points = _blob_model(tmp_path, gpu_memory_gb=24.0)
     runs = sorted(p for p in models.iterdir())
     assert len(runs) == 1  # the whole volume fits one patch: no cascade
-    plan = json.loads((runs[0] / "run.json").read_text())["plan"]
-    assert plan["reorient"] and plan["transpose_forward"] == [2, 0, 1]  # both moves on the way in and back
+    plan = read_run_record(runs[0]).plan
+    assert plan.reorient and plan.transpose_forward == [2, 0, 1]  # both moves on the way in and back
     predictor = Predictor.from_run(runs[0], network_factory=_identity_factory)
     for case, point in enumerate(points):
         prediction = predictor.predict(dataset / "images" / f"c{case}.nii.gz")
@@ -93,7 +92,7 @@ def test_cascade_refines_at_full_resolution_and_stays_exact(cascade_blobs) -> No
         if not name.endswith(("_coarse", "_fine")):
             (models / name / "run.json").rename(models / name / "run.json.off")  # keep the cascade alone
     cascade = Predictor.from_run(models, network_factory=_identity_factory)
-    assert len(cascade.stages) == 2 and cascade.stages[0].configuration["stage"] == "coarse"
+    assert len(cascade.stages) == 2 and cascade.stages[0].configuration.stage == "coarse"
     for case, point in enumerate(points):
         image = read_image(dataset / "images" / f"c{case}.nii.gz")
         fine = np.linalg.norm(cascade.predict(image).landmarks.points_mm[0] - point)
@@ -136,7 +135,7 @@ def trained(tmp_path_factory):
 @pytest.mark.parametrize("output_format", ["csv", "json", "mrk.json", "fcsv"])
 def test_every_output_format_reads_back(trained, tmp_path: Path, output_format: str) -> None:
     dataset, run = trained
-    rows = predict_files(run, [dataset / "images" / "case000.png"], tmp_path / "out", output_format)
+    rows = predict_files(run, [dataset / "images" / "case000.png"], tmp_path / "out", PredictOptions(output_format))
     assert rows[0]["status"] == "ok"
     written = tmp_path / "out" / rows[0]["landmark_file"]
     back = read_landmarks(written, geometry=read_image(dataset / "images" / "case000.png", spacing_xy_mm=(1, 1)).geometry)
@@ -186,7 +185,7 @@ def test_end_to_end_on_real_isbi_train_predict_evaluate(small_isbi: Path, tmp_pa
     train(small_isbi, tmp_path / "run", TrainOptions(configuration="2d_coarse", epochs=1, iterations_per_epoch=6, fold="all"))
     truth = convert_isbi2015(shared_path("isbi2015"), tmp_path / "truth")
     images = [truth / "images" / f"{case}.jpg" for case in ("151", "152")]
-    rows = predict_files(tmp_path / "run", images, tmp_path / "pred", "json")
+    rows = predict_files(tmp_path / "run", images, tmp_path / "pred")
     assert [r["status"] for r in rows] == ["ok", "ok"]
     metrics = evaluate(tmp_path / "pred", truth, tmp_path / "eval")
     assert metrics["n_cases"] == 2 and metrics["missing"]["tp"] == 0
@@ -216,7 +215,7 @@ def test_spread_measures_the_heatmap_width_in_mm(tmp_path: Path) -> None:
 
 def test_overlay_option_writes_a_png_per_case(trained, tmp_path: Path) -> None:
     dataset, run = trained
-    rows = predict_files(run, [dataset / "images" / "case004.png"], tmp_path / "out", overlay=True)
+    rows = predict_files(run, [dataset / "images" / "case004.png"], tmp_path / "out", PredictOptions(overlay=True))
     assert rows[0]["status"] == "ok"
     assert (tmp_path / "out" / "overlays" / "case004.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
@@ -283,7 +282,7 @@ def test_a_landmark_far_from_its_expected_place_takes_the_peak_there(tmp_path: P
     offset = np.array([9.0, -12.0, 0.0])
     dataset, models, points = _blob_model(tmp_path, gpu_memory_gb=24.0)
     single = _guided(Predictor.from_run(next(models.iterdir()), network_factory=_identity_factory), offset)
-    geometry = single.stages[0].configuration["spacing_mm"]
+    geometry = single.stages[0].configuration.spacing_mm
     radius = max(3.0, 2 * max(geometry))
     found = single.predict(dataset / "images" / "c0.nii.gz").landmarks.points_mm[0]
     assert np.linalg.norm(found - (points[0] + offset)) <= radius + 0.5
@@ -295,7 +294,7 @@ def test_a_landmark_far_from_its_expected_place_takes_the_peak_there(tmp_path: P
         (folder / name).mkdir(parents=True)
         (folder / name / "run.json").write_text((cascade_models / name / "run.json").read_text())
     cascade = _guided(Predictor.from_run(folder, network_factory=_identity_factory), offset)
-    fine_spacing = cascade.stages[1].configuration["spacing_mm"]
+    fine_spacing = cascade.stages[1].configuration.spacing_mm
     found = cascade.predict(cascade_dataset / "images" / "c0.nii.gz").landmarks.points_mm[0]
     assert np.linalg.norm(found - (cascade_points[0] + offset)) <= max(3.0, 2 * max(fine_spacing)) + 0.5
     unguided = Predictor.from_run(folder, network_factory=_identity_factory)

@@ -68,8 +68,8 @@ def blobs(tmp_path_factory) -> Path:
 def test_blobs_sit_at_the_cached_landmark_indices(blobs: Path) -> None:
     plan = load_plan(blobs / "preprocessed")
     # the files' array axes run near world (x, y, z): reorientation puts z, the thick axis, first
-    assert plan["reorient"] and plan["transpose_forward"] == [0, 1, 2]
-    for config in plan["configurations"].values():
+    assert plan.reorient and plan.transpose_forward == [0, 1, 2]
+    for config in plan.configurations.values():
         for case in ("case0", "case1", "case2"):
             cached = load_cached_case(cache_folder(blobs / "preprocessed", config), case)
             assert cached.image.dtype == np.float16 and cached.geometry.shape == cached.image.shape[1:]
@@ -77,12 +77,12 @@ def test_blobs_sit_at_the_cached_landmark_indices(blobs: Path) -> None:
             for index in cached.landmarks_index:
                 image = np.asarray(cached.image[0], np.float32)
                 found = _weighted_centroid(image, index, cached.geometry.spacing_mm)
-                assert np.abs(found - index).max() < 0.2, (config["name"], case, found, index)
+                assert np.abs(found - index).max() < 0.2, (config.name, case, found, index)
 
 
 def test_cache_landmarks_map_back_to_world_exactly(blobs: Path) -> None:
     plan = load_plan(blobs / "preprocessed")
-    for config in plan["configurations"].values():
+    for config in plan.configurations.values():
         for case in ("case0", "case1", "case2"):
             cached = load_cached_case(cache_folder(blobs / "preprocessed", config), case)
             original = read_landmarks(blobs / "landmarks" / f"{case}.mrk.json")
@@ -102,7 +102,7 @@ def test_rerun_skips_up_to_date_cases_and_redoes_changed_ones(tmp_path: Path) ->
     write_landmarks(landmark_file, moved)
     again = preprocess_dataset(root, workers=1)
     assert all(counts == {"done": 1, "skipped": 1} for counts in again.values())
-    config = next(iter(load_plan(root / "preprocessed")["configurations"].values()))
+    config = next(iter(load_plan(root / "preprocessed").configurations.values()))
     cached = load_cached_case(cache_folder(root / "preprocessed", config), "case1")
     assert np.abs(index_to_world(cached.landmarks_index, cached.geometry) - moved.points_mm).max() < 1e-3
 
@@ -111,14 +111,14 @@ def test_case_without_completion_marker_is_absent_and_redone(tmp_path: Path) -> 
     root = _blob_dataset(tmp_path / "ds", cases=2)
     plan_dataset(root)
     preprocess_dataset(root, workers=1)
-    config = next(iter(load_plan(root / "preprocessed")["configurations"].values()))
+    config = next(iter(load_plan(root / "preprocessed").configurations.values()))
     folder = cache_folder(root / "preprocessed", config)
     complete = (folder / "case0.npy").read_bytes()
     (folder / "case0.json").unlink()  # as if killed between the voxels and the marker
     (folder / "case0.npy").write_bytes(complete[: len(complete) // 3])
     with pytest.raises(MedlandmarkError, match="not in the cache"):
         load_cached_case(folder, "case0")
-    counts = preprocess_dataset(root, workers=1, configurations=[config["name"]])
+    counts = preprocess_dataset(root, workers=1, configurations=[config.name])
     assert counts[folder.name] == {"done": 1, "skipped": 1}
     assert (folder / "case0.npy").read_bytes() == complete
     assert not [p for p in folder.iterdir() if ".partial" in p.name]
@@ -129,7 +129,7 @@ def test_parallel_workers_write_the_same_cache(tmp_path: Path) -> None:
     for root, workers in ((serial, 1), (parallel, 2)):
         plan_dataset(root)
         preprocess_dataset(root, workers=workers)
-    config = next(iter(load_plan(serial / "preprocessed")["configurations"].values()))
+    config = next(iter(load_plan(serial / "preprocessed").configurations.values()))
     for case in ("case0", "case1", "case2"):
         a = load_cached_case(cache_folder(serial / "preprocessed", config), case)
         b = load_cached_case(cache_folder(parallel / "preprocessed", config), case)
@@ -141,7 +141,7 @@ def _assert_round_trip(root: Path, configurations: list[str] | None = None) -> i
     preprocess_dataset(root, workers=min(2, os.cpu_count() or 1), configurations=configurations)
     plan = load_plan(root / "preprocessed")
     checked = 0
-    folders = {cache_folder(root / "preprocessed", plan["configurations"][n]) for n in configurations or plan["configurations"]}
+    folders = {cache_folder(root / "preprocessed", plan.configurations[n]) for n in configurations or plan.configurations}
     for folder in sorted(folders):
         for meta_path in sorted(folder.glob("*.json")):
             case_id = meta_path.stem

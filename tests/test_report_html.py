@@ -25,15 +25,15 @@ from medlandmark.evaluation.html_report import (
     CaseOverlays,
     report_html,
 )
-from medlandmark.evaluation.metrics import radius_key
-from medlandmark.inference.overlays import (
+from medlandmark.io.geometry import Geometry
+from medlandmark.io.images import write_image
+from medlandmark.io.landmarks import LandmarkSet, write_landmarks
+from medlandmark.metrics import radius_key
+from medlandmark.overlays import (
     PREDICTION_COLOUR,
     TRUTH_COLOUR,
     largest_error_landmark,
 )
-from medlandmark.io.geometry import Geometry
-from medlandmark.io.images import write_image
-from medlandmark.io.landmarks import LandmarkSet, write_landmarks
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 NUM_CASES_2D = 6

@@ -4,7 +4,6 @@ to the CPU, with the same landmarks; a full disk while checkpointing keeps the p
 from __future__ import annotations
 
 import errno
-import json
 import os
 from pathlib import Path
 
@@ -21,8 +20,9 @@ from medlandmark.io.geometry import Geometry, index_to_world
 from medlandmark.io.images import write_image
 from medlandmark.io.landmarks import LandmarkSet, write_landmarks
 from medlandmark.planning import plan_dataset
-from medlandmark.training import loop
-from medlandmark.training.checkpoint import load_checkpoint
+from medlandmark.records.run import RunRecord, write_run_record
+from medlandmark.records.weights import load_checkpoint
+from medlandmark.training import loop, state
 from medlandmark.training.loop import TrainOptions, train
 
 from .conftest import synthetic_training_set
@@ -67,12 +67,11 @@ def blob_run(tmp_path_factory) -> tuple[Path, list[Path]]:
         write_landmarks(root / "ds" / "landmarks" / f"c{case}.json", LandmarkSet(["tip"], point[None]))
     write_spec(root / "ds", DatasetSpec(name="blob2d", spatial_dims=2, landmarks=["tip"], modalities=["mr"]))
     plan = plan_dataset(root / "ds", gpu_memory_gb=24.0)
-    name = plan["default_configuration"]
-    plan["configurations"][name].update(patch_size=PATCH, batch_size=4)
+    name = plan.default_configuration
+    plan.configurations[name].patch_size, plan.configurations[name].batch_size = PATCH, 4
     run = root / "run"
     run.mkdir()
-    record = {"arch": "unet", "configuration": name, "plan": plan, "landmarks": ["tip"], "presence_threshold": 0.2}
-    (run / "run.json").write_text(json.dumps(record))
+    write_run_record(run, RunRecord(arch="unet", configuration=name, plan=plan, landmarks=["tip"], presence_threshold=0.2))
     return run, images
 
 
@@ -146,15 +145,15 @@ def dataset(tmp_path_factory) -> Path:
     return synthetic_training_set(tmp_path_factory.mktemp("disk") / "ds", num_cases=4, size_px=32)
 
 
-def _full_at_call(monkeypatch, name: str, number: int, fill) -> list:
-    """Make call ``number`` of ``loop.<name>`` run on a full disk (``fill(original, args)``)."""
-    original, calls = getattr(loop, name), []
+def _full_at_call(monkeypatch, module, name: str, number: int, fill) -> list:
+    """Make call ``number`` of ``module.<name>`` run on a full disk (``fill(original, args)``)."""
+    original, calls = getattr(module, name), []
 
     def on_a_full_disk(*args):
         calls.append(args)
         return fill(original, args) if len(calls) == number else original(*args)
 
-    monkeypatch.setattr(loop, name, on_a_full_disk)
+    monkeypatch.setattr(module, name, on_a_full_disk)
     return calls
 
 
@@ -168,18 +167,18 @@ def _text_on_a_full_disk(original, args):
 
 
 @pytest.mark.parametrize(
-    ("name", "number", "fill", "message"),
-    [  # the second checkpoint; the second epoch's log.csv (after run.json and the first log)
-        ("save_checkpoint", 2, _checkpoint_on_a_full_disk, "checkpoint_latest.pt: could not write the checkpoint: .*MB free on its disk.*previous one is intact"),
-        ("atomic_write_text", 3, _text_on_a_full_disk, "run: No space left on device; the last checkpoint is intact: free some space, then --resume"),
+    ("module", "name", "number", "fill", "message"),
+    [  # the second checkpoint; the second epoch's log.csv
+        (state, "save_checkpoint", 2, _checkpoint_on_a_full_disk, "checkpoint_latest.pt: could not write the checkpoint: .*MB free on its disk.*previous one is intact"),
+        (loop, "atomic_write_text", 2, _text_on_a_full_disk, "run: No space left on device; the last checkpoint is intact: free some space, then --resume"),
     ],
     ids=["checkpoint", "log"],
 )
 def test_disk_full_during_training_keeps_the_previous_checkpoint(
-    dataset: Path, tmp_path: Path, monkeypatch, name: str, number: int, fill, message: str,
+    dataset: Path, tmp_path: Path, monkeypatch, module, name: str, number: int, fill, message: str,
 ) -> None:
     run, options = tmp_path / "run", {"epochs": 3, "iterations_per_epoch": 2, "fold": "all"}
-    calls = _full_at_call(monkeypatch, name, number, fill)
+    calls = _full_at_call(monkeypatch, module, name, number, fill)
     with pytest.raises(MedlandmarkError, match=message):  # a clear one-line error, no traceback
         train(dataset, run, TrainOptions(**options))
     assert len(calls) == number
@@ -187,4 +186,4 @@ def test_disk_full_during_training_keeps_the_previous_checkpoint(
     assert not [p.name for p in run.iterdir() if ".partial-" in p.name]
     monkeypatch.undo()
     record = train(dataset, run, TrainOptions(**options), resume=True)
-    assert record["status"] == "finished" and record["step"] == 6
+    assert record.status == "finished" and record.step == 6

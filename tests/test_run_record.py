@@ -13,13 +13,14 @@ from medlandmark.errors import MedlandmarkError
 from medlandmark.inference.export import export_onnx
 from medlandmark.inference.predictor import Predictor
 from medlandmark.planning import plan_dataset
-from medlandmark.training.run_record import read_run_record
+from medlandmark.records.plan import load_plan
+from medlandmark.records.run import read_run_record
 
 
 @pytest.fixture(scope="module")
 def record(tmp_path_factory) -> dict:
     root = make_synthetic_dataset(tmp_path_factory.mktemp("synth") / "ds", num_cases=4, size_px=32)
-    plan = plan_dataset(root, gpu_memory_gb=1.0)
+    plan = plan_dataset(root, gpu_memory_gb=1.0).model_dump(mode="json")
     return {
         "arch": "unet", "configuration": plan["default_configuration"], "plan": plan,
         "landmarks": plan["landmarks"], "symmetric_pairs": [["tip_left", "tip_right"]],
@@ -38,7 +39,9 @@ def _write(folder: Path, record: dict) -> Path:
 
 
 def test_a_run_json_written_by_training_is_accepted(tmp_path, record):
-    assert read_run_record(_write(tmp_path / "run", record)) == json.loads(json.dumps(record))
+    read = read_run_record(_write(tmp_path / "run", record))
+    assert read.model_dump(mode="json", exclude_unset=True) == json.loads(json.dumps(record))
+    assert read.plan_configuration.name == record["configuration"] and read.presence_threshold == 0.3
 
 
 def _configuration(r: dict) -> dict:
@@ -88,3 +91,25 @@ def test_run_json_that_is_not_an_object_is_refused(tmp_path, text):
     (tmp_path / "run.json").write_text(text, encoding="latin-1")
     with pytest.raises(MedlandmarkError, match="invalid run.json"):
         read_run_record(tmp_path)
+
+
+PLAN_EDITS = {
+    "a misspelt key": (lambda p: p["training"].update(learning_rat=0.1), "learning_rat"),
+    "a negative batch": (lambda p: next(iter(p["configurations"].values())).update(batch_size=-1), "batch_size"),
+    "an unknown default": (lambda p: p.update(default_configuration="3d_nowhere"), "default_configuration"),
+    "a cascade link to nowhere": (lambda p: next(iter(p["configurations"].values())).update(next_stage="ghost"), "ghost"),
+    "an unknown normalisation": (lambda p: p["normalization"][0].update(scheme="minmax"), "scheme"),
+}
+
+
+@pytest.mark.parametrize("name", PLAN_EDITS)
+def test_a_hand_edited_plan_is_validated_when_loaded(tmp_path, record, name):
+    edit, expected = PLAN_EDITS[name]
+    plan = copy.deepcopy(record["plan"])
+    edit(plan)
+    (tmp_path / "plans.json").write_text(json.dumps(plan))
+    with pytest.raises(MedlandmarkError, match="plan schema") as raised:
+        load_plan(tmp_path)
+    assert expected in str(raised.value) and str(tmp_path / "plans.json") in str(raised.value)
+    (tmp_path / "plans.json").write_text(json.dumps(record["plan"]))
+    assert load_plan(tmp_path).model_dump(mode="json") == record["plan"]

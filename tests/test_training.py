@@ -14,7 +14,8 @@ import numpy as np
 import pytest
 import torch
 
-from medlandmark.training.checkpoint import load_checkpoint
+from medlandmark.records.plan import load_plan
+from medlandmark.records.weights import load_checkpoint
 from medlandmark.training.loop import TrainOptions, train
 
 from .conftest import synthetic_training_set
@@ -36,7 +37,7 @@ def synthetic(tmp_path_factory) -> Path:
 def test_training_writes_a_complete_run_and_the_loss_falls(synthetic: Path, tmp_path: Path) -> None:
     run = tmp_path / "run"
     record = train(synthetic, run, TrainOptions(epochs=4, iterations_per_epoch=10, validate_every=2, seed=1))
-    assert record["status"] == "finished" and record["step"] == 40
+    assert record.status == "finished" and record.step == 40
     for name in ("run.json", "checkpoint_latest.pt", "model_best.safetensors", "model_final.safetensors", "log.csv", "training_curve.png"):
         assert (run / name).is_file(), name
     losses = _log_losses(run)
@@ -52,9 +53,9 @@ def test_resume_after_a_stop_equals_an_uninterrupted_run(synthetic: Path, tmp_pa
     options = {"epochs": 2, "iterations_per_epoch": 5, "validate_every": 1, "deterministic": True, "seed": 3}
     whole = train(synthetic, tmp_path / "whole", TrainOptions(**options))
     first = train(synthetic, tmp_path / "split", TrainOptions(**options, max_steps=5))
-    assert first["status"] == "stopped" and first["step"] == 5
+    assert first.status == "stopped" and first.step == 5
     second = train(synthetic, tmp_path / "split", TrainOptions(**options), resume=True)
-    assert whole["step"] == second["step"] == 10
+    assert whole.step == second.step == 10
     a = load_checkpoint(tmp_path / "whole" / "checkpoint_latest.pt")["model"]
     b = load_checkpoint(tmp_path / "split" / "checkpoint_latest.pt")["model"]
     for name in a:
@@ -114,16 +115,16 @@ def test_fine_stage_offsets_come_from_the_coarse_runs_measured_error(small_isbi:
     from medlandmark.training.loop import _fine_offset_sd
 
     coarse = train(small_isbi, tmp_path / "coarse", TrainOptions(configuration="2d_coarse", epochs=1, iterations_per_epoch=4, fold=0))
-    measured = coarse["best"]["error_sd_voxels"]
+    measured = coarse.best.error_sd_voxels
     assert len(measured) == 2 and all(v > 0 for v in measured)
-    plan = json.loads((small_isbi / "preprocessed" / "plans.json").read_text())
-    fine = plan["configurations"]["2d_fine"]
-    ratio = np.array(plan["configurations"]["2d_coarse"]["spacing_mm"]) / np.array(fine["spacing_mm"])
-    limit = np.array(fine["patch_size"]) / 6  # a coarse error beyond half a patch cannot be refined
+    plan = load_plan(small_isbi / "preprocessed")
+    fine = plan.configurations["2d_fine"]
+    ratio = np.array(plan.configurations["2d_coarse"].spacing_mm) / np.array(fine.spacing_mm)
+    limit = np.array(fine.patch_size) / 6  # a coarse error beyond half a patch cannot be refined
     np.testing.assert_allclose(_fine_offset_sd(fine, plan, str(tmp_path / "coarse")), np.minimum(np.array(measured) * ratio, limit))
     record = json.loads((tmp_path / "coarse" / "run.json").read_text())
     record["best"]["error_sd_voxels"] = [0.5, 0.25]
     (tmp_path / "coarse" / "run.json").write_text(json.dumps(record))
     np.testing.assert_allclose(_fine_offset_sd(fine, plan, str(tmp_path / "coarse")), np.array([0.5, 0.25]) * ratio)
     record = train(small_isbi, tmp_path / "fine", TrainOptions(configuration="2d_fine", epochs=1, iterations_per_epoch=2, fold="all", coarse_run=str(tmp_path / "coarse")))
-    assert record["status"] == "finished"
+    assert record.status == "finished"

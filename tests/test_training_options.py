@@ -8,8 +8,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from medlandmark.models import build_model
-from medlandmark.training.checkpoint import load_checkpoint, load_weights
+from medlandmark.models import network_for
+from medlandmark.records.run import read_run_record
+from medlandmark.records.weights import load_checkpoint, load_weights
 from medlandmark.training.loop import TrainOptions, train
 from medlandmark.training.optimization import build_optimizer, learning_rate_factor
 
@@ -23,9 +24,8 @@ def tiny(tmp_path_factory) -> Path:
 
 def test_ema_weights_are_the_ones_saved(tiny: Path, tmp_path: Path) -> None:
     train(tiny, tmp_path / "run", TrainOptions(epochs=1, iterations_per_epoch=4, fold="all", ema_decay=0.5))
-    record = json.loads((tmp_path / "run" / "run.json").read_text())
-    plan = record["plan"]
-    model = build_model("unet", plan["configurations"][record["configuration"]], len(record["landmarks"]))
+    record = read_run_record(tmp_path / "run")
+    model = network_for("unet", record.plan_configuration, len(record.landmarks))
     load_weights(tmp_path / "run" / "model_final.safetensors", model)
     raw = load_checkpoint(tmp_path / "run" / "checkpoint_latest.pt")
     assert raw["ema"] is not None
@@ -36,7 +36,7 @@ def test_ema_weights_are_the_ones_saved(tiny: Path, tmp_path: Path) -> None:
 
 def test_bf16_autocast_trains_on_cpu(tiny: Path, tmp_path: Path) -> None:
     record = train(tiny, tmp_path / "run", TrainOptions(epochs=1, iterations_per_epoch=3, fold="all", amp="bf16"))
-    assert record["status"] == "finished"
+    assert record.status == "finished"
 
 
 def test_sgd_with_poly_schedule(tiny: Path, tmp_path: Path) -> None:
@@ -49,7 +49,7 @@ def test_sgd_with_poly_schedule(tiny: Path, tmp_path: Path) -> None:
         record = train(tiny, tmp_path / "run", TrainOptions(epochs=1, iterations_per_epoch=3, fold="all"))
     finally:
         plan_path.write_text(original)
-    assert record["settings"]["optimizer"] == "sgd" and record["status"] == "finished"
+    assert record.settings.optimizer == "sgd" and record.status == "finished"
     state = load_checkpoint(tmp_path / "run" / "checkpoint_latest.pt")["optimizer"]
     assert state["param_groups"][0]["nesterov"] is True
 

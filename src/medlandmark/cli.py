@@ -14,9 +14,11 @@ from rich.markup import escape
 from medlandmark import __version__
 from medlandmark.console import configure, console
 from medlandmark.errors import MedlandmarkError
+from medlandmark.metrics import DEFAULT_RADII_MM
 
 EXIT_PROBLEMS = 1
 EXIT_ERROR = 2
+EXIT_INTERRUPTED = 130  # 128 + SIGINT, as shells report it
 DEFAULT_ISBI2015 = Path("../shared/data/isbi2015")  # where the project's data lives, next to a clone
 
 
@@ -70,6 +72,7 @@ def _verb(sub, name: str, summary: str, description: str, example: str) -> argpa
 
 
 def build_parser() -> argparse.ArgumentParser:
+    """The ``medlandmark`` parser: one sub-command per verb, its handler in ``func``."""
     parser = argparse.ArgumentParser(
         prog="medlandmark",
         description=(
@@ -83,13 +86,26 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--version", action="version", version=f"medlandmark {__version__}")
     sub = parser.add_subparsers(dest="verb", required=True, metavar="VERB")
+    for add_verb in (
+        _add_convert, _add_check, _add_plan, _add_preprocess, _add_models, _add_train,
+        _add_predict, _add_export, _add_evaluate, _add_demo,
+    ):  # fmt: skip
+        add_verb(sub)
+    return parser
 
+
+def _add_convert(sub) -> None:
     convert = _verb(
         sub, "convert", "Convert a public dataset into a medlandmark dataset folder.",
         "Writes OUT/dataset.json, OUT/images/ and OUT/landmarks/ (world mm), plus splits.",
         "medlandmark convert isbi2015 ../shared/data/isbi2015 data/isbi2015",
     )
     kinds = convert.add_subparsers(dest="kind", required=True, metavar="KIND")
+    for add_kind in (_add_isbi2015, _add_hand_xray, _add_afids, _add_afids_synth):
+        add_kind(kinds)
+
+
+def _add_isbi2015(kinds) -> None:
     isbi = _verb(
         kinds, "isbi2015", "ISBI 2015 cephalometric X-rays (19 landmarks, 0.1 mm pixels).",
         "SRC is the official layout (RawImage/, AnnotationsByMD/). Splits: train 001-150,\n"
@@ -99,6 +115,10 @@ def build_parser() -> argparse.ArgumentParser:
     isbi.add_argument("src", type=Path, help="folder with RawImage/ and AnnotationsByMD/")
     isbi.add_argument("out", type=Path, help="dataset folder to create")
     isbi.add_argument("--annotator", choices=["mean", "senior", "junior"], default="mean")
+    isbi.set_defaults(func=_convert_isbi2015)
+
+
+def _add_hand_xray(kinds) -> None:
     hand = _verb(
         kinds, "hand-xray", "Digital Hand Atlas radiographs (37 landmarks).",
         "SRC holds images/*.mha and landmarks_px.csv (id,x1,y1,...; pixels); spacing comes from\n"
@@ -107,6 +127,10 @@ def build_parser() -> argparse.ArgumentParser:
     )
     hand.add_argument("src", type=Path, help="folder with images/ and landmarks_px.csv")
     hand.add_argument("out", type=Path, help="dataset folder to create")
+    hand.set_defaults(func=_convert_hand_xray)
+
+
+def _add_afids(kinds) -> None:
     afids = _verb(
         kinds, "afids", "One 3D case from an image and a 3D Slicer fiducial file (AFIDs).",
         "Writes the image and its 32 AFIDs landmarks (Slicer .mrk.json, LPS) as one case.",
@@ -117,6 +141,10 @@ def build_parser() -> argparse.ArgumentParser:
     afids.add_argument("fcsv", type=Path, help="Slicer .fcsv or .mrk.json with the 32 AFIDs")
     afids.add_argument("out", type=Path, help="dataset folder to create (or add the case to)")
     afids.add_argument("--case-id", default=None, help="case id (default: the image file name)")
+    afids.set_defaults(func=_convert_afids)
+
+
+def _add_afids_synth(kinds) -> None:
     afids_synth = _verb(
         kinds, "afids-synth", "A 3D training set: random warps of one template with its 32 AFIDs.",
         "Each case is TEMPLATE seen through a random, exactly known warp (affine and smooth elastic),\n"
@@ -135,14 +163,20 @@ def build_parser() -> argparse.ArgumentParser:
     afids_synth.add_argument("out", type=Path, help="dataset folder to create")
     afids_synth.add_argument("--cases", type=int, default=60, help="number of cases (default 60)")
     afids_synth.add_argument("--seed", type=int, default=0, help="random seed, 0 or more (default 0)")
+    afids_synth.set_defaults(func=_convert_afids_synth)
 
+
+def _add_check(sub) -> None:
     check = _verb(
         sub, "check", "Check a dataset folder and report every problem, each with its file.",
         "Reads every image and landmark file. Exit 0 when clean (warnings allowed), 1 with problems.",
         "medlandmark check data/isbi2015",
     )
     check.add_argument("dataset", type=Path, help="dataset folder (with dataset.json)")
+    check.set_defaults(func=_check)
 
+
+def _add_plan(sub) -> None:
     plan = _verb(
         sub, "plan", "Fingerprint a dataset and decide every size: write plans.json.",
         "Computes (or reuses) PREPROCESSED/fingerprint.json, then writes PREPROCESSED/plans.json:\n"
@@ -161,7 +195,10 @@ def build_parser() -> argparse.ArgumentParser:
         help="target spacing instead of the planned one (the median): one value, or one per image axis",
     )
     plan.add_argument("--workers", type=int, default=2, help="parallel readers (default 2)")
+    plan.set_defaults(func=_plan)
 
+
+def _add_preprocess(sub) -> None:
     preprocess = _verb(
         sub, "preprocess", "Resample and normalise every case into the cache, as plans.json says.",
         "Writes PREPROCESSED/<data>/<case>.npy (float16, memory-mappable) and <case>.json (geometry,\n"
@@ -171,7 +208,10 @@ def build_parser() -> argparse.ArgumentParser:
     _dataset_arguments(preprocess, "dataset folder (with dataset.json)", "folder with plans.json")
     preprocess.add_argument("-c", "--configurations", nargs="+", default=None, help="default: all in the plan")
     preprocess.add_argument("--workers", type=int, default=2, help="parallel processes (default 2)")
+    preprocess.set_defaults(func=_preprocess)
 
+
+def _add_models(sub) -> None:
     models = _verb(
         sub, "models", "Print each network's parameter count and forward FLOPs for a plan.",
         "Builds every architecture that fits the plan (unet; hyatt in 2D; h3de in 3D) at the\n"
@@ -180,7 +220,10 @@ def build_parser() -> argparse.ArgumentParser:
     )
     _dataset_arguments(models, "dataset folder whose plan to read", "folder with plans.json")
     models.add_argument("-c", "--configuration", default=None, help="default: every configuration")
+    models.set_defaults(func=_models)
 
+
+def _add_train(sub) -> None:
     train = _verb(
         sub, "train", "Train a landmark network on the preprocessed cache.",
         "Writes RUN_DIR/run.json, checkpoint_latest.pt (resumable), model_best.safetensors,\n"
@@ -202,6 +245,12 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
     train.add_argument("--amp", default="auto", choices=["auto", "bf16", "fp16", "off"])
     train.add_argument("--ema", type=float, default=None, metavar="DECAY", help="keep a weight moving average")
+    _add_train_tuning(train)
+    train.set_defaults(func=_train)
+
+
+def _add_train_tuning(train: argparse.ArgumentParser) -> None:
+    """train's options for the missing-landmark target, augmentation, loss, seeds and resumption."""
     train.add_argument("--missing-target", choices=["mask", "zero"], default=None)
     train.add_argument(
         "--augment", type=_setting, action="append", default=[], metavar="NAME=VALUE",
@@ -218,6 +267,8 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--resume", action="store_true", help="continue the run in --out")
     train.add_argument("--coarse-run", type=Path, default=None, help="fine stage: the coarse stage's run (its error sets patch offsets)")
 
+
+def _add_predict(sub) -> None:
     predict = _verb(
         sub, "predict", "Predict landmarks in new images, in world mm of each original image.",
         "MODEL_DIR is a run folder, or a folder of runs: runs of one configuration are averaged\n"
@@ -242,7 +293,10 @@ def build_parser() -> argparse.ArgumentParser:
     )
     predict.add_argument("--onnx", nargs="?", const="run", default=None, metavar="MODEL.onnx",
                          help="run with onnxruntime: this file, or each run's model.onnx when no file is given")
+    predict.set_defaults(func=_predict)
 
+
+def _add_export(sub) -> None:
     export = _verb(
         sub, "export", "Export a run's network to ONNX and check it against PyTorch.",
         "Writes the network (full-resolution heatmaps of one patch, any batch size) and prints the\n"
@@ -254,7 +308,10 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument("--onnx", type=Path, default=None, help="output file (default RUN_DIR/model.onnx)")
     export.add_argument("--weights", choices=["best", "final"], default="best")
     export.add_argument("--opset", type=int, default=None)
+    export.set_defaults(func=_export)
 
+
+def _add_evaluate(sub) -> None:
     evaluate = _verb(
         sub, "evaluate", "Compare predicted landmarks with ground truth, in world mm.",
         "Evaluates the cases in --pred; writes OUT/metrics.json, OUT/report.md and PNG plots.",
@@ -263,8 +320,11 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--pred", type=Path, required=True, help="folder of predicted landmark files")
     evaluate.add_argument("--gt", type=Path, required=True, help="dataset folder or folder of landmark files")
     evaluate.add_argument("--out", type=Path, required=True, help="folder for metrics.json, report.md, plots")
-    evaluate.add_argument("--radii", type=_radii, default=[2.0, 2.5, 3.0, 4.0], help="SDR radii in mm")
+    evaluate.add_argument("--radii", type=_radii, default=list(DEFAULT_RADII_MM), help="SDR radii in mm")
+    evaluate.set_defaults(func=_evaluate)
 
+
+def _add_demo(sub) -> None:
     demo = _verb(
         sub, "demo", "Run the whole pipeline end to end on a small dataset, in minutes on a CPU.",
         "check -> plan -> preprocess -> train -> predict -> evaluate with a small configuration, on\n"
@@ -280,95 +340,130 @@ def build_parser() -> argparse.ArgumentParser:
         "--isbi2015", type=Path, nargs="?", const=DEFAULT_ISBI2015, default=None, metavar="PATH",
         help="ISBI 2015 challenge folder (official layout) instead of synthetic data",
     )
-    return parser
+    demo.set_defaults(func=_demo)
+
+
+def _convert_isbi2015(args: argparse.Namespace) -> int:
+    from medlandmark.datasets.converters import convert_isbi2015
+
+    convert_isbi2015(args.src, args.out, annotator=args.annotator)
+    return 0
+
+
+def _convert_hand_xray(args: argparse.Namespace) -> int:
+    from medlandmark.datasets.converters import convert_hand_xray
+
+    convert_hand_xray(args.src, args.out)
+    return 0
+
+
+def _convert_afids(args: argparse.Namespace) -> int:
+    from medlandmark.datasets.converters import convert_afids
+
+    convert_afids(args.image, args.fcsv, args.out, case_id=args.case_id)
+    return 0
+
+
+def _convert_afids_synth(args: argparse.Namespace) -> int:
+    from medlandmark.datasets.afids_synth import convert_afids_synth
+
+    convert_afids_synth(args.template, args.fcsv, args.out, cases=args.cases, seed=args.seed)
+    return 0
+
+
+def _check(args: argparse.Namespace) -> int:
+    from medlandmark.datasets.check import check_dataset, print_check_report
+
+    report = check_dataset(args.dataset)
+    print_check_report(report)
+    return 0 if report.ok else EXIT_PROBLEMS
+
+
+def _plan(args: argparse.Namespace) -> int:
+    from medlandmark.planning import plan_dataset
+
+    plan_dataset(
+        args.dataset, args.preprocessed, gpu_memory_gb=args.gpu_memory, workers=args.workers,
+        base_features=args.base_features, spacing_override_mm=args.target_spacing,
+    )  # fmt: skip
+    return 0
+
+
+def _preprocess(args: argparse.Namespace) -> int:
+    from medlandmark.preprocessing import preprocess_dataset
+
+    preprocess_dataset(args.dataset, args.preprocessed, args.configurations, workers=args.workers)
+    return 0
+
+
+def _models(args: argparse.Namespace) -> int:
+    from medlandmark.models import describe_models, print_model_table
+    from medlandmark.planning import load_plan, preprocessed_folder
+
+    plan = load_plan(preprocessed_folder(args.dataset, args.preprocessed))
+    names = [args.configuration] if args.configuration else list(plan.configurations)
+    print_model_table([row for name in names for row in describe_models(plan, name)])
+    return 0
+
+
+def _train(args: argparse.Namespace) -> int:
+    from medlandmark.training.loop import TrainOptions, train
+
+    options = TrainOptions(
+        configuration=args.configuration, arch=args.arch,
+        fold=args.fold if args.fold == "all" else int(args.fold), epochs=args.epochs,
+        iterations_per_epoch=args.iterations, batch_size=args.batch_size, learning_rate=args.lr,
+        validate_every=args.validate_every, max_steps=args.max_steps, device=args.device,
+        seed=args.seed, deterministic=args.deterministic, amp=args.amp, ema_decay=args.ema,
+        missing_target=args.missing_target, loss=args.loss, augment=dict(args.augment),
+        preprocessed=None if args.preprocessed is None else str(args.preprocessed),
+        coarse_run=None if args.coarse_run is None else str(args.coarse_run),
+    )  # fmt: skip
+    record = train(args.dataset, args.out, options, resume=args.resume)
+    return EXIT_INTERRUPTED if record.status == "interrupted" else 0
+
+
+def _predict(args: argparse.Namespace) -> int:
+    from medlandmark.inference.batch import PredictOptions, predict_files
+
+    options = PredictOptions(
+        output_format=args.format, device=args.device, tta=args.tta, overlay=args.overlay,
+        spacing_xy_mm=args.spacing, weights=args.weights, onnx=args.onnx,
+        shape_check=args.shape_check,
+    )  # fmt: skip
+    rows = predict_files(args.model_dir, args.inputs, args.out, options)
+    return EXIT_PROBLEMS if any(r["status"] == "failed" for r in rows) else 0
+
+
+def _export(args: argparse.Namespace) -> int:
+    from medlandmark.inference.export import export_onnx
+
+    out = args.onnx or args.run_dir / "model.onnx"
+    report = export_onnx(args.run_dir, out, args.weights, args.opset)
+    console.print(
+        f"wrote {report['onnx_path']} (opset {report['opset']}, input {report['input_shape']}); "
+        f"largest heatmap difference to PyTorch {report['max_abs_heatmap_difference']:.2e} "
+        f"(heatmap range {report['max_abs_heatmap']:.3g}, tolerance {report['tolerance']:.2e})"
+    )
+    return 0
+
+
+def _evaluate(args: argparse.Namespace) -> int:
+    from medlandmark.evaluation import evaluate, print_summary
+
+    print_summary(evaluate(args.pred, args.gt, args.out, radii=args.radii), args.out)
+    return 0
+
+
+def _demo(args: argparse.Namespace) -> int:
+    from medlandmark.demo import run_demo
+
+    return run_demo(args.out, kind="3d" if args.three_d else "2d", isbi2015=args.isbi2015)
 
 
 def run(args: argparse.Namespace) -> int:
-    """Dispatch one parsed command; returns the exit code."""
-    if args.verb == "convert":
-        from medlandmark.datasets import converters
-
-        if args.kind == "isbi2015":
-            converters.convert_isbi2015(args.src, args.out, annotator=args.annotator)
-        elif args.kind == "hand-xray":
-            converters.convert_hand_xray(args.src, args.out)
-        elif args.kind == "afids-synth":
-            from medlandmark.datasets.afids_synth import convert_afids_synth
-
-            convert_afids_synth(args.template, args.fcsv, args.out, cases=args.cases, seed=args.seed)
-        else:
-            converters.convert_afids(args.image, args.fcsv, args.out, case_id=args.case_id)
-        return 0
-    if args.verb == "check":
-        from medlandmark.datasets.check import check_dataset, print_check_report
-
-        report = check_dataset(args.dataset)
-        print_check_report(report)
-        return 0 if report.ok else EXIT_PROBLEMS
-    if args.verb == "plan":
-        from medlandmark.planning import plan_dataset
-
-        plan_dataset(
-            args.dataset, args.preprocessed, gpu_memory_gb=args.gpu_memory, workers=args.workers,
-            base_features=args.base_features, spacing_override_mm=args.target_spacing,
-        )
-        return 0
-    if args.verb == "preprocess":
-        from medlandmark.preprocessing import preprocess_dataset
-
-        preprocess_dataset(args.dataset, args.preprocessed, args.configurations, workers=args.workers)
-        return 0
-    if args.verb == "models":
-        from medlandmark.models import describe_models, print_model_table
-        from medlandmark.planning import load_plan, preprocessed_folder
-
-        plan = load_plan(preprocessed_folder(args.dataset, args.preprocessed))
-        names = [args.configuration] if args.configuration else list(plan["configurations"])
-        print_model_table([row for name in names for row in describe_models(plan, name)])
-        return 0
-    if args.verb == "train":
-        from medlandmark.training.loop import TrainOptions, train
-
-        options = TrainOptions(
-            configuration=args.configuration, arch=args.arch,
-            fold=args.fold if args.fold == "all" else int(args.fold), epochs=args.epochs,
-            iterations_per_epoch=args.iterations, batch_size=args.batch_size, learning_rate=args.lr,
-            validate_every=args.validate_every, max_steps=args.max_steps, device=args.device,
-            seed=args.seed, deterministic=args.deterministic, amp=args.amp, ema_decay=args.ema,
-            missing_target=args.missing_target, loss=args.loss, augment=dict(args.augment),
-            preprocessed=None if args.preprocessed is None else str(args.preprocessed),
-            coarse_run=None if args.coarse_run is None else str(args.coarse_run),
-        )  # fmt: skip
-        record = train(args.dataset, args.out, options, resume=args.resume)
-        return 130 if record["status"] == "interrupted" else 0
-    if args.verb == "predict":
-        from medlandmark.inference.batch import predict_files
-
-        rows = predict_files(
-            args.model_dir, args.inputs, args.out, args.format, args.device, args.tta,
-            args.overlay, args.spacing, args.weights, args.onnx, args.shape_check,
-        )  # fmt: skip
-        return EXIT_PROBLEMS if any(r["status"] == "failed" for r in rows) else 0
-    if args.verb == "export":
-        from medlandmark.inference.export import export_onnx
-
-        report = export_onnx(args.run_dir, args.onnx or args.run_dir / "model.onnx", args.weights, args.opset)
-        console.print(
-            f"wrote {report['onnx_path']} (opset {report['opset']}, input {report['input_shape']}); "
-            f"largest heatmap difference to PyTorch {report['max_abs_heatmap_difference']:.2e} "
-            f"(heatmap range {report['max_abs_heatmap']:.3g}, tolerance {report['tolerance']:.2e})"
-        )
-        return 0
-    if args.verb == "evaluate":
-        from medlandmark.evaluation import evaluate, print_summary
-
-        print_summary(evaluate(args.pred, args.gt, args.out, radii=args.radii), args.out)
-        return 0
-    if args.verb == "demo":
-        from medlandmark.demo import run_demo
-
-        return run_demo(args.out, kind="3d" if args.three_d else "2d", isbi2015=args.isbi2015)
-    raise AssertionError(f"unhandled verb {args.verb}")
+    """Run one parsed command; returns the exit code."""
+    return args.func(args)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -383,7 +478,7 @@ def main(argv: list[str] | None = None) -> int:
         return EXIT_ERROR
     except KeyboardInterrupt:
         console.print("interrupted")
-        return 130
+        return EXIT_INTERRUPTED
     except OSError as error:  # a file the system refuses (permissions, full disk...)
         if args.verbose:
             traceback.print_exc()

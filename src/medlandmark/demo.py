@@ -71,7 +71,7 @@ def run_demo(out: str | Path, kind: str = "2d", isbi2015: str | Path | None = No
         return 1
     step("plan", root / "preprocessed" / "plans.json")
     plan = plan_dataset(root, gpu_memory_gb=recipe.gpu_memory_gb, base_features=recipe.base_features)
-    configuration = plan["default_configuration"]
+    configuration = plan.default_configuration
     step("preprocess", root / "preprocessed")
     preprocess_dataset(root, configurations=[configuration])
     step(f"train a U-Net ({configuration}, fold 0)", out / "run")

@@ -24,7 +24,6 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Literal
 
-import numpy as np
 import torch
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 from torch import Tensor
@@ -37,7 +36,6 @@ from medlandmark.augment.spatial import (
     random_spatial_transform,
     swap_pairs,
 )
-from medlandmark.io.geometry import Geometry
 
 __all__ = [
     "MAX_INVERSE_RESIDUAL_VOXELS",
@@ -45,10 +43,8 @@ __all__ = [
     "SpatialTransform",
     "augment_batch",
     "augment_intensity",
-    "left_right_axis",
     "random_field_of_view_cut",
     "random_spatial_transform",
-    "symmetric_pair_indices",
 ]
 
 
@@ -200,19 +196,3 @@ def _check_shapes(images: Tensor, points: Tensor | None, patch_size: tuple[int, 
         raise ValueError(
             f"points must be (B={images.shape[0]}, K, {ndim}), got {tuple(points.shape)}"
         )
-
-
-def symmetric_pair_indices(
-    names: Sequence[str], pairs: Sequence[tuple[str, str]]
-) -> list[tuple[int, int]]:
-    """Index pairs of ``dataset.json``'s ``symmetric_pairs`` in the landmark order ``names``."""
-    position = {name: i for i, name in enumerate(names)}
-    missing = sorted({n for pair in pairs for n in pair} - set(position))
-    if missing:
-        raise ValueError(f"symmetric pairs name landmarks not in the list: {', '.join(missing)}")
-    return [(position[left], position[right]) for left, right in pairs]
-
-
-def left_right_axis(geometry: Geometry) -> int:
-    """The array axis most aligned with the world left-right (LPS x) direction."""
-    return int(np.argmax(np.abs(geometry.direction_matrix[0])))

@@ -26,6 +26,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from medlandmark.io.landmarks import pair_permutation
+
 if TYPE_CHECKING:
     from medlandmark.augment import AugmentConfig
 
@@ -377,16 +379,6 @@ def random_spatial_transform(
         patch_size=tuple(int(p) for p in patch_size),
         crop_size=tuple(int(s) for s in crop_size),
     )
-
-
-def pair_permutation(count: int, pairs: Sequence[tuple[int, int]]) -> list[int]:
-    """Landmark order after a mirroring: each index of a symmetric pair takes the other's place."""
-    order = list(range(count))
-    for left, right in pairs:
-        if not (0 <= left < count and 0 <= right < count) or left == right:
-            raise ValueError(f"symmetric pair ({left}, {right}) is not two of {count} landmarks")
-        order[left], order[right] = right, left
-    return order
 
 
 def swap_pairs(points: Tensor, pairs: Sequence[tuple[int, int]], mirrored: Tensor) -> Tensor:

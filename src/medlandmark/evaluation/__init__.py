@@ -20,22 +20,22 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
+from medlandmark import metrics as m
 from medlandmark.console import info, progress
 from medlandmark.errors import DatasetError, LandmarkFileError
-from medlandmark.evaluation import metrics as m
 from medlandmark.evaluation.html_report import write_html_report, write_worst_case_overlays
 from medlandmark.evaluation.report import WORST_CASES_SHOWN, print_summary, write_report
 from medlandmark.io.files import atomic_write_text, full_suffix, stem
 from medlandmark.io.landmarks import FORMAT_BY_SUFFIX, LandmarkSet, read_landmarks
+from medlandmark.metrics import DEFAULT_RADII_MM
+from medlandmark.records.run import PREDICTION_SUMMARY_FILE
 
 if TYPE_CHECKING:
     from medlandmark.datasets.dataset import Dataset
 
 __all__ = ["evaluate", "print_summary"]
 
-DEFAULT_RADII_MM = (2.0, 2.5, 3.0, 4.0)
 METRICS_FILE = "metrics.json"
-PREDICTION_SUMMARY_FILE = "summary.csv"  # written by `predict` beside the landmark files; not a case
 ERRORS_FILE = "radial_errors.csv"
 
 

@@ -16,7 +16,6 @@ from urllib.parse import quote
 
 from medlandmark.console import progress, warn
 from medlandmark.errors import MedlandmarkError
-from medlandmark.evaluation.metrics import radius_key
 from medlandmark.evaluation.report import (
     BOXPLOT_FILE,
     SDR_CURVE_FILE,
@@ -24,9 +23,10 @@ from medlandmark.evaluation.report import (
     format_mm,
     format_percent,
 )
-from medlandmark.inference.overlays import overlay_comparison
 from medlandmark.io.files import atomic_write_text
 from medlandmark.io.landmarks import LandmarkSet
+from medlandmark.metrics import radius_key
+from medlandmark.overlays import overlay_comparison
 
 if TYPE_CHECKING:
     from medlandmark.datasets.dataset import Dataset

@@ -15,13 +15,13 @@ from rich.markup import escape  # noqa: E402
 from rich.table import Table  # noqa: E402
 
 from medlandmark.console import console  # noqa: E402
-from medlandmark.evaluation.metrics import (  # noqa: E402
+from medlandmark.io.files import atomic_write_bytes, atomic_write_text  # noqa: E402
+from medlandmark.metrics import (  # noqa: E402
     evaluated,
     radius_key,
     sdr_curve,
     success_detection_rates,
 )
-from medlandmark.io.files import atomic_write_bytes, atomic_write_text  # noqa: E402
 
 REPORT_FILE = "report.md"
 BOXPLOT_FILE = "radial_errors_per_landmark.png"

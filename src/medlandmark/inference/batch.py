@@ -7,17 +7,18 @@ import csv
 import io
 import time
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
 from medlandmark.console import info, progress, warn
 from medlandmark.errors import MedlandmarkError
-from medlandmark.evaluation import PREDICTION_SUMMARY_FILE as SUMMARY_FILE
 from medlandmark.inference.predictor import Predictor
 from medlandmark.io.files import atomic_write_text, full_suffix, stem
 from medlandmark.io.images import IMAGE_SUFFIXES, read_image
 from medlandmark.io.landmarks import SUFFIX_BY_FORMAT, write_landmarks
+from medlandmark.records.run import PREDICTION_SUMMARY_FILE as SUMMARY_FILE
 
 SUMMARY_COLUMNS = ["case_id", "status", "landmark_file", "present", "missing", "mean_confidence", "seconds", "message"]
 OUTPUT_FORMATS = ("csv", "json", "mrk.json", "fcsv")
@@ -49,51 +50,84 @@ def collect_inputs(inputs: Sequence[str | Path]) -> list[tuple[str, Path]]:
     return cases
 
 
+@dataclass
+class PredictOptions:
+    """How to predict: the landmark file format, the device, test-time mirroring, overlays, a
+    pixel spacing for images that store none, which weights, ONNX Runtime instead of PyTorch
+    (``onnx``), and the shape check (see :class:`~medlandmark.inference.predictor.Predictor`)."""
+
+    output_format: str = "json"
+    device: str = "auto"
+    tta: bool = False
+    overlay: bool = False
+    spacing_xy_mm: Sequence[float] | None = None
+    weights: str = "best"
+    onnx: str | Path | None = None
+    shape_check: bool = True
+
+
 def predict_files(
-    model_dir: str | Path, inputs: Sequence[str | Path], out: str | Path, output_format: str = "json",
-    device: str = "auto", tta: bool = False, overlay: bool = False,
-    spacing_xy_mm: Sequence[float] | None = None, weights: str = "best", onnx: str | Path | None = None,
-    shape_check: bool = True,
-) -> list[dict]:
+    model_dir: str | Path, inputs: Sequence[str | Path], out: str | Path,
+    options: PredictOptions | None = None,
+) -> list[dict]:  # fmt: skip
     """Predict every input into ``out/<case_id>.<format>`` and ``out/summary.csv``; returns the
-    summary rows (``status`` is ``ok`` or ``failed``, with the reason). ``shape_check``: see
-    :class:`~medlandmark.inference.predictor.Predictor`."""
-    if output_format not in OUTPUT_FORMATS:
-        raise MedlandmarkError(f"unknown output format '{output_format}' (use {', '.join(OUTPUT_FORMATS)})")
+    summary rows (``status`` is ``ok`` or ``failed``, with the reason)."""
+    options = options or PredictOptions()
+    if options.output_format not in OUTPUT_FORMATS:
+        raise MedlandmarkError(
+            f"unknown output format '{options.output_format}' (use {', '.join(OUTPUT_FORMATS)})"
+        )
     out = Path(out)
     cases = collect_inputs(inputs)
-    predictor = Predictor.from_run(model_dir, device=device, weights=weights, tta=tta, onnx=onnx, shape_check=shape_check)
-    spacing = spacing_xy_mm or predictor.stages[0].spacing_mm
+    predictor = Predictor.from_run(
+        model_dir, device=options.device, weights=options.weights, tta=options.tta,
+        onnx=options.onnx, shape_check=options.shape_check,
+    )  # fmt: skip
+    spacing = options.spacing_xy_mm or predictor.stages[0].spacing_mm
     rows = []
     for case_id, path in progress(cases, description="predicting"):
         started = time.perf_counter()
         try:
             image = read_image(path, spacing_xy_mm=spacing)  # used only by formats that store none
             prediction = predictor.predict(image, name=str(path))
-            target = out / f"{case_id}{SUFFIX_BY_FORMAT[output_format]}"
+            target = out / f"{case_id}{SUFFIX_BY_FORMAT[options.output_format]}"
             write_landmarks(target, prediction.landmarks)
-            if overlay:
+            if options.overlay:
                 _write_overlay(out / "overlays" / f"{case_id}.png", image, prediction)
-            present = prediction.present
-            rows.append({
-                "case_id": case_id, "status": "ok", "landmark_file": target.name,
-                "present": int(present.sum()), "missing": int((~present).sum()),
-                "mean_confidence": round(float(np.mean(prediction.peak)), 4),
-                "seconds": round(time.perf_counter() - started, 3), "message": "",
-            })  # fmt: skip
+            rows.append(_summary_row(case_id, target, prediction, started))
         except MedlandmarkError as error:
             message = str(error) if error.path is not None else f"{path}: {error}"
             warn(message)
-            rows.append({"case_id": case_id, "status": "failed", "landmark_file": "", "present": "", "missing": "",
-                         "mean_confidence": "", "seconds": round(time.perf_counter() - started, 3), "message": message})  # fmt: skip
+            rows.append(_failure_row(case_id, message, started))
     _write_summary(out / SUMMARY_FILE, rows)
     failed = sum(r["status"] == "failed" for r in rows)
-    info(f"predicted {len(rows) - failed} of {len(rows)} images into {out}" + (f"; {failed} failed (see {SUMMARY_FILE})" if failed else ""))
+    failures = f"; {failed} failed (see {SUMMARY_FILE})" if failed else ""
+    info(f"predicted {len(rows) - failed} of {len(rows)} images into {out}{failures}")
     return rows
 
 
+def _summary_row(case_id: str, target: Path, prediction, started: float) -> dict:
+    present = prediction.present
+    return {
+        "case_id": case_id,
+        "status": "ok",
+        "landmark_file": target.name,
+        "present": int(present.sum()),
+        "missing": int((~present).sum()),
+        "mean_confidence": round(float(np.mean(prediction.peak)), 4),
+        "seconds": round(time.perf_counter() - started, 3),
+        "message": "",
+    }
+
+
+def _failure_row(case_id: str, message: str, started: float) -> dict:
+    row = dict.fromkeys(SUMMARY_COLUMNS, "")
+    seconds = round(time.perf_counter() - started, 3)
+    return {**row, "case_id": case_id, "status": "failed", "seconds": seconds, "message": message}
+
+
 def _write_overlay(path: Path, image, prediction) -> None:
-    from medlandmark.inference import overlays
+    from medlandmark import overlays
 
     draw = overlays.overlay_2d if image.ndim == 2 else overlays.overlay_3d
     draw(image, prediction.landmarks, path)

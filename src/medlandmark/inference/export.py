@@ -21,11 +21,10 @@ from torch import nn
 
 from medlandmark.errors import MedlandmarkError
 from medlandmark.io.files import atomic_path
-from medlandmark.training.run_record import read_run_record
+from medlandmark.records.run import RunRecord, read_run_record
 
 DEFAULT_OPSET = 17
 MIN_OPSET = 15  # CastLike (opset 15) in the floor division; attention needs 14
-WEIGHT_FILES = {"best": "model_best.safetensors", "final": "model_final.safetensors"}
 # Parity tolerance: the largest |torch - onnxruntime| heatmap difference accepted, in units of
 # max(1, largest |heatmap|). Float32 reordering gives 1e-7 to 1e-5 on the tested networks; a
 # wrongly translated op or a flipped top-k route gives differences of the heatmaps' own size.
@@ -57,50 +56,38 @@ def export_onnx(
         raise MedlandmarkError(f"ONNX opset {opset} is too old: {MIN_OPSET} or newer is needed")
     record = read_run_record(run_dir)
     network = run_network(run_dir, record, weights)
-    channels = len(record["plan"]["modalities"])
-    patch = [
-        int(p) for p in record["plan"]["configurations"][record["configuration"]]["patch_size"]
-    ]
+    channels = len(record.plan.modalities)
+    patch = [int(p) for p in record.plan_configuration.patch_size]
     wrapper = _FullResolution(network).eval()
     with atomic_path(out_path) as tmp:
-        _export(wrapper, (1, channels, *patch), tmp, opset, record["arch"], out_path)
+        _export(wrapper, (1, channels, *patch), tmp, opset, record.arch, out_path)
         try:
             difference, peak = heatmap_difference(wrapper, tmp, (PARITY_BATCH, channels, *patch))
         except MedlandmarkError as error:  # name the file asked for, not the temporary one
             raise MedlandmarkError(
-                f"the {record['arch']} network was exported but ONNX Runtime cannot run the graph; "
+                f"the {record.arch} network was exported but ONNX Runtime cannot run the graph; "
                 f"the file was not written ({error.detail})", out_path,
             ) from None  # fmt: skip
         tolerance = PARITY_TOLERANCE * max(1.0, peak)
         if not difference <= tolerance:  # also catches NaN
             raise MedlandmarkError(
-                f"ONNX export of the {record['arch']} network does not reproduce PyTorch: largest "
+                f"ONNX export of the {record.arch} network does not reproduce PyTorch: largest "
                 f"heatmap difference {difference:.3g} exceeds {tolerance:.3g} (largest heatmap "
                 f"value {peak:.3g}); the file was not written", out_path,
             )  # fmt: skip
     return {
         "onnx_path": str(out_path), "opset": opset, "input_shape": ["batch", channels, *patch],
-        "architecture": record["arch"], "weights": weights,
+        "architecture": record.arch, "weights": weights,
         "max_abs_heatmap_difference": difference, "max_abs_heatmap": peak, "tolerance": tolerance,
     }  # fmt: skip
 
 
-def run_network(run_dir: Path, record: dict, weights: str = "best") -> nn.Module:
+def run_network(run_dir: Path, record: RunRecord, weights: str = "best") -> nn.Module:
     """The run's network on the CPU in eval mode, with its ``weights`` ("best" or "final")."""
-    from medlandmark.models import build_model
-    from medlandmark.training.checkpoint import load_weights
+    from medlandmark.inference.networks import load_run_network
 
-    if weights not in WEIGHT_FILES:
-        raise MedlandmarkError(f"weights must be one of {', '.join(WEIGHT_FILES)}, got '{weights}'")
-    plan = record["plan"]
-    config = plan["configurations"][record["configuration"]]
-    try:
-        network = build_model(
-            record["arch"], config, len(record["landmarks"]), len(plan["modalities"])
-        )
-    except ValueError as error:
-        raise MedlandmarkError(str(error), run_dir / "run.json") from None
-    return load_weights(run_dir / WEIGHT_FILES[weights], network).eval()
+    network = load_run_network(run_dir, record, weights)
+    return network.to(memory_format=torch.contiguous_format)
 
 
 def _export(

@@ -15,23 +15,29 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from medlandmark.augment import left_right_axis, symmetric_pair_indices
 from medlandmark.console import warn
+from medlandmark.device import select_device
 from medlandmark.errors import MedlandmarkError
 from medlandmark.heatmaps import DEFAULT_PRESENCE_THRESHOLD, decode_heatmaps
-from medlandmark.inference.sliding_window import sliding_window_heatmaps
-from medlandmark.io.geometry import Geometry, cropped_geometry, index_to_world, world_to_index
+from medlandmark.inference.networks import load_run_network
+from medlandmark.io.geometry import (
+    Geometry,
+    cropped_geometry,
+    index_to_world,
+    left_right_axis,
+    world_to_index,
+)
 from medlandmark.io.images import ImageData, read_image
-from medlandmark.io.landmarks import LandmarkSet
-from medlandmark.models import build_model, channels_last
+from medlandmark.io.landmarks import LandmarkSet, pair_permutation, symmetric_pair_indices
 from medlandmark.preprocessing import preprocess_image
+from medlandmark.preprocessing.crops import crop_with_zeros
+from medlandmark.records.plan import Configuration, Plan
+from medlandmark.records.run import ONNX_FILE, RUN_FILE, RunRecord, read_run_record
 from medlandmark.shape_model import ShapeModel
-from medlandmark.training.checkpoint import load_weights
-from medlandmark.training.run_record import RUN_FILE, read_run_record
-from medlandmark.training.sampling import crop_with_zeros
+from medlandmark.sliding_window import sliding_window_heatmaps
 
-WEIGHT_FILES = {"best": "model_best.safetensors", "final": "model_final.safetensors"}
 Network = Callable[[torch.Tensor], Sequence[torch.Tensor]]
+NetworkFactory = Callable[[RunRecord, Path], Network]
 
 
 @dataclass
@@ -52,8 +58,8 @@ class Prediction:
 class Stage:
     """One configuration: its networks (one per fold), its plan, and what was learnt with it."""
 
-    configuration: dict
-    plan: dict
+    configuration: Configuration
+    plan: Plan
     networks: list[Network]
     presence_threshold: float
     pairs: list[tuple[int, int]]
@@ -67,7 +73,7 @@ class Stage:
         with the left-right mirrored prediction (pairs swapped back) when ``mirror``;
         ``batch_size`` sliding windows go through a network at once."""
         image = torch.from_numpy(np.ascontiguousarray(array, dtype=np.float32)).to(device)
-        patch = self.configuration["patch_size"]
+        patch = self.configuration.patch_size
         total = None
         for network in self.networks:
             heatmaps = sliding_window_heatmaps(network, image, patch, batch_size=batch_size)
@@ -92,10 +98,7 @@ def spread_in_mm(spread_per_axis_voxels: torch.Tensor, geometry: Geometry) -> np
 
 def swap_channels(heatmaps: torch.Tensor, pairs: Sequence[tuple[int, int]]) -> torch.Tensor:
     """Exchange the channels of each symmetric pair (what a mirroring does to their meaning)."""
-    order = list(range(heatmaps.shape[0]))
-    for left, right in pairs:
-        order[left], order[right] = right, left
-    return heatmaps[order]
+    return heatmaps[pair_permutation(heatmaps.shape[0], pairs)]
 
 
 class Predictor:
@@ -113,13 +116,13 @@ class Predictor:
     ):  # fmt: skip
         self.stages, self.names, self.device, self.tta = stages, names, torch.device(device), tta
         self.shape_check = shape_check
-        planned = min(int(s.configuration.get("batch_size", 1)) for s in stages)
+        planned = min(s.configuration.batch_size for s in stages)
         self.windows_per_batch = max(1, windows_per_batch or planned)
 
     @classmethod
     def from_run(
         cls, model_dir: str | Path, device: str = "auto", weights: str = "best", tta: bool = False,
-        network_factory: Callable[[dict, Path], Network] | None = None, onnx: str | Path | None = None,
+        network_factory: NetworkFactory | None = None, onnx: str | Path | None = None,
         shape_check: bool = True,
     ) -> Predictor:
         """Load a run folder, or a folder of runs (ensembles per configuration, a cascade when a
@@ -127,13 +130,13 @@ class Predictor:
         with onnxruntime: a file for a single run, or ``"run"`` for each run's ``model.onnx``."""
         if onnx is not None and network_factory is None:
             network_factory = _onnx_factory(onnx)
-        device = torch.device("cuda" if device == "auto" and torch.cuda.is_available() else ("cpu" if device == "auto" else device))
+        device = select_device(device)
         records = _run_records(Path(model_dir))
-        by_configuration: dict[str, list[tuple[Path, dict]]] = {}
+        by_configuration: dict[str, list[tuple[Path, RunRecord]]] = {}
         for path, record in records:
-            by_configuration.setdefault(record["configuration"], []).append((path, record))
-        names = records[0][1]["landmarks"]
-        if any(r["landmarks"] != names for _, r in records):
+            by_configuration.setdefault(record.configuration, []).append((path, record))
+        names = records[0][1].landmarks
+        if any(r.landmarks != names for _, r in records):
             raise MedlandmarkError("the runs were trained on different landmarks", model_dir)
         stages = [
             _stage(runs, device, weights, network_factory)
@@ -219,7 +222,7 @@ class Predictor:
         ``guided``, its peak near the patch centre, within :func:`guided_radius_mm`)."""
         fine = self.stages[1]
         array, geometry = preprocess_image(image, fine.plan, fine.configuration)
-        patch = np.asarray(fine.configuration["patch_size"])
+        patch = np.asarray(fine.configuration.patch_size)
         refined, refined_spread = points_mm.copy(), spread_mm.copy()
         radius_mm = None if guided is None else guided_radius_mm(guided, geometry)
         for k in np.flatnonzero(present):
@@ -283,16 +286,16 @@ def release_cached_memory(device: torch.device) -> None:
         torch.cuda.empty_cache()
 
 
-def _onnx_factory(onnx: str | Path) -> Callable[[dict, Path], Network]:
+def _onnx_factory(onnx: str | Path) -> NetworkFactory:
     from medlandmark.inference.export import OnnxNetwork
 
-    def factory(record: dict, folder: Path) -> Network:
-        return OnnxNetwork(folder / "model.onnx" if str(onnx) == "run" else Path(onnx))
+    def factory(record: RunRecord, folder: Path) -> Network:
+        return OnnxNetwork(folder / ONNX_FILE if str(onnx) == "run" else Path(onnx))
 
     return factory
 
 
-def _run_records(model_dir: Path) -> list[tuple[Path, dict]]:
+def _run_records(model_dir: Path) -> list[tuple[Path, RunRecord]]:
     if (model_dir / RUN_FILE).is_file():
         folders = [model_dir]
     else:
@@ -304,32 +307,46 @@ def _run_records(model_dir: Path) -> list[tuple[Path, dict]]:
 
 def _stage_order(by_configuration: dict[str, list], model_dir: Path) -> list[list]:
     """One stage, or the coarse stage followed by its fine stage."""
-    configurations = {name: runs[0][1]["plan"]["configurations"][name] for name, runs in by_configuration.items()}
-    coarse = [n for n, c in configurations.items() if c["stage"] == "coarse"]
+    configurations = {
+        name: runs[0][1].plan.configurations[name] for name, runs in by_configuration.items()
+    }
     if len(configurations) == 1:
         return list(by_configuration.values())
-    if len(coarse) == 1 and configurations[coarse[0]].get("next_stage") in configurations and len(configurations) == 2:
-        return [by_configuration[coarse[0]], by_configuration[configurations[coarse[0]]["next_stage"]]]
-    raise MedlandmarkError(f"cannot combine the configurations {sorted(configurations)}: give one configuration, or a coarse one and its fine one", model_dir)
+    coarse = [n for n, c in configurations.items() if c.stage == "coarse"]
+    if len(coarse) == 1 and len(configurations) == 2:
+        following = configurations[coarse[0]].next_stage
+        if following in configurations:
+            return [by_configuration[coarse[0]], by_configuration[following]]
+    raise MedlandmarkError(
+        f"cannot combine the configurations {sorted(configurations)}: give one configuration, "
+        "or a coarse one and its fine one",
+        model_dir,
+    )
 
 
-def _stage(runs: list[tuple[Path, dict]], device: torch.device, weights: str, network_factory) -> Stage:
+def _stage(
+    runs: list[tuple[Path, RunRecord]], device: torch.device, weights: str,
+    network_factory: NetworkFactory | None,
+) -> Stage:  # fmt: skip
+    """The networks of one configuration's runs (an ensemble) and what their runs learnt."""
     networks, thresholds = [], []
     for folder, record in runs:
-        plan = record["plan"]
-        configuration = plan["configurations"][record["configuration"]]
         if network_factory is not None:
             network = network_factory(record, folder)
         else:
-            network = build_model(record["arch"], configuration, len(record["landmarks"]), len(plan["modalities"]))
-            load_weights(folder / WEIGHT_FILES[weights], network)
-            network = channels_last(network.to(device), len(configuration["patch_size"])).eval()
+            network = load_run_network(folder, record, weights, device)
         networks.append(network)
-        thresholds.append(record.get("presence_threshold", DEFAULT_PRESENCE_THRESHOLD))
+        threshold = record.presence_threshold
+        thresholds.append(DEFAULT_PRESENCE_THRESHOLD if threshold is None else threshold)
     _, record = runs[0]
-    pairs = symmetric_pair_indices(record["landmarks"], [tuple(p) for p in record.get("symmetric_pairs", [])])
-    shape = record.get("shape_model")
+    pairs = symmetric_pair_indices(record.landmarks, record.symmetric_pairs)
+    shape = record.shape_model
     return Stage(
-        record["plan"]["configurations"][record["configuration"]], record["plan"], networks,
-        float(np.mean(thresholds)), pairs, record.get("spacing_mm"), None if shape is None else ShapeModel.from_dict(shape),
-    )  # fmt: skip
+        configuration=record.plan_configuration,
+        plan=record.plan,
+        networks=networks,
+        presence_threshold=float(np.mean(thresholds)),
+        pairs=pairs,
+        spacing_mm=record.spacing_mm,
+        shape_model=None if shape is None else ShapeModel.from_dict(shape.model_dump()),
+    )

@@ -254,3 +254,8 @@ def cropped_geometry(geometry: Geometry, start: Sequence[int], shape: Sequence[i
     """Geometry of ``array[start : start + shape]`` (``start`` may be negative: padding)."""
     origin = index_to_world(np.asarray(start, dtype=np.float64), geometry)
     return Geometry(geometry.spacing_mm, tuple(origin), geometry.direction, tuple(shape))
+
+
+def left_right_axis(geometry: Geometry) -> int:
+    """The array axis most aligned with the world left-right (LPS x) direction."""
+    return int(np.argmax(np.abs(geometry.direction_matrix[0])))

@@ -86,6 +86,27 @@ class LandmarkSet:
         )  # fmt: skip
 
 
+def symmetric_pair_indices(
+    names: Sequence[str], pairs: Sequence[tuple[str, str]]
+) -> list[tuple[int, int]]:
+    """Index pairs of ``dataset.json``'s ``symmetric_pairs`` in the landmark order ``names``."""
+    position = {name: i for i, name in enumerate(names)}
+    missing = sorted({n for pair in pairs for n in pair} - set(position))
+    if missing:
+        raise ValueError(f"symmetric pairs name landmarks not in the list: {', '.join(missing)}")
+    return [(position[left], position[right]) for left, right in pairs]
+
+
+def pair_permutation(count: int, pairs: Sequence[tuple[int, int]]) -> list[int]:
+    """Landmark order after a mirroring: each index of a symmetric pair takes the other's place."""
+    order = list(range(count))
+    for left, right in pairs:
+        if not (0 <= left < count and 0 <= right < count) or left == right:
+            raise ValueError(f"symmetric pair ({left}, {right}) is not two of {count} landmarks")
+        order[left], order[right] = right, left
+    return order
+
+
 def landmark_format(path: str | Path) -> str:
     """The format name a landmark file's suffix stands for."""
     suffix = full_suffix(path)

@@ -8,10 +8,33 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from medlandmark.errors import MedlandmarkError
 from medlandmark.models.registry import available_models, build_model, register_model
+from medlandmark.records.plan import Configuration, Plan
 
 __all__ = [
-    "available_models", "build_model", "channels_last", "count_parameters", "forward_flops", "register_model",
-]  # fmt: skip
+    "available_models",
+    "build_model",
+    "channels_last",
+    "count_parameters",
+    "forward_flops",
+    "network_for",
+    "register_model",
+]
+
+
+def network_for(
+    arch: str, configuration: Configuration, num_landmarks: int, in_channels: int = 1
+) -> nn.Module:
+    """The network ``arch`` as a plan configuration sizes it (its ``architectures[arch]``); a
+    ValueError when the configuration plans no such network."""
+    if arch not in configuration.architectures:
+        planned = ", ".join(configuration.architectures) or "none"
+        raise ValueError(
+            f"configuration '{configuration.name}' plans no '{arch}' network (it plans {planned})"
+        )
+    sizes = configuration.architectures[arch]
+    return build_model(
+        arch, num_landmarks, in_channels, spatial_dims=configuration.spatial_dims, **sizes
+    )
 
 
 def channels_last(x: torch.Tensor | nn.Module, spatial_dims: int) -> torch.Tensor | nn.Module:
@@ -35,23 +58,29 @@ def forward_flops(model: nn.Module, input_shape: tuple[int, ...]) -> int:
     return int(counter.get_total_flops())
 
 
-def describe_models(plan: dict, configuration: str) -> list[dict]:
+def describe_models(plan: Plan, configuration: str) -> list[dict]:
     """Parameters and forward FLOPs (batch 1, the configuration's patch) of every architecture
     that fits the plan's dimensionality."""
-    if configuration not in plan["configurations"]:
-        known = ", ".join(plan["configurations"])
-        raise MedlandmarkError(f"no configuration '{configuration}' in the plan (it has {known})")
-    config = plan["configurations"][configuration]
-    shape = (1, len(plan["modalities"]), *config["patch_size"])
+    try:
+        config = plan.configuration(configuration)
+    except KeyError as error:
+        raise MedlandmarkError(error.args[0]) from None
+    channels = len(plan.modalities)
+    shape = (1, channels, *config.patch_size)
     rows = []
     for arch, dims in sorted(available_models().items()):
-        if len(config["patch_size"]) not in dims or arch not in config.get("architectures", {}):
+        if config.spatial_dims not in dims or arch not in config.architectures:
             continue
-        model = build_model(arch, config, len(plan["landmarks"]), len(plan["modalities"]))
-        rows.append({
-            "architecture": arch, "configuration": configuration, "patch_size": config["patch_size"],
-            "parameters": count_parameters(model), "forward_flops": forward_flops(model, shape),
-        })  # fmt: skip
+        model = network_for(arch, config, len(plan.landmarks), channels)
+        rows.append(
+            {
+                "architecture": arch,
+                "configuration": configuration,
+                "patch_size": config.patch_size,
+                "parameters": count_parameters(model),
+                "forward_flops": forward_flops(model, shape),
+            }
+        )
     return rows
 
 

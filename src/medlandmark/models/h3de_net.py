@@ -253,9 +253,8 @@ def _init_weights(module: nn.Module) -> None:
 
 
 @register_model("h3de", spatial_dims=(3,))
-def build_h3de(plan_config: dict, num_landmarks: int, in_channels: int) -> H3DENet:
-    """H3DE-Net sized by ``plan_config["architectures"]["h3de"]`` (widths x width_multiplier)."""
-    sizes = plan_config["architectures"]["h3de"]
+def build_h3de(num_landmarks: int, in_channels: int = 1, **sizes: object) -> H3DENet:
+    """H3DE-Net sized by a plan configuration's ``architectures.h3de`` (widths x width_multiplier)."""
     multiplier = float(sizes.get("width_multiplier", 1.0))
     return H3DENet(
         in_channels, num_landmarks,
@@ -267,14 +266,16 @@ def build_h3de(plan_config: dict, num_landmarks: int, in_channels: int) -> H3DEN
     )  # fmt: skip
 
 
-def h3de_plan_config(
-    patch_size: Sequence[int] = (64, 64, 64), width_multiplier: float = CPU_WIDTH_MULTIPLIER,
-    n_win: Sequence = REFERENCE_N_WIN, **overrides: object,
-) -> dict:  # fmt: skip
-    """A minimal plan configuration for H3DE-Net (CPU-sized by default), for tests and demos."""
+def h3de_sizes(
+    width_multiplier: float = CPU_WIDTH_MULTIPLIER, n_win: Sequence = REFERENCE_N_WIN, **overrides: object
+) -> dict:
+    """H3DE-Net's builder arguments (CPU-sized by default), for tests and demos."""
     sizes = {
-        "width_multiplier": width_multiplier, "widths": list(FULL_WIDTHS),
-        "depths": list(FULL_DEPTHS), "n_win": list(n_win), "topk": list(FULL_TOPK),
-        "mlp_ratio": 4, **overrides,
-    }  # fmt: skip
-    return {"patch_size": list(patch_size), "architectures": {"h3de": sizes}}
+        "width_multiplier": width_multiplier,
+        "widths": list(FULL_WIDTHS),
+        "depths": list(FULL_DEPTHS),
+        "n_win": list(n_win),
+        "topk": list(FULL_TOPK),
+        "mlp_ratio": 4,
+    }
+    return {**sizes, **overrides}

@@ -54,12 +54,9 @@ def stage_widths(width_multiplier: float, head_dim: int) -> list[int]:
     return [round_width(w * width_multiplier, head_dim) for w in BASE_WIDTHS]
 
 
-def hyatt_config(
-    width_multiplier: float = 0.25, patch_size: Sequence[int] = (128, 128), **overrides
-) -> dict:
-    """A plan configuration holding only what ``build_hyatt`` reads (for tests and scripts)."""
-    arch = {**DEFAULT_HYATT, "width_multiplier": width_multiplier, **overrides}
-    return {"patch_size": list(patch_size), "architectures": {"hyatt": arch}}
+def hyatt_sizes(width_multiplier: float = 0.25, **overrides: object) -> dict:
+    """HYATT-Net's builder arguments: the paper's, at ``width_multiplier`` (for tests and scripts)."""
+    return {**DEFAULT_HYATT, "width_multiplier": width_multiplier, **overrides}
 
 
 class CBAM(nn.Module):
@@ -276,10 +273,9 @@ def _crop(t: torch.Tensor, sizes: tuple[int, ...], stride: tuple[int, ...]) -> t
 
 
 @register_model("hyatt", spatial_dims=(2,))
-def build_hyatt(plan_config: dict, num_landmarks: int, in_channels: int) -> HyattNet:
-    """HYATT-Net sized by ``plan_config["architectures"]["hyatt"]`` (missing keys: paper values)."""
-    arch = {**DEFAULT_HYATT, **plan_config.get("architectures", {}).get("hyatt", {})}
-    unknown = sorted(set(arch) - set(DEFAULT_HYATT))
+def build_hyatt(num_landmarks: int, in_channels: int = 1, **sizes: object) -> HyattNet:
+    """HYATT-Net sized by a plan configuration's ``architectures.hyatt`` (missing: paper values)."""
+    unknown = sorted(set(sizes) - set(DEFAULT_HYATT))
     if unknown:
         raise ValueError(f"unknown HYATT-Net settings in the plan: {', '.join(unknown)}")
-    return HyattNet(in_channels, num_landmarks, **arch)
+    return HyattNet(in_channels, num_landmarks, **{**DEFAULT_HYATT, **sizes})

@@ -1,9 +1,10 @@
-"""Build a network from its architecture name and a plan configuration (timm-style registry).
+"""Build a network from its architecture name and plain keyword arguments (timm-style registry).
 
-Every network module registers a constructor ``f(plan_config, num_landmarks, in_channels)``.
-Networks map ``(B, C, *patch)`` to a list of heatmaps: ``[0]`` at full resolution
-``(B, K, *patch)``, the rest deep-supervision outputs at the strides in ``model.output_strides``;
-``model.output_weights`` are the loss weights of the outputs.
+Every network module registers a builder ``f(num_landmarks, in_channels, **sizes)``; the plan's
+``architectures`` entry of a configuration holds those sizes (see
+:func:`medlandmark.models.network_for`). Networks map ``(B, C, *patch)`` to a list of heatmaps:
+``[0]`` at full resolution ``(B, K, *patch)``, the rest deep-supervision outputs at the strides
+in ``model.output_strides``; ``model.output_weights`` are the loss weights of the outputs.
 """
 
 from __future__ import annotations
@@ -12,14 +13,14 @@ from collections.abc import Callable
 
 from torch import nn
 
-_BUILDERS: dict[str, Callable[[dict, int, int], nn.Module]] = {}
+_BUILDERS: dict[str, Callable[..., nn.Module]] = {}
 _SPATIAL_DIMS: dict[str, tuple[int, ...]] = {}
 
 
 def register_model(name: str, spatial_dims: tuple[int, ...] = (2, 3)):
-    """Decorator registering ``builder(plan_config, num_landmarks, in_channels) -> nn.Module``."""
+    """Decorator registering ``builder(num_landmarks, in_channels, **sizes) -> nn.Module``."""
 
-    def decorate(builder: Callable[[dict, int, int], nn.Module]):
+    def decorate(builder: Callable[..., nn.Module]):
         _BUILDERS[name] = builder
         _SPATIAL_DIMS[name] = spatial_dims
         return builder
@@ -34,20 +35,20 @@ def available_models() -> dict[str, tuple[int, ...]]:
 
 
 def build_model(
-    arch: str, plan_config: dict, num_landmarks: int, in_channels: int = 1
+    arch: str, num_landmarks: int, in_channels: int = 1, *, spatial_dims: int, **sizes: object
 ) -> nn.Module:
-    """The network ``arch`` sized by ``plan_config`` (a configuration of ``plans.json``)."""
+    """The ``spatial_dims``-D network ``arch`` with ``num_landmarks`` heatmaps, sized by ``sizes``
+    (the builder's keyword arguments; a plan configuration's ``architectures[arch]``)."""
     _import_models()
     if arch not in _BUILDERS:
         raise ValueError(
             f"unknown architecture '{arch}' (available: {', '.join(sorted(_BUILDERS))})"
         )
-    spatial_dims = len(plan_config["patch_size"])
     if spatial_dims not in _SPATIAL_DIMS[arch]:
         raise ValueError(
             f"architecture '{arch}' is {_SPATIAL_DIMS[arch]}D only, the plan is {spatial_dims}D"
         )
-    return _BUILDERS[arch](plan_config, num_landmarks, in_channels)
+    return _BUILDERS[arch](num_landmarks, in_channels, **sizes)
 
 
 def _import_models() -> None:

@@ -105,10 +105,6 @@ class UNet(nn.Module):
 
 
 @register_model("unet", spatial_dims=(2, 3))
-def build_unet(plan_config: dict, num_landmarks: int, in_channels: int = 1) -> UNet:
-    """The U-Net of a plan configuration (``architectures.unet``)."""
-    sizes = plan_config["architectures"]["unet"]
-    return UNet(
-        in_channels, num_landmarks, sizes["features_per_stage"], sizes["strides"],
-        sizes["kernel_sizes"], sizes.get("n_conv_per_stage", 2), sizes.get("deep_supervision", True),
-    )  # fmt: skip
+def build_unet(num_landmarks: int, in_channels: int = 1, **sizes: object) -> UNet:
+    """The U-Net sized by a plan configuration's ``architectures.unet``."""
+    return UNet(in_channels, num_landmarks, **sizes)

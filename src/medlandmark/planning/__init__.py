@@ -9,19 +9,18 @@ from pathlib import Path
 from medlandmark.console import info
 from medlandmark.datasets.dataset import Dataset
 from medlandmark.errors import MedlandmarkError
-from medlandmark.io.files import atomic_write_text
 from medlandmark.planning.fingerprint import (
     FINGERPRINT_VERSION,
     compute_fingerprint,
     dataset_signature,
     write_fingerprint,
 )
-from medlandmark.planning.planner import BASE_FEATURES, PLANS_VERSION, make_plan, plan_summary
+from medlandmark.planning.planner import BASE_FEATURES, make_plan, plan_summary
+from medlandmark.records.plan import PLANS_FILE, Plan, load_plan, write_plan
 
 FINGERPRINT_FILE = "fingerprint.json"
-PLANS_FILE = "plans.json"
 
-__all__ = ["load_plan", "make_plan", "plan_dataset", "plan_summary", "preprocessed_folder"]
+__all__ = ["PLANS_FILE", "load_plan", "make_plan", "plan_dataset", "plan_summary", "preprocessed_folder"]
 
 
 def preprocessed_folder(dataset_root: str | Path, preprocessed: str | Path | None = None) -> Path:
@@ -32,7 +31,7 @@ def preprocessed_folder(dataset_root: str | Path, preprocessed: str | Path | Non
 def plan_dataset(
     dataset_root: str | Path, preprocessed: str | Path | None = None, gpu_memory_gb: float = 8.0,
     workers: int = 4, base_features: int = BASE_FEATURES, spacing_override_mm: Sequence[float] | None = None,
-) -> dict:
+) -> Plan:
     """Fingerprint the dataset (reusing an up-to-date ``fingerprint.json``), plan, write
     ``plans.json`` and print the plan's summary (``spacing_override_mm``: see ``make_plan``)."""
     dataset = Dataset(dataset_root)
@@ -45,24 +44,10 @@ def plan_dataset(
         plan = make_plan(fingerprint, gpu_memory_gb, base_features, spacing_override_mm)
     except ValueError as error:
         raise MedlandmarkError(str(error), dataset_root) from None
-    plan["dataset_path"] = str(Path(dataset_root).resolve())
-    atomic_write_text(folder / PLANS_FILE, json.dumps(plan, indent=1) + "\n")
+    plan.dataset_path = str(Path(dataset_root).resolve())
+    path = write_plan(folder, plan)
     info(plan_summary(plan))
-    info(f"wrote {folder / PLANS_FILE}")
-    return plan
-
-
-def load_plan(folder: str | Path) -> dict:
-    """Read ``plans.json`` from a preprocessed folder, checking its schema version."""
-    path = Path(folder) / PLANS_FILE
-    if not path.is_file():
-        raise MedlandmarkError("no plans.json: run 'medlandmark plan DATASET' first", path)
-    try:
-        plan = json.loads(path.read_text(encoding="utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as error:
-        raise MedlandmarkError(f"invalid JSON ({error})", path) from None
-    if not isinstance(plan, dict) or plan.get("version") != PLANS_VERSION:
-        raise MedlandmarkError(f"plans.json version {plan.get('version')!r} is not {PLANS_VERSION}; re-run plan", path)
+    info(f"wrote {path}")
     return plan
 
 

@@ -9,10 +9,18 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 import numpy as np
 
-PLANS_VERSION = 1
+from medlandmark.records.plan import (
+    Configuration,
+    Normalization,
+    Plan,
+    Topology,
+    TrainingSettings,
+)
+
 ANISOTROPY_THRESHOLD = 3.0
 MIN_FEATURE_MAP = 4
 MAX_POOLS = {2: 6, 3: 5}
@@ -69,9 +77,31 @@ def transpose_axes(spacing_mm: Sequence[float]) -> list[int]:
     return list(range(len(spacing)))
 
 
+@dataclass
+class PatchTopology:
+    """A patch and the U-Net topology it allows: strides and kernels per stage, poolings per
+    axis, the divisor each patch axis must be a multiple of, and features per stage."""
+
+    patch_size: list[int]
+    strides: list[list[int]]
+    kernel_sizes: list[list[int]]
+    pools_per_axis: list[int]
+    divisor: list[int]
+    features_per_stage: list[int]
+
+    def to_record(self) -> Topology:
+        """What ``plans.json`` keeps of it."""
+        return Topology(
+            strides=self.strides,
+            kernel_sizes=self.kernel_sizes,
+            pools_per_axis=self.pools_per_axis,
+            features_per_stage=self.features_per_stage,
+        )
+
+
 def network_topology(
     patch_size: Sequence[int], spacing_mm: Sequence[float], base_features: int = BASE_FEATURES
-) -> dict:
+) -> PatchTopology:
     """Pooling per axis and kernel sizes per stage (nnU-Net's rules), the patch size rounded up
     to be divisible by the total pooling of each axis, and features doubling from ``base_features``."""
     ndim = len(patch_size)
@@ -102,28 +132,25 @@ def network_topology(
     kernels[-1] = [3] * ndim  # the bottleneck always sees 3 voxels per axis
     divisor = [2**p for p in pools_per_axis]
     patch = [int(math.ceil(p / d) * d) for p, d in zip(patch_size, divisor, strict=True)]
-    return {
-        "patch_size": patch, "strides": strides, "kernel_sizes": kernels,
-        "pools_per_axis": pools_per_axis, "divisor": divisor,
-        "features_per_stage": [min(base_features * 2**i, MAX_FEATURES[ndim]) for i in range(len(strides))],
-    }  # fmt: skip
+    features = [min(base_features * 2**i, MAX_FEATURES[ndim]) for i in range(len(strides))]
+    return PatchTopology(patch, strides, kernels, pools_per_axis, divisor, features)
 
 
-def training_memory_gb(topology: dict, batch_size: int, num_landmarks: int) -> float:
+def training_memory_gb(topology: PatchTopology, batch_size: int, num_landmarks: int) -> float:
     """Estimated GPU memory of one training step of the U-Net: activations kept for the
     backward pass (both sides of every stage) plus weights, gradients and optimiser state."""
-    voxels = float(np.prod(topology["patch_size"]))
+    voxels = float(np.prod(topology.patch_size))
     activations, parameters = 0.0, 0.0
     in_features = 1
     for stride, kernel, features in zip(
-        topology["strides"], topology["kernel_sizes"], topology["features_per_stage"], strict=True
+        topology.strides, topology.kernel_sizes, topology.features_per_stage, strict=True
     ):
         voxels /= float(np.prod(stride))
         activations += voxels * features * ACTIVATIONS_PER_STAGE
         taps = float(np.prod(kernel))
         parameters += taps * features * (in_features + 3 * features) + float(np.prod(stride)) * features**2
         in_features = features
-    activations += float(np.prod(topology["patch_size"])) * num_landmarks * 3
+    activations += float(np.prod(topology.patch_size)) * num_landmarks * 3
     total_bytes = batch_size * activations * BYTES_PER_ACTIVATION + parameters * BYTES_PER_PARAMETER
     return total_bytes / 1024**3
 
@@ -131,7 +158,7 @@ def training_memory_gb(topology: dict, batch_size: int, num_landmarks: int) -> f
 def fit_patch_to_budget(
     spacing_mm: Sequence[float], median_shape: Sequence[float], gpu_memory_gb: float, num_landmarks: int,
     initial_voxels: float | None = None, base_features: int = BASE_FEATURES,
-) -> dict:
+) -> PatchTopology:
     """The largest patch (aspect ratio 1/spacing, at most the median shape) whose training step
     at batch size 2 fits the budget; shrinks the axis largest relative to the image first."""
     ndim = len(spacing_mm)
@@ -142,23 +169,23 @@ def fit_patch_to_budget(
     patch = np.minimum(np.round(patch), np.asarray(median_shape, float)).astype(int)
     topology = network_topology(patch, spacing_mm, base_features)
     while training_memory_gb(topology, MIN_BATCH, num_landmarks) > budget:
-        ratio = np.asarray(topology["patch_size"]) / np.asarray(median_shape, float)
+        ratio = np.asarray(topology.patch_size) / np.asarray(median_shape, float)
         axis = int(np.argmax(ratio))
-        patch = np.asarray(topology["patch_size"])
-        patch[axis] -= topology["divisor"][axis]
+        patch = np.asarray(topology.patch_size)
+        patch[axis] -= topology.divisor[axis]
         if patch[axis] < 2 * MIN_FEATURE_MAP:
             raise ValueError(f"no patch fits in {gpu_memory_gb} GB of GPU memory")
         topology = network_topology(patch, spacing_mm, base_features)
     return topology
 
 
-def batch_size(topology: dict, gpu_memory_gb: float, num_landmarks: int, dataset_voxels: float) -> int:
+def batch_size(topology: PatchTopology, gpu_memory_gb: float, num_landmarks: int, dataset_voxels: float) -> int:
     """As many samples as fit the budget, at most 5 % of the dataset's voxels, at least 2."""
     budget = gpu_memory_gb - RESERVED_GPU_GB
     size = MIN_BATCH
     while training_memory_gb(topology, size + 1, num_landmarks) <= budget:
         size += 1
-    cap = int(BATCH_DATASET_FRACTION * dataset_voxels / float(np.prod(topology["patch_size"])))
+    cap = int(BATCH_DATASET_FRACTION * dataset_voxels / float(np.prod(topology.patch_size)))
     return max(MIN_BATCH, min(size, cap))
 
 
@@ -173,28 +200,27 @@ def heatmap_sigma_mm(spacing_mm: Sequence[float], smallest_distance_mm: float | 
     return float(np.clip(smallest_distance_mm / 2.0, low * voxel, high * voxel))
 
 
-def normalization(modalities: Sequence[str], intensity: Sequence[dict]) -> list[dict]:
+def normalization(modalities: Sequence[str], intensity: Sequence[dict]) -> list[Normalization]:
     """CT: clip to the global 0.5/99.5 percentiles then the global z-score; otherwise per image."""
     schemes = []
     for modality, stats in zip(modalities, intensity, strict=True):
         if modality == "ct":
-            schemes.append({
-                "scheme": "ct", "clip": [stats["percentile_00_5"], stats["percentile_99_5"]],
-                "mean": stats["mean"], "std": max(stats["std"], 1e-8),
-            })  # fmt: skip
+            clip = (stats["percentile_00_5"], stats["percentile_99_5"])
+            std = max(stats["std"], 1e-8)
+            schemes.append(Normalization(scheme="ct", clip=clip, mean=stats["mean"], std=std))
         else:
-            schemes.append({"scheme": "zscore_per_image"})
+            schemes.append(Normalization(scheme="zscore_per_image"))
     return schemes
 
 
-def architecture_sizes(topology: dict, spatial_dims: int, gpu_memory_gb: float) -> dict:
+def architecture_sizes(topology: PatchTopology, spatial_dims: int, gpu_memory_gb: float) -> dict:
     """Sizes for every architecture, from the patch and the budget."""
-    patch = np.asarray(topology["patch_size"])
+    patch = np.asarray(topology.patch_size)
     width = float(np.clip(math.sqrt(gpu_memory_gb / 24.0), 0.25, 1.0))
     width = math.floor(width * 8) / 8
     sizes = {"unet": {
-        "features_per_stage": topology["features_per_stage"], "strides": topology["strides"],
-        "kernel_sizes": topology["kernel_sizes"], "n_conv_per_stage": 2, "deep_supervision": True,
+        "features_per_stage": topology.features_per_stage, "strides": topology.strides,
+        "kernel_sizes": topology.kernel_sizes, "n_conv_per_stage": 2, "deep_supervision": True,
     }}  # fmt: skip
     if spatial_dims == 2:
         regions = []
@@ -216,31 +242,46 @@ def architecture_sizes(topology: dict, spatial_dims: int, gpu_memory_gb: float) 
     return sizes
 
 
+@dataclass
+class _PlanningContext:
+    """What every configuration of one plan is sized from."""
+
+    fingerprint: dict
+    gpu_memory_gb: float
+
+    @property
+    def num_landmarks(self) -> int:
+        return len(self.fingerprint["landmarks"])
+
+
 def _configuration(
-    name: str, stage: str, spacing_mm: np.ndarray, topology: dict, fingerprint: dict,
-    gpu_memory_gb: float, dataset_voxels: float, data_identifier: str, **extra: object,
-) -> dict:
-    stats = fingerprint["landmark_statistics"]
-    num_landmarks = len(fingerprint["landmarks"])
-    sigma_mm = heatmap_sigma_mm(spacing_mm, stats.get("median_smallest_distance_mm"))
-    return {
-        "name": name, "stage": stage, "data_identifier": data_identifier,
-        "spacing_mm": [float(s) for s in spacing_mm],
-        "patch_size": topology["patch_size"],
-        "batch_size": batch_size(topology, gpu_memory_gb, num_landmarks, dataset_voxels),
-        "heatmap_sigma_mm": sigma_mm,
-        "heatmap_sigma_voxels": [sigma_mm / s for s in spacing_mm],
-        "estimated_gpu_memory_gb": round(training_memory_gb(topology, MIN_BATCH, num_landmarks), 3),
-        "topology": {k: topology[k] for k in ("strides", "kernel_sizes", "pools_per_axis", "features_per_stage")},
-        "architectures": architecture_sizes(topology, len(spacing_mm), gpu_memory_gb),
+    context: _PlanningContext, name: str, stage: str, spacing_mm: np.ndarray,
+    topology: PatchTopology, dataset_voxels: float, **extra: object,
+) -> Configuration:  # fmt: skip
+    """One configuration at ``spacing_mm`` (``dataset_voxels``: the training cases' voxels at
+    that spacing); ``extra`` links the stages of a cascade."""
+    smallest = context.fingerprint["landmark_statistics"].get("median_smallest_distance_mm")
+    sigma_mm = heatmap_sigma_mm(spacing_mm, smallest)
+    batch = batch_size(topology, context.gpu_memory_gb, context.num_landmarks, dataset_voxels)
+    memory = training_memory_gb(topology, MIN_BATCH, context.num_landmarks)
+    return Configuration(
+        name=name,
+        stage=stage,
+        data_identifier="data_coarse" if stage == "coarse" else "data_fullres",
+        spacing_mm=[float(s) for s in spacing_mm],
+        patch_size=topology.patch_size,
+        batch_size=batch,
+        heatmap_sigma_mm=sigma_mm,
+        heatmap_sigma_voxels=[sigma_mm / s for s in spacing_mm],
+        estimated_gpu_memory_gb=round(memory, 3),
+        topology=topology.to_record(),
+        architectures=architecture_sizes(topology, len(spacing_mm), context.gpu_memory_gb),
         **extra,
-    }  # fmt: skip
-
-
+    )
 def make_plan(
     fingerprint: dict, gpu_memory_gb: float = 8.0, base_features: int = BASE_FEATURES,
     spacing_override_mm: Sequence[float] | None = None,
-) -> dict:
+) -> Plan:  # fmt: skip
     """The whole plan for a fingerprint: spacing, transposition, normalisation, configurations.
     ``base_features`` sets the U-Net's first-stage width (nnU-Net's 32; narrower for CPU budgets);
     ``spacing_override_mm`` (one value, or one per image axis) replaces the planned target
@@ -255,85 +296,109 @@ def make_plan(
         target = checked_spacing_override(spacing_override_mm, ndim)[axes]
     shapes_at_target = shapes * spacings / target
     median_shape = np.median(shapes_at_target, axis=0)
-    dataset_voxels = float(np.prod(shapes_at_target, axis=1).sum())
-    num_landmarks = len(fingerprint["landmarks"])
-    full = fit_patch_to_budget(target, median_shape, gpu_memory_gb, num_landmarks, base_features=base_features)
+    context = _PlanningContext(fingerprint, gpu_memory_gb)
+    configurations = _configurations(
+        context, target, median_shape, float(np.prod(shapes_at_target, axis=1).sum()), base_features
+    )
+    return Plan(
+        dataset=fingerprint["dataset"],
+        spatial_dims=ndim,
+        landmarks=fingerprint["landmarks"],
+        modalities=fingerprint["modalities"],
+        gpu_memory_gb=gpu_memory_gb,
+        base_features=base_features,
+        target_spacing_overridden=spacing_override_mm is not None,
+        reorient=True,  # every image permuted and flipped to the canonical orientation first
+        fingerprint_signature=fingerprint["input_signature"],
+        transpose_forward=axes,
+        transpose_backward=[int(i) for i in np.argsort(axes)],
+        target_spacing_mm=[float(s) for s in target],
+        median_shape_at_target=[float(s) for s in median_shape],
+        normalization=normalization(fingerprint["modalities"], fingerprint["intensity"]),
+        default_configuration=next(iter(configurations)),
+        configurations=configurations,
+        training=training_defaults(),
+    )
+
+
+def _configurations(
+    context: _PlanningContext, target: np.ndarray, median_shape: np.ndarray,
+    dataset_voxels: float, base_features: int,
+) -> dict[str, Configuration]:  # fmt: skip
+    """The full-resolution configuration, preceded by a coarse-to-fine cascade (the default,
+    listed first) when one patch sees less than half the median image."""
+    ndim = len(target)
+    full = fit_patch_to_budget(
+        target, median_shape, context.gpu_memory_gb, context.num_landmarks,
+        base_features=base_features,
+    )  # fmt: skip
     base = "2d" if ndim == 2 else "3d"
     configurations = {}
-    needs_cascade = np.prod(median_shape) > CASCADE_AREA_RATIO * np.prod(full["patch_size"])
-    if needs_cascade:
-        factor = float(np.max(median_shape / np.asarray(full["patch_size"])))
+    if np.prod(median_shape) > CASCADE_AREA_RATIO * np.prod(full.patch_size):
+        factor = float(np.max(median_shape / np.asarray(full.patch_size)))
         coarse_spacing = target * factor
         coarse_shape = np.ceil(median_shape / factor)
         coarse = network_topology(coarse_shape.astype(int), coarse_spacing, base_features)
-        fine_patch = np.maximum(np.asarray(full["patch_size"]) / factor, MIN_FINE_PATCH[ndim])
-        fine = network_topology(np.minimum(fine_patch, median_shape).astype(int), target, base_features)
+        fine_patch = np.maximum(np.asarray(full.patch_size) / factor, MIN_FINE_PATCH[ndim])
+        fine_patch = np.minimum(fine_patch, median_shape).astype(int)
+        fine = network_topology(fine_patch, target, base_features)
         configurations[f"{base}_coarse"] = _configuration(
-            f"{base}_coarse", "coarse", coarse_spacing, coarse, fingerprint, gpu_memory_gb,
-            dataset_voxels / factor**ndim, "data_coarse", next_stage=f"{base}_fine",
-            downsampling_factor=factor,
+            context, f"{base}_coarse", "coarse", coarse_spacing, coarse,
+            dataset_voxels / factor**ndim, next_stage=f"{base}_fine", downsampling_factor=factor,
         )  # fmt: skip
         configurations[f"{base}_fine"] = _configuration(
-            f"{base}_fine", "fine", target, fine, fingerprint, gpu_memory_gb, dataset_voxels,
-            "data_fullres", previous_stage=f"{base}_coarse",
+            context, f"{base}_fine", "fine", target, fine, dataset_voxels,
+            previous_stage=f"{base}_coarse",
         )  # fmt: skip
     full_name = "2d" if ndim == 2 else "3d_fullres"
     configurations[full_name] = _configuration(
-        full_name, "full", target, full, fingerprint, gpu_memory_gb, dataset_voxels, "data_fullres",
-    )  # fmt: skip
-    return {
-        "version": PLANS_VERSION,
-        "dataset": fingerprint["dataset"],
-        "spatial_dims": ndim,
-        "landmarks": fingerprint["landmarks"],
-        "modalities": fingerprint["modalities"],
-        "gpu_memory_gb": gpu_memory_gb,
-        "base_features": base_features,
-        "target_spacing_overridden": spacing_override_mm is not None,
-        "reorient": True,  # every image permuted and flipped to the canonical orientation first
-        "fingerprint_signature": fingerprint["input_signature"],
-        "transpose_forward": axes,
-        "transpose_backward": [int(i) for i in np.argsort(axes)],
-        "target_spacing_mm": [float(s) for s in target],
-        "median_shape_at_target": [float(s) for s in median_shape],
-        "normalization": normalization(fingerprint["modalities"], fingerprint["intensity"]),
-        "default_configuration": f"{base}_coarse" if needs_cascade else full_name,
-        "configurations": configurations,
-        "training": training_defaults(),
-    }
+        context, full_name, "full", target, full, dataset_voxels
+    )
+    return configurations
 
 
-def training_defaults() -> dict:
+def training_defaults() -> TrainingSettings:
     """How to train, unless the command line says otherwise: AdamW with a linear warm-up and
     a cosine decay; learning rates per architecture from their papers (HYATT-Net 4.5e-4,
     H3DE-Net 1e-3) and 1e-3 for the U-Net; nnU-Net's gradient clipping and landmark share; the
     balanced heatmap loss (plain MSE stalls on an empty map when landmarks cover < 1 % of a patch)."""
-    return {
-        "epochs": 200, "iterations_per_epoch": 250, "optimizer": "adamw", "schedule": "cosine",
-        "learning_rate": {"unet": 1e-3, "hyatt": 4.5e-4, "h3de": 1e-3},
-        "weight_decay": 0.01, "sgd_momentum": 0.99, "warmup_epochs": 10, "grad_clip": 12.0,
-        "landmark_fraction": 0.33, "validate_every": 10, "ema_decay": None, "loss": "balanced_mse",
-        "missing_target": "mask", "folds": 5,
-    }  # fmt: skip
+    return TrainingSettings(
+        epochs=200,
+        iterations_per_epoch=250,
+        optimizer="adamw",
+        schedule="cosine",
+        learning_rate={"unet": 1e-3, "hyatt": 4.5e-4, "h3de": 1e-3},
+        weight_decay=0.01,
+        sgd_momentum=0.99,
+        warmup_epochs=10,
+        grad_clip=12.0,
+        landmark_fraction=0.33,
+        validate_every=10,
+        ema_decay=None,
+        loss="balanced_mse",
+        missing_target="mask",
+        folds=5,
+    )
 
 
-def plan_summary(plan: dict) -> str:
+def plan_summary(plan: Plan) -> str:
     """A few human-readable lines describing the plan's decisions."""
     lines = [
-        f"dataset {plan['dataset']}: {plan['spatial_dims']}D, {len(plan['landmarks'])} landmarks, "
-        f"GPU budget {plan['gpu_memory_gb']} GB",
-        f"target spacing {_mm(plan['target_spacing_mm'])} (axes {plan['transpose_forward']}), "
-        f"median image {'x'.join(str(round(s)) for s in plan['median_shape_at_target'])} voxels",
-        "normalisation: " + ", ".join(n["scheme"] for n in plan["normalization"]),
+        f"dataset {plan.dataset}: {plan.spatial_dims}D, {len(plan.landmarks)} landmarks, "
+        f"GPU budget {plan.gpu_memory_gb} GB",
+        f"target spacing {_mm(plan.target_spacing_mm)} (axes {plan.transpose_forward}), "
+        f"median image {'x'.join(str(round(s)) for s in plan.median_shape_at_target)} voxels",
+        "normalisation: " + ", ".join(n.scheme for n in plan.normalization),
     ]
-    for name, config in plan["configurations"].items():
+    for name, config in plan.configurations.items():
+        stages = len(config.topology.strides) if config.topology is not None else "?"
         lines.append(
-            f"  {name:<10} {config['stage']:<6} spacing {_mm(config['spacing_mm'])}  patch "
-            f"{'x'.join(map(str, config['patch_size']))}  batch {config['batch_size']}  "
-            f"stages {len(config['topology']['strides'])}  sigma {config['heatmap_sigma_mm']:.3g} mm  "
-            f"~{config['estimated_gpu_memory_gb']:.1f} GB"
+            f"  {name:<10} {config.stage:<6} spacing {_mm(config.spacing_mm)}  patch "
+            f"{'x'.join(map(str, config.patch_size))}  batch {config.batch_size}  "
+            f"stages {stages}  sigma {config.heatmap_sigma_mm:.3g} mm  "
+            f"~{config.estimated_gpu_memory_gb:.1f} GB"
         )
-    lines.append(f"default configuration: {plan['default_configuration']}")
+    lines.append(f"default configuration: {plan.default_configuration}")
     return "\n".join(lines)
 
 

@@ -41,6 +41,7 @@ from medlandmark.planning import load_plan, preprocessed_folder
 from medlandmark.planning.planner import ANISOTROPY_THRESHOLD
 from medlandmark.preprocessing.normalize import normalize_image
 from medlandmark.preprocessing.resample import resample_image, resampled_shape
+from medlandmark.records.plan import Configuration, Plan
 
 PREPROCESS_VERSION = 1
 CACHE_DTYPE = np.float16
@@ -58,20 +59,23 @@ class CachedCase:
     landmarks_index: np.ndarray
 
 
-def preprocess_image(image: ImageData, plan: dict, configuration: dict) -> tuple[np.ndarray, Geometry]:
+def preprocess_image(
+    image: ImageData, plan: Plan, configuration: Configuration
+) -> tuple[np.ndarray, Geometry]:
     """Normalised, transposed and resampled float32 voxels ``(C, *shape)`` and their geometry."""
-    if image.ndim != len(plan["transpose_forward"]):
-        plan_ndim = len(plan["transpose_forward"])
-        raise MedlandmarkError(f"image is {image.ndim}D, the plan is for {plan_ndim}D images")
-    if image.channels != len(plan["normalization"]):
-        raise MedlandmarkError(f"image has {image.channels} channels, the plan expects {len(plan['normalization'])}")
-    array, geometry = normalize_image(image.array, plan["normalization"]), image.geometry
-    if plan.get("reorient", False):  # plans written before reorientation existed: as they were
+    if image.ndim != plan.spatial_dims:
+        raise MedlandmarkError(f"image is {image.ndim}D, the plan is for {plan.spatial_dims}D images")
+    if image.channels != len(plan.normalization):
+        raise MedlandmarkError(
+            f"image has {image.channels} channels, the plan expects {len(plan.normalization)}"
+        )
+    array, geometry = normalize_image(image.array, plan.normalization), image.geometry
+    if plan.reorient:  # plans written before reorientation existed: as they were
         array, geometry = reoriented_array(array, geometry)
-    axes = plan["transpose_forward"]
+    axes = plan.transpose_forward
     array = array.transpose(0, *[a + 1 for a in axes])
     geometry = transposed_geometry(geometry, axes)
-    target = configuration["spacing_mm"]
+    target = configuration.spacing_mm
     shape = resampled_shape(geometry.shape, geometry.spacing_mm, target)
     linear_axes = [a for a, s in enumerate(target) if s > ANISOTROPY_THRESHOLD * min(target)]
     return resample_image(array, shape, linear_axes), resampled_geometry(geometry, shape)
@@ -86,12 +90,15 @@ def reoriented_array(array: np.ndarray, geometry: Geometry) -> tuple[np.ndarray,
     return array, reoriented_geometry(geometry, axes, flips)
 
 
-def case_signature(image_path: Path, landmarks_path: Path | None, plan: dict, configuration: dict) -> str:
+def case_signature(
+    image_path: Path, landmarks_path: Path | None, plan: Plan, configuration: Configuration
+) -> str:
     """Changes whenever the inputs or the preprocessing decisions for a case change."""
     parts: dict = {
-        "version": PREPROCESS_VERSION, "normalization": plan["normalization"],
-        "transpose": plan["transpose_forward"], "spacing_mm": configuration["spacing_mm"],
-        "reorient": plan.get("reorient", False),
+        "version": PREPROCESS_VERSION,
+        "normalization": [n.model_dump(mode="json") for n in plan.normalization],
+        "transpose": plan.transpose_forward, "spacing_mm": configuration.spacing_mm,
+        "reorient": plan.reorient,
     }  # fmt: skip
     for key, path in (("image", image_path), ("landmarks", landmarks_path)):
         if path is not None:
@@ -100,8 +107,9 @@ def case_signature(image_path: Path, landmarks_path: Path | None, plan: dict, co
     return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()
 
 
-def cache_folder(preprocessed: Path, configuration: dict) -> Path:
-    return Path(preprocessed) / configuration["data_identifier"]
+def cache_folder(preprocessed: Path, configuration: Configuration) -> Path:
+    """The cache of ``configuration``'s spacing in a preprocessed folder."""
+    return Path(preprocessed) / configuration.data_identifier
 
 
 def load_cached_case(folder: str | Path, case_id: str) -> CachedCase:
@@ -133,7 +141,7 @@ def load_cached_case(folder: str | Path, case_id: str) -> CachedCase:
 
 def _preprocess_case(
     case_id: str, image_path: Path, landmarks_path: Path | None, spacing_xy_mm, names: list[str],
-    plan: dict, configuration: dict, folder: Path,
+    plan: Plan, configuration: Configuration, folder: Path,
 ) -> str:
     """Write one case into the cache unless it is up to date; returns 'done' or 'skipped'."""
     signature = case_signature(image_path, landmarks_path, plan, configuration)
@@ -161,7 +169,7 @@ def _preprocess_case(
         np.save(handle, array.astype(CACHE_DTYPE))
     meta = {
         "version": PREPROCESS_VERSION, "case_id": case_id, "signature": signature,
-        "configuration": configuration["name"], "shape": list(geometry.shape),
+        "configuration": configuration.name, "shape": list(geometry.shape),
         "channels": int(array.shape[0]), "dtype": np.dtype(CACHE_DTYPE).name,
         "geometry": geometry.to_dict(), "source_geometry": image.geometry.to_dict(),
         "landmark_names": names,
@@ -190,13 +198,14 @@ def preprocess_dataset(
     dataset = Dataset(dataset_root)
     folder = preprocessed_folder(dataset_root, preprocessed)
     plan = load_plan(folder)
-    names = configurations or list(plan["configurations"])
-    unknown = [n for n in names if n not in plan["configurations"]]
+    names = configurations or list(plan.configurations)
+    unknown = [n for n in names if n not in plan.configurations]
     if unknown:
-        raise MedlandmarkError(f"no configuration {unknown} in the plan (has {list(plan['configurations'])})", folder)
+        planned = list(plan.configurations)
+        raise MedlandmarkError(f"no configuration {unknown} in the plan (has {planned})", folder)
     summary: dict[str, dict[str, int]] = {}
     for name in names:
-        configuration = plan["configurations"][name]
+        configuration = plan.configurations[name]
         out = cache_folder(folder, configuration)
         if out.name in summary:
             continue

@@ -1,4 +1,4 @@
-"""The training loop: one short function over small helpers.
+"""The training loop: a few named steps over a :class:`TrainState` and small helpers.
 
 A run folder holds ``run.json`` (what was trained, on what, and how it went),
 ``checkpoint_latest.pt`` (everything needed to continue), ``model_best.safetensors`` and
@@ -11,296 +11,371 @@ import contextlib
 import csv
 import errno
 import io
-import json
 import math
 import os
 import signal
 import time
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
 import torch
-from pydantic import ValidationError
 from torch import nn
 
-from medlandmark.augment import (
-    AugmentConfig,
-    augment_batch,
-    left_right_axis,
-    symmetric_pair_indices,
-)
 from medlandmark.console import ProgressBar, info, warn
 from medlandmark.datasets.dataset import Dataset
-from medlandmark.errors import MedlandmarkError, validation_problems
+from medlandmark.device import select_device
 from medlandmark.heatmaps import calibrate_presence_threshold, deep_supervision_targets
 from medlandmark.io.files import atomic_write_bytes, atomic_write_text, remove_partials
-from medlandmark.io.geometry import index_to_world
-from medlandmark.models import build_model, channels_last
-from medlandmark.planning import load_plan, preprocessed_folder
-from medlandmark.preprocessing import cache_folder, load_cached_case
+from medlandmark.io.geometry import index_to_world, left_right_axis
+from medlandmark.io.landmarks import symmetric_pair_indices
+from medlandmark.models import channels_last, network_for
+from medlandmark.planning import PLANS_FILE, load_plan, preprocessed_folder
+from medlandmark.preprocessing import CachedCase, cache_folder, load_cached_case
+from medlandmark.records.plan import Configuration, Plan
+from medlandmark.records.run import (
+    BEST_WEIGHTS,
+    CHECKPOINT_FILE,
+    FINAL_WEIGHTS,
+    LOG_FILE,
+    RUN_FILE,
+    TRAINING_CURVE_FILE,
+    BestValidation,
+    RunRecord,
+    RunSettings,
+    ShapeModelRecord,
+    read_run_record,
+    write_run_record,
+)
+from medlandmark.records.weights import save_weights, unwrap
 from medlandmark.shape_model import fit_shape_model
 from medlandmark.training import distributed
-from medlandmark.training.checkpoint import load_checkpoint, save_checkpoint, save_weights, unwrap
-from medlandmark.training.losses import HEATMAP_LOSSES, heatmap_loss
-from medlandmark.training.optimization import build_optimizer, build_scheduler
-from medlandmark.training.run_record import RUN_FILE, read_run_record
+from medlandmark.training.batches import AugmentedBatches
+from medlandmark.training.losses import heatmap_loss
+from medlandmark.training.options import (
+    TrainingError,
+    TrainOptions,
+    augment_config,
+    run_settings,
+)
 from medlandmark.training.sampling import PatchSampler
+from medlandmark.training.state import TrainState, mixed_precision, total_steps
 from medlandmark.training.validation import validate
 
-CHECKPOINT_FILE = "checkpoint_latest.pt"
-BEST_WEIGHTS = "model_best.safetensors"
-FINAL_WEIGHTS = "model_final.safetensors"
-LOG_FILE = "log.csv"
+__all__ = ["TrainOptions", "TrainingError", "fold_case_ids", "train"]
+
 CROP_MARGIN = 1.5  # source crops are larger than the patch so rotations bring in image, not zeros
 MIN_LOSS_SCALE = 2.0**-10  # fp16: below this, skipping steps no longer rescues the run
 FINE_OFFSET_SD_PATCH_FRACTION = 6.0  # fine-patch offsets: SD at most patch / 6 per axis
-AMP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "off": None}
-LOG_COLUMNS = ["epoch", "step", "train_loss", "learning_rate", "samples_per_s", "val_mre_mm", "val_sdr_2mm", "seconds"]
-
-
-class TrainingError(MedlandmarkError):
-    """Training cannot go on (non-finite loss, incompatible resume, no cases...)."""
+FOLD_SEED = 12345  # seed 0 splits as every run before the seed was honoured
+LOG_COLUMNS = [
+    "epoch",
+    "step",
+    "train_loss",
+    "learning_rate",
+    "samples_per_s",
+    "val_mre_mm",
+    "val_sdr_2mm",
+    "seconds",
+]
 
 
 @dataclass
-class TrainOptions:
-    """What the command line can change; None means "as the plan says"."""
+class _Epoch:
+    """The losses of the steps since the last epoch boundary, and when it began."""
 
-    configuration: str | None = None
-    arch: str = "unet"
-    fold: int | str = 0
-    epochs: int | None = None
-    iterations_per_epoch: int | None = None
-    batch_size: int | None = None
-    learning_rate: float | None = None
-    validate_every: int | None = None
-    max_steps: int | None = None
-    device: str = "auto"
-    seed: int = 0
-    deterministic: bool = False
-    amp: str = "auto"
-    ema_decay: float | None = None
-    missing_target: str | None = None
-    loss: str | None = None
-    preprocessed: str | None = None
-    coarse_run: str | None = None
-    augment: dict = field(default_factory=dict)
+    losses: list[float] = field(default_factory=list)
+    started: float = field(default_factory=time.perf_counter)
 
 
-def train(dataset_root: str | Path, run_dir: str | Path, options: TrainOptions, resume: bool = False) -> dict:
-    """Train one network on one fold; returns the run summary (also in ``run.json``)."""
-    with _deterministic_algorithms(options.deterministic), _signal_handlers_restored(), _os_errors_explained(run_dir):
-        return _train(dataset_root, run_dir, options, resume)
+@dataclass
+class _Run:
+    """Everything one training run works with."""
+
+    run_dir: Path
+    plan: Plan
+    configuration: Configuration
+    options: TrainOptions
+    record: RunRecord
+    state: TrainState
+    batches: AugmentedBatches
+    val_cases: list[CachedCase]
+    device: torch.device
+    amp_dtype: torch.dtype | None
+    context: distributed.Context
+    epoch: _Epoch = field(default_factory=_Epoch)
+
+    @property
+    def settings(self) -> RunSettings:
+        return self.record.settings
+
+    @property
+    def per_rank_batch(self) -> int:
+        return max(1, self.settings.batch_size // self.context.world_size)
+
+    @property
+    def last_step(self) -> int:
+        total = total_steps(self.settings)
+        return min(total, self.options.max_steps or total)
 
 
-def _train(dataset_root: str | Path, run_dir: str | Path, options: TrainOptions, resume: bool) -> dict:
-    run_dir, dataset = Path(run_dir), Dataset(dataset_root)
+def train(
+    dataset_root: str | Path, run_dir: str | Path, options: TrainOptions, resume: bool = False
+) -> RunRecord:
+    """Train one network on one fold; returns the run record (also in ``run.json``)."""
+    with (
+        _deterministic_algorithms(options.deterministic),
+        _signal_handlers_restored(),
+        _os_errors_explained(run_dir),
+    ):
+        run = _start(Path(dataset_root), Path(run_dir), options, resume)
+        stop = _StopRequest()
+        with ProgressBar(
+            run.last_step, f"train {options.arch} {run.configuration.name}", completed=run.state.step
+        ) as bar:
+            while run.state.step < run.last_step:
+                _take_step(run, bar)
+                if distributed.broadcast_flag(stop.requested is not None, run.context):
+                    return _interrupt(run, stop)
+        stop.restore()
+        return _finish(run)
+
+
+def _start(dataset_root: Path, run_dir: Path, options: TrainOptions, resume: bool) -> _Run:
+    """Load the plan and the cached cases, build (or restore) the state, write ``run.json``."""
+    dataset = Dataset(dataset_root)
     device = _device(options.device)
     context = distributed.start(device)
-    plan = load_plan(preprocessed_folder(dataset_root, options.preprocessed))
-    name = options.configuration or plan["default_configuration"]
-    if name not in plan["configurations"]:
-        plans_path = preprocessed_folder(dataset_root, options.preprocessed) / "plans.json"
-        raise TrainingError(f"no configuration '{name}' in the plan (it has {', '.join(plan['configurations'])})", plans_path)
-    config, settings = plan["configurations"][name], _settings(plan, options)
-    augment = _augment_config(options.augment)
-    train_ids, val_ids = fold_case_ids(dataset, options.fold, settings["folds"], options.seed)
-    folder = cache_folder(preprocessed_folder(dataset_root, options.preprocessed), config)
+    preprocessed = preprocessed_folder(dataset_root, options.preprocessed)
+    plan = load_plan(preprocessed)
+    try:
+        configuration = plan.configuration(options.configuration)
+    except KeyError as error:
+        raise TrainingError(error.args[0], preprocessed / PLANS_FILE) from None
+    options = replace(options, configuration=configuration.name)
+    settings = run_settings(plan, options)
+    augment_config(options.augment)  # a bad setting is refused before anything is written
+    train_ids, val_ids = fold_case_ids(dataset, options.fold, settings.folds, options.seed)
+    folder = cache_folder(preprocessed, configuration)
     train_cases = [load_cached_case(folder, c) for c in train_ids]
     val_cases = [load_cached_case(folder, c) for c in val_ids]
-    torch.manual_seed(options.seed)  # the same initial weights on every rank and every rerun
-    model = build_model(options.arch, config, len(plan["landmarks"]), len(plan["modalities"])).to(device)
-    model = channels_last(model, plan["spatial_dims"])
-    optimizer = build_optimizer(model, settings["optimizer"], settings["learning_rate"], settings["weight_decay"], settings["sgd_momentum"])
-    total_steps = settings["epochs"] * settings["iterations_per_epoch"]
-    warmup_steps = min(settings["warmup_epochs"] * settings["iterations_per_epoch"], total_steps // 10)
-    scheduler = build_scheduler(optimizer, total_steps, warmup_steps, settings["schedule"])
-    amp_dtype, scaler = _mixed_precision(options.amp, device)
-    ema = _ema(model, settings["ema_decay"])
-    record = _run_record(run_dir, dataset, plan, name, options, settings, train_ids, val_ids, resume)
-    if "shape_model" not in record:  # runs from before it had one get it on resumption
-        record["shape_model"] = _shape_model(train_cases)
+    state = _initial_state(plan, configuration, options, settings, device)
+    record = _run_record(run_dir, dataset, plan, options, settings, (train_ids, val_ids), resume)
+    if record.shape_model is None:  # runs from before it had one get it on resumption
+        record.shape_model = _shape_model(train_cases)
     run_dir.mkdir(parents=True, exist_ok=True)
     _write_record(run_dir, record, context)
-    step, best = 0, record.get("best", {})
     if resume:
-        step = _resume_step(run_dir, context, model, optimizer, scheduler, scaler, ema, device)
+        _resume(run_dir, context, state, device)
     if context.distributed:
-        model = nn.parallel.DistributedDataParallel(model)
-    sampler = PatchSampler(
-        train_cases, [math.ceil(p * CROP_MARGIN) for p in config["patch_size"]], settings["landmark_fraction"],
-        _fine_offset_sd(config, plan, options.coarse_run) if config["stage"] == "fine" else None,
-        options.seed, context.rank,
+        state.model = nn.parallel.DistributedDataParallel(state.model)
+    batches = _batches(train_cases, plan, configuration, dataset, options, settings, context)
+    amp_dtype = _amp_dtype(options.amp, device)
+    return _Run(
+        run_dir, plan, configuration, options, record, state, batches, val_cases, device,
+        amp_dtype, context,
     )  # fmt: skip
-    pairs = symmetric_pair_indices(dataset.spec.landmarks, dataset.spec.symmetric_pairs)
-    mirror_axis = left_right_axis(train_cases[0].geometry)
-    per_rank_batch = max(1, settings["batch_size"] // context.world_size)
-    last_step = min(total_steps, options.max_steps or total_steps)
-    stop = _StopRequest()
-    losses, started = [], time.perf_counter()
-    with ProgressBar(last_step, f"train {options.arch} {name}", completed=step) as bar:
-        while step < last_step:
-            loss, gradient_norm = _train_step(
-                model, optimizer, scaler, sampler, step, per_rank_batch, config, augment, pairs,
-                mirror_axis, amp_dtype, settings, device, options.seed, context.rank,
-            )  # fmt: skip
-            problem = _non_finite(loss, gradient_norm, scaler)
-            if problem:
-                _save(run_dir, context, model, optimizer, scheduler, scaler, ema, step, plan)
-                raise TrainingError(
-                    f"{problem} in step {step + 1}; training stopped before the weights were changed. "
-                    f"The last good state (after step {step}) is saved in {run_dir / CHECKPOINT_FILE}; "
-                    "--resume continues from it (a lower --lr, or --amp bf16/off, may avoid this)"
-                )  # fmt: skip
-            scheduler.step()
-            if ema is not None:
-                ema.update_parameters(unwrap(model))
-            step += 1
-            losses.append(loss)
-            rate = len(losses) * per_rank_batch * context.world_size / (time.perf_counter() - started)
-            bar.update(1, loss=loss, lr=scheduler.get_last_lr()[0], samples_per_s=rate)
-            epoch_done = step % settings["iterations_per_epoch"] == 0 or step == last_step
-            if epoch_done:
-                epoch = math.ceil(step / settings["iterations_per_epoch"])
-                row = {"epoch": epoch, "step": step, "train_loss": float(np.mean(losses)), "learning_rate": scheduler.get_last_lr()[0], "samples_per_s": rate}
-                if val_cases and (epoch % settings["validate_every"] == 0 or step == last_step) and context.is_main:
-                    best = _validate_and_keep_best(run_dir, _weights_of(model, ema), val_cases, config, device, amp_dtype, row, best, record, step)
-                if context.is_main:  # logged first: a kill before the checkpoint redoes (and relogs) the epoch
-                    _log(run_dir, {**row, "seconds": time.perf_counter() - started})
-                _save(run_dir, context, model, optimizer, scheduler, scaler, ema, step, plan)
-                losses, started = [], time.perf_counter()
-            if distributed.broadcast_flag(stop.requested is not None, context):
-                _save(run_dir, context, model, optimizer, scheduler, scaler, ema, step, plan)
-                record.update(status="interrupted", step=step)
-                _write_record(run_dir, record, context)
-                stop.restore()
-                distributed.stop(context)
-                info(f"stopped at step {step} ({stop.requested}); resume with --resume")
-                return record
+
+
+def _initial_state(
+    plan: Plan, configuration: Configuration, options: TrainOptions, settings: RunSettings,
+    device: torch.device,
+) -> TrainState:  # fmt: skip
+    """The network with the same initial weights on every rank and every rerun, and its state."""
+    torch.manual_seed(options.seed)
+    try:
+        model = network_for(options.arch, configuration, len(plan.landmarks), len(plan.modalities))
+    except ValueError as error:
+        raise TrainingError(str(error)) from None
+    model = channels_last(model.to(device), plan.spatial_dims)
+    return TrainState.create(model, settings, _amp_dtype(options.amp, device))
+
+
+def _batches(
+    cases: list[CachedCase], plan: Plan, configuration: Configuration, dataset: Dataset,
+    options: TrainOptions, settings: RunSettings, context: distributed.Context,
+) -> AugmentedBatches:  # fmt: skip
+    """The run's batches: crops with room for rotation, landmark-centred as the plan says."""
+    crop_size = [math.ceil(p * CROP_MARGIN) for p in configuration.patch_size]
+    fine_offsets = None
+    if configuration.stage == "fine":
+        fine_offsets = _fine_offset_sd(configuration, plan, options.coarse_run)
+    sampler = PatchSampler(
+        cases, crop_size, settings.landmark_fraction, fine_offsets, options.seed, context.rank
+    )
+    return AugmentedBatches(
+        sampler,
+        configuration.patch_size,
+        augment_config(options.augment),
+        spacing_mm=cases[0].geometry.spacing_mm,
+        pairs=symmetric_pair_indices(dataset.spec.landmarks, dataset.spec.symmetric_pairs),
+        mirror_axis=left_right_axis(cases[0].geometry),
+        seed=options.seed,
+        rank=context.rank,
+    )
+
+
+def _take_step(run: _Run, bar: ProgressBar) -> None:
+    """One optimisation step; at an epoch's end, validation, the log line and a checkpoint."""
+    state = run.state
+    loss, gradient_norm = train_step(run, state.step)
+    problem = _non_finite(loss, gradient_norm, state.scaler)
+    if problem:
+        _save(run)
+        raise TrainingError(
+            f"{problem} in step {state.step + 1}; training stopped before the weights were "
+            f"changed. The last good state (after step {state.step}) is saved in "
+            f"{run.run_dir / CHECKPOINT_FILE}; --resume continues from it (a lower --lr, or "
+            "--amp bf16/off, may avoid this)"
+        )
+    state.scheduler.step()
+    if state.ema is not None:
+        state.ema.update_parameters(unwrap(state.model))
+    state.step += 1
+    run.epoch.losses.append(loss)
+    samples = len(run.epoch.losses) * run.per_rank_batch * run.context.world_size
+    rate = samples / (time.perf_counter() - run.epoch.started)
+    bar.update(1, loss=loss, lr=state.scheduler.get_last_lr()[0], samples_per_s=rate)
+    if state.step % run.settings.iterations_per_epoch == 0 or state.step == run.last_step:
+        _end_epoch(run, rate)
+
+
+def train_step(run: _Run, step: int) -> tuple[float, float]:
+    """One optimisation step on a batch of augmented patches; the loss and the gradient norm
+    (NaN when the loss was not finite and nothing was computed)."""
+    state, device, amp_dtype = run.state, run.device, run.amp_dtype
+    images, points = run.batches.batch(step, run.per_rank_batch, device)
+    state.optimizer.zero_grad(set_to_none=True)
+    autocast_dtype = amp_dtype or torch.float32
+    with torch.autocast(device.type, dtype=autocast_dtype, enabled=amp_dtype is not None):
+        outputs = state.model(images)
+    loss = heatmap_training_loss(
+        unwrap(state.model), outputs, points, run.configuration, run.settings
+    )
+    if not torch.isfinite(loss):
+        return float(loss.item()), math.nan
+    state.scaler.scale(loss).backward()
+    state.scaler.unscale_(state.optimizer)
+    parameters = state.model.parameters()
+    gradient_norm = float(nn.utils.clip_grad_norm_(parameters, run.settings.grad_clip))
+    if not math.isfinite(gradient_norm) and not state.scaler.is_enabled():
+        return float(loss.item()), gradient_norm  # not applied: the weights would turn NaN
+    state.scaler.step(state.optimizer)  # fp16: skips a step whose gradients overflowed
+    state.scaler.update()
+    return float(loss.item()), gradient_norm
+
+
+def _end_epoch(run: _Run, rate: float) -> None:
+    """Validate when due, log the epoch, save a checkpoint, start the next epoch's tally."""
+    step, settings = run.state.step, run.settings
+    epoch = math.ceil(step / settings.iterations_per_epoch)
+    row = {
+        "epoch": epoch,
+        "step": step,
+        "train_loss": float(np.mean(run.epoch.losses)),
+        "learning_rate": run.state.scheduler.get_last_lr()[0],
+        "samples_per_s": rate,
+    }
+    due = epoch % settings.validate_every == 0 or step == run.last_step
+    if run.val_cases and due and run.context.is_main:
+        _validate_and_keep_best(run, row)
+    if run.context.is_main:  # logged first: a kill before the checkpoint redoes (and relogs) it
+        _log(run.run_dir, {**row, "seconds": time.perf_counter() - run.epoch.started})
+    _save(run)
+    run.epoch = _Epoch()
+
+
+def _interrupt(run: _Run, stop: _StopRequest) -> RunRecord:
+    """Save, mark the run interrupted, and hand the signals back."""
+    _save(run)
+    run.record.status, run.record.step = "interrupted", run.state.step
+    _write_record(run.run_dir, run.record, run.context)
     stop.restore()
-    finished = step >= total_steps
+    distributed.stop(run.context)
+    info(f"stopped at step {run.state.step} ({stop.requested}); resume with --resume")
+    return run.record
+
+
+def _finish(run: _Run) -> RunRecord:
+    """Final (and, without validation, best) weights, the curve, and the closing record."""
+    record, state, context = run.record, run.state, run.context
     if context.is_main:
-        save_weights(run_dir / FINAL_WEIGHTS, _weights_of(model, ema))
-        if not val_cases:
-            save_weights(run_dir / BEST_WEIGHTS, _weights_of(model, ema))
-        _plot_curves(run_dir)
-    record.update(status="finished" if finished else "stopped", step=step, best=best)
+        save_weights(run.run_dir / FINAL_WEIGHTS, state.kept_weights())
+        if not run.val_cases:
+            save_weights(run.run_dir / BEST_WEIGHTS, state.kept_weights())
+        _plot_curves(run.run_dir)
+    finished = state.step >= total_steps(run.settings)
+    record.status, record.step = ("finished" if finished else "stopped"), state.step
     if context.distributed:  # DDP keeps replicas equal; record the evidence
-        checksum = float(sum(p.detach().double().sum() for p in unwrap(model).parameters()))
-        record["weight_checksum_per_rank"] = distributed.gather(checksum, context)
-    _write_record(run_dir, record, context)
+        parameters = unwrap(state.model).parameters()
+        checksum = float(sum(p.detach().double().sum() for p in parameters))
+        record.weight_checksum_per_rank = distributed.gather(checksum, context)
+    _write_record(run.run_dir, record, context)
     distributed.stop(context)
     return record
 
 
-def _train_step(
-    model: nn.Module, optimizer, scaler, sampler: PatchSampler, step: int, batch_size: int,
-    config: dict, augment: AugmentConfig, pairs, mirror_axis, amp_dtype, settings: dict,
-    device: torch.device, seed: int, rank: int,
-) -> tuple[float, float]:
-    """One optimisation step on ``batch_size`` augmented patches; returns the loss and the
-    gradient norm (NaN when the loss was not finite and nothing was computed)."""
-    crops = sampler.batch(step, batch_size)
-    images = torch.from_numpy(np.stack([c.image for c in crops])).to(device)
-    points = torch.from_numpy(np.stack([c.points for c in crops])).float().to(device)
-    generator = torch.Generator(device=device).manual_seed(_step_seed(seed, rank, step))
-    images, points = augment_batch(images, points, config["patch_size"], augment, generator, pairs, mirror_axis)
-    images = channels_last(images, images.ndim - 2)
-    optimizer.zero_grad(set_to_none=True)
-    with torch.autocast(device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
-        outputs = model(images)
-    loss = heatmap_training_loss(unwrap(model), outputs, points, config, settings)
-    if not torch.isfinite(loss):
-        return float(loss.item()), math.nan
-    scaler.scale(loss).backward()
-    scaler.unscale_(optimizer)
-    gradient_norm = float(nn.utils.clip_grad_norm_(model.parameters(), settings["grad_clip"]))
-    if not math.isfinite(gradient_norm) and not scaler.is_enabled():
-        return float(loss.item()), gradient_norm  # not applied: the weights would turn NaN
-    scaler.step(optimizer)  # fp16: skips a step whose gradients overflowed and lowers the scale
-    scaler.update()
-    return float(loss.item()), gradient_norm
-
-
-def _non_finite(loss: float, gradient_norm: float, scaler: torch.amp.GradScaler) -> str | None:
-    """What went non-finite in a step, or None; overflowing fp16 gradients are the scaler's job."""
-    if not math.isfinite(loss):
-        return f"the loss became {loss}"
-    if not math.isfinite(gradient_norm) and not scaler.is_enabled():
-        return f"the gradient norm became {gradient_norm} (loss {loss:.4g})"
-    if scaler.is_enabled() and scaler.get_scale() < MIN_LOSS_SCALE:
-        return f"the fp16 loss scale fell to {scaler.get_scale():.2g} (the gradients overflow at every step)"
-    return None
-
-
-def heatmap_training_loss(model: nn.Module, outputs: Sequence[torch.Tensor], points: torch.Tensor, config: dict, settings: dict) -> torch.Tensor:
+def heatmap_training_loss(
+    model: nn.Module, outputs: Sequence[torch.Tensor], points: torch.Tensor,
+    configuration: Configuration, settings: RunSettings,
+) -> torch.Tensor:  # fmt: skip
     """Weighted sum over the network's outputs of the heatmap loss against targets drawn on the
     device at each output's resolution (same sigma in mm: sigma in voxels / stride)."""
     weights = np.asarray(model.output_weights, dtype=np.float64)
     weights = weights / weights.sum()
-    sigma = np.asarray(config["heatmap_sigma_voxels"], dtype=np.float64)
-    sigmas = model.output_sigma_voxels(sigma) if hasattr(model, "output_sigma_voxels") else [sigma / np.asarray(s) for s in model.output_strides]
+    sigma = np.asarray(configuration.heatmap_sigma_voxels, dtype=np.float64)
+    if hasattr(model, "output_sigma_voxels"):
+        sigmas = model.output_sigma_voxels(sigma)
+    else:
+        sigmas = [sigma / np.asarray(s) for s in model.output_strides]
     shapes = [output.shape[2:] for output in outputs]
     targets, present = deep_supervision_targets(points, shapes, model.output_strides, sigmas)
     total = outputs[0].new_zeros((), dtype=torch.float32)
     for output, target, weight in zip(outputs, targets, weights, strict=True):
-        total = total + float(weight) * heatmap_loss(output, target, present, settings["loss"], settings["missing_target"])
+        loss = heatmap_loss(output, target, present, settings.loss, settings.missing_target)
+        total = total + float(weight) * loss
     return total
 
 
-def fold_case_ids(dataset: Dataset, fold: int | str, folds: int, seed: int) -> tuple[list[str], list[str]]:
+def fold_case_ids(
+    dataset: Dataset, fold: int | str, folds: int, seed: int
+) -> tuple[list[str], list[str]]:
     """Training and validation cases: the ``train`` split (or every case) in ``folds`` folds,
-    shuffled by a fixed seed; fold ``"all"`` trains on everything without validation."""
-    splits = dataset.splits()
-    cases = sorted(splits.get("train", dataset.case_ids))
+    shuffled by ``seed`` (seed 0 gives the folds of earlier versions); fold ``"all"`` trains on
+    everything without validation."""
+    cases = sorted(dataset.splits().get("train", dataset.case_ids))
     if len(cases) < 1:
         raise TrainingError("the dataset has no training cases", dataset.root)
     if fold == "all":
         return cases, []
-    order = np.random.default_rng(12345).permutation(len(cases))
+    order = np.random.default_rng(FOLD_SEED + seed).permutation(len(cases))
     val = sorted(cases[i] for i in order[int(fold) :: folds])
     if not val or len(val) == len(cases):
-        raise TrainingError(f"fold {fold} of {folds} leaves no training or no validation case ({len(cases)} cases)")
+        raise TrainingError(
+            f"fold {fold} of {folds} leaves no training or no validation case ({len(cases)} cases)"
+        )
     return [c for c in cases if c not in val], val
 
 
-def _settings(plan: dict, options: TrainOptions) -> dict:
-    settings = dict(plan["training"])
-    learning_rate = settings["learning_rate"]
-    settings["learning_rate"] = learning_rate[options.arch] if isinstance(learning_rate, dict) else learning_rate
-    config = plan["configurations"][options.configuration or plan["default_configuration"]]
-    settings["batch_size"] = config["batch_size"]
-    for key in ("epochs", "iterations_per_epoch", "batch_size", "learning_rate", "validate_every", "ema_decay", "missing_target", "loss"):
-        value = getattr(options, key)
-        if value is not None:
-            settings[key] = value
-    if settings["loss"] not in HEATMAP_LOSSES:
-        raise TrainingError(f"unknown loss '{settings['loss']}' (use {', '.join(HEATMAP_LOSSES)})")
-    return settings
-
-
-def _shape_model(cases) -> dict | None:
+def _shape_model(cases: list[CachedCase]) -> ShapeModelRecord | None:
     """The training landmarks' constellation (:mod:`medlandmark.shape_model`), for ``run.json``."""
     model = fit_shape_model([index_to_world(c.landmarks_index, c.geometry) for c in cases])
-    return None if model is None else model.to_dict()
-
-
-def _augment_config(overrides: dict) -> AugmentConfig:
-    """The augmentation with ``overrides`` (names of :class:`AugmentConfig`), or a TrainingError."""
-    try:
-        return AugmentConfig(**overrides)
-    except ValidationError as error:
-        raise TrainingError(f"bad augmentation setting: {validation_problems(error, 'augment')}") from None
+    return None if model is None else ShapeModelRecord.model_validate(model.to_dict())
 
 
 def _device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name.startswith("cuda") and not torch.cuda.is_available():
-        raise TrainingError("--device cuda was asked for but no CUDA device is available")
-    return torch.device(name)
+    try:
+        return select_device(name)
+    except Exception as error:
+        raise TrainingError(str(error)) from None
+
+
+def _amp_dtype(amp: str, device: torch.device) -> torch.dtype | None:
+    try:
+        return mixed_precision(amp, device)
+    except ValueError as error:
+        raise TrainingError(str(error)) from None
 
 
 @contextlib.contextmanager
@@ -310,8 +385,10 @@ def _os_errors_explained(run_dir: str | Path):
     try:
         yield
     except OSError as error:
-        hint = "; the last checkpoint is intact: free some space, then --resume" if error.errno == errno.ENOSPC else ""
-        raise TrainingError(f"{error.strerror or error}{hint}", error.filename or run_dir) from error
+        full = error.errno == errno.ENOSPC
+        hint = "; the last checkpoint is intact: free some space, then --resume" if full else ""
+        where = error.filename or run_dir
+        raise TrainingError(f"{error.strerror or error}{hint}", where) from error
 
 
 @contextlib.contextmanager
@@ -322,7 +399,7 @@ def _signal_handlers_restored():
         yield
     finally:
         for number, handler in previous.items():
-            with contextlib.suppress(ValueError, TypeError):  # other threads; handlers set outside Python
+            with contextlib.suppress(ValueError, TypeError):  # other threads; foreign handlers
                 signal.signal(number, handler)
 
 
@@ -341,142 +418,146 @@ def _deterministic_algorithms(enabled: bool):
         torch.backends.cudnn.benchmark = previous[1]
 
 
-def _mixed_precision(amp: str, device: torch.device) -> tuple[torch.dtype | None, torch.amp.GradScaler]:
-    """bf16 autocast where supported (CUDA) by default; fp16 with a gradient scaler on request."""
-    if amp == "auto":
-        amp = "bf16" if device.type == "cuda" and torch.cuda.is_bf16_supported() else "off"
-    if amp not in AMP_DTYPES:
-        raise TrainingError(f"unknown amp '{amp}' (use auto, {', '.join(AMP_DTYPES)})")
-    dtype = AMP_DTYPES[amp]
-    return dtype, torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
+def _non_finite(loss: float, gradient_norm: float, scaler: torch.amp.GradScaler) -> str | None:
+    """What went non-finite in a step, or None; overflowing fp16 gradients are the scaler's job."""
+    if not math.isfinite(loss):
+        return f"the loss became {loss}"
+    if not math.isfinite(gradient_norm) and not scaler.is_enabled():
+        return f"the gradient norm became {gradient_norm} (loss {loss:.4g})"
+    if scaler.is_enabled() and scaler.get_scale() < MIN_LOSS_SCALE:
+        scale = scaler.get_scale()
+        return f"the fp16 loss scale fell to {scale:.2g} (the gradients overflow at every step)"
+    return None
 
 
-def _ema(model: nn.Module, decay: float | None):
-    if decay is None:
-        return None
-    return torch.optim.swa_utils.AveragedModel(model, multi_avg_fn=torch.optim.swa_utils.get_ema_multi_avg_fn(decay))
-
-
-def _weights_of(model: nn.Module, ema) -> nn.Module:
-    """The network whose weights are kept: the moving average when there is one."""
-    return ema.module if ema is not None else unwrap(model)
-
-
-def _step_seed(seed: int, rank: int, step: int) -> int:
-    return int(np.random.default_rng([seed, rank, step, 7]).integers(2**62))
-
-
-def _fine_offset_sd(config: dict, plan: dict, coarse_run: str | None) -> list[float]:
+def _fine_offset_sd(
+    configuration: Configuration, plan: Plan, coarse_run: str | None
+) -> list[float]:
     """Offsets of fine patches from their landmark, in fine voxels per axis: the coarse stage's
     measured validation error (RMS per axis) when its run is given, else two coarse voxels; at
     most a sixth of the fine patch, so that the landmark stays inside nearly every patch (a
     coarse estimate further off than half a patch cannot be refined anyway)."""
-    coarse = plan["configurations"][config["previous_stage"]]
-    sd_coarse_voxels = [2.0] * len(config["spacing_mm"])
+    coarse = plan.configurations[configuration.previous_stage]
+    sd_coarse_voxels = [2.0] * configuration.spatial_dims
     if coarse_run is not None:
         record = read_run_record(coarse_run)
-        measured = record.get("best", {}).get("error_sd_voxels")
-        if record.get("configuration") != config["previous_stage"] or measured is None:
-            raise TrainingError(f"{coarse_run} is not a validated run of {config['previous_stage']}")
+        measured = None if record.best is None else record.best.error_sd_voxels
+        if record.configuration != configuration.previous_stage or measured is None:
+            raise TrainingError(
+                f"{coarse_run} is not a validated run of {configuration.previous_stage}"
+            )
         sd_coarse_voxels = measured
     else:
         info("fine stage: no --coarse-run given; patch offsets assume a coarse error of 2 voxels")
-    sd_fine_voxels = [s * c / f for s, c, f in zip(sd_coarse_voxels, coarse["spacing_mm"], config["spacing_mm"], strict=True)]
-    limit = [p / FINE_OFFSET_SD_PATCH_FRACTION for p in config["patch_size"]]
-    if any(s > m for s, m in zip(sd_fine_voxels, limit, strict=True)):
-        info(f"fine stage: the coarse error ({_voxels(sd_fine_voxels)} fine voxels RMS) exceeds a sixth of the patch; offsets limited to {_voxels(limit)}")
-    return [min(s, m) for s, m in zip(sd_fine_voxels, limit, strict=True)]
+    ratio = np.asarray(coarse.spacing_mm) / np.asarray(configuration.spacing_mm)
+    sd_fine_voxels = np.asarray(sd_coarse_voxels) * ratio
+    limit = np.asarray(configuration.patch_size) / FINE_OFFSET_SD_PATCH_FRACTION
+    if np.any(sd_fine_voxels > limit):
+        info(
+            f"fine stage: the coarse error ({_voxels(sd_fine_voxels)} fine voxels RMS) exceeds "
+            f"a sixth of the patch; offsets limited to {_voxels(limit)}"
+        )
+    return [float(v) for v in np.minimum(sd_fine_voxels, limit)]
 
 
 def _voxels(values: Sequence[float]) -> str:
     return " x ".join(f"{v:.1f}" for v in values)
 
 
-def _run_record(run_dir: Path, dataset: Dataset, plan: dict, name: str, options: TrainOptions, settings: dict, train_ids, val_ids, resume: bool) -> dict:
-    path = run_dir / RUN_FILE
+def _run_record(
+    run_dir: Path, dataset: Dataset, plan: Plan, options: TrainOptions, settings: RunSettings,
+    case_ids: tuple[list[str], list[str]], resume: bool,
+) -> RunRecord:  # fmt: skip
+    """The run's record: read back when resuming (the same network and configuration), else new."""
     if resume:
-        if not path.is_file():
+        if not (run_dir / RUN_FILE).is_file():
             raise TrainingError("nothing to resume: no run.json", run_dir)
         record = read_run_record(run_dir)
-        if record["arch"] != options.arch or record["configuration"] != name:
-            raise TrainingError(f"the run trained {record['arch']} on {record['configuration']}; cannot resume it as {options.arch} on {name}", path)
+        if record.arch != options.arch or record.configuration != options.configuration:
+            raise TrainingError(
+                f"the run trained {record.arch} on {record.configuration}; cannot resume it as "
+                f"{options.arch} on {options.configuration}",
+                run_dir / RUN_FILE,
+            )
         return record
     if (run_dir / CHECKPOINT_FILE).exists():
-        raise TrainingError("this run folder already holds a training; use --resume or another folder", run_dir)
-    return {
-        "version": 1, "status": "training", "dataset": plan["dataset"], "dataset_path": str(dataset.root.resolve()),
-        "arch": options.arch, "configuration": name, "fold": options.fold, "plan": plan,
-        "landmarks": plan["landmarks"], "symmetric_pairs": dataset.spec.symmetric_pairs,
-        "spacing_mm": dataset.spec.spacing_mm,
-        "train_cases": train_ids, "val_cases": val_ids, "settings": settings, "options": asdict(options),
-    }  # fmt: skip
+        raise TrainingError(
+            "this run folder already holds a training; use --resume or another folder", run_dir
+        )
+    train_ids, val_ids = case_ids
+    return RunRecord(
+        dataset=plan.dataset,
+        dataset_path=str(dataset.root.resolve()),
+        arch=options.arch,
+        configuration=options.configuration,
+        fold=options.fold,
+        plan=plan,
+        landmarks=plan.landmarks,
+        symmetric_pairs=dataset.spec.symmetric_pairs,
+        spacing_mm=dataset.spec.spacing_mm,
+        train_cases=train_ids,
+        val_cases=val_ids,
+        settings=settings,
+        options=asdict(options),
+    )
 
 
-def _write_record(run_dir: Path, record: dict, context=None) -> None:
+def _write_record(run_dir: Path, record: RunRecord, context: distributed.Context) -> None:
     """run.json, atomically; under DDP only rank 0 writes."""
-    if context is None or context.is_main:
-        atomic_write_text(run_dir / RUN_FILE, json.dumps(record, indent=1, default=float) + "\n")
-
-
-def _save(run_dir: Path, context, model, optimizer, scheduler, scaler, ema, step: int, plan: dict) -> None:
-    """Everything needed to continue, atomically (rank 0 only)."""
     if context.is_main:
-        state = {
-            "step": step, "model": unwrap(model).state_dict(), "optimizer": optimizer.state_dict(),
-            "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict(),
-            "ema": None if ema is None else ema.state_dict(), "torch_rng": torch.get_rng_state(),
-            "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
-            "plan": json.dumps(plan),
-        }  # fmt: skip
-        save_checkpoint(run_dir / CHECKPOINT_FILE, state)
-    distributed.barrier(context)
+        write_run_record(run_dir, record)
 
 
-def _resume_step(run_dir: Path, context, model, optimizer, scheduler, scaler, ema, device) -> int:
-    """The step to continue from: the checkpoint's, or 0 when the run was stopped before its
-    first one (the fresh start is the same as the original's); stale partial files are removed."""
+def _save(run: _Run) -> None:
+    """Everything needed to continue, atomically (rank 0 only)."""
+    if run.context.is_main:
+        run.state.save(run.run_dir / CHECKPOINT_FILE, run.plan)
+    distributed.barrier(run.context)
+
+
+def _resume(
+    run_dir: Path, context: distributed.Context, state: TrainState, device: torch.device
+) -> None:
+    """Continue from the checkpoint, or from step 0 when the run was stopped before its first
+    one (the fresh start is the same as the original's); stale partial files are removed."""
     if context.is_main:
         for name in (CHECKPOINT_FILE, BEST_WEIGHTS, FINAL_WEIGHTS, RUN_FILE, LOG_FILE):
             remove_partials(run_dir / name)
     if not (run_dir / CHECKPOINT_FILE).is_file():
         info(f"{run_dir} has no checkpoint yet: starting from step 0")
-        return 0
-    return _restore(run_dir / CHECKPOINT_FILE, model, optimizer, scheduler, scaler, ema, device)
+        return
+    state.restore(run_dir / CHECKPOINT_FILE, device)
 
 
-def _restore(path: Path, model, optimizer, scheduler, scaler, ema, device) -> int:
-    state = load_checkpoint(path, map_location=device)
-    model.load_state_dict(state["model"])
-    optimizer.load_state_dict(state["optimizer"])
-    scheduler.load_state_dict(state["scheduler"])
-    if state["scaler"]:  # empty when saved without fp16: the scaler then starts afresh
-        scaler.load_state_dict(state["scaler"])
-    if ema is not None and state["ema"] is not None:
-        ema.load_state_dict(state["ema"])
-    torch.set_rng_state(state["torch_rng"].cpu())
-    if state["cuda_rng"] and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all([s.cpu() for s in state["cuda_rng"]])
-    info(f"resumed from {path} at step {state['step']}")
-    return int(state["step"])
-
-
-def _validate_and_keep_best(run_dir, model, val_cases, config, device, amp_dtype, row: dict, best: dict, record: dict, step: int) -> dict:
-    result = validate(model, val_cases, config["patch_size"], device, amp_dtype=amp_dtype)
-    row["val_mre_mm"], row["val_sdr_2mm"] = result["mre_mm"], result["sdr"].get("2.0")
-    if result["mre_mm"] is not None and result["mre_mm"] < best.get("val_mre_mm", math.inf):
-        best = {"val_mre_mm": result["mre_mm"], "val_sdr": result["sdr"], "step": step, "error_sd_voxels": result["error_sd_voxels"]}
-        save_weights(run_dir / BEST_WEIGHTS, model)
-        record["presence_threshold"] = calibrate_presence_threshold(result["peaks"], result["truly_present"])
-        record["best"] = best
-        _write_record(run_dir, record)
-    info(f"step {step}: validation MRE {result['mre_mm']:.3f} mm, SDR@2mm {result['sdr'].get('2.0')}%")
-    return best
+def _validate_and_keep_best(run: _Run, row: dict) -> None:
+    """Validate the kept weights; when they are the best so far, keep them and recalibrate."""
+    model = run.state.kept_weights()
+    patch = run.configuration.patch_size
+    result = validate(model, run.val_cases, patch, run.device, amp_dtype=run.amp_dtype)
+    row["val_mre_mm"], row["val_sdr_2mm"] = result.mre_mm, result.sdr.get("2.0")
+    best = run.record.best
+    if result.mre_mm is not None and (best is None or result.mre_mm < best.val_mre_mm):
+        run.record.best = BestValidation(
+            val_mre_mm=result.mre_mm,
+            val_sdr=result.sdr,
+            step=run.state.step,
+            error_sd_voxels=result.error_sd_voxels,
+        )
+        save_weights(run.run_dir / BEST_WEIGHTS, model)
+        threshold = calibrate_presence_threshold(result.peaks, result.truly_present)
+        run.record.presence_threshold = threshold
+        write_run_record(run.run_dir, run.record)
+    info(
+        f"step {run.state.step}: validation MRE {result.mre_mm:.3f} mm, "
+        f"SDR@2mm {result.sdr.get('2.0')}%"
+    )
 
 
 def _log(run_dir: Path, row: dict) -> None:
     path = run_dir / LOG_FILE
     rows = list(csv.DictReader(path.open())) if path.is_file() else []
-    rows = [r for r in rows if int(r["step"]) < row["step"]] + [{k: row.get(k, "") for k in LOG_COLUMNS}]
+    rows = [r for r in rows if int(r["step"]) < row["step"]]
+    rows.append({k: row.get(k, "") for k in LOG_COLUMNS})
     out = io.StringIO()
     writer = csv.DictWriter(out, LOG_COLUMNS)
     writer.writeheader()
@@ -485,15 +566,17 @@ def _log(run_dir: Path, row: dict) -> None:
 
 
 def _plot_curves(run_dir: Path) -> None:
-    import matplotlib
+    """``training_curve.png``: the training loss and the validation MRE over the steps."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    rows = list(csv.DictReader((run_dir / LOG_FILE).open())) if (run_dir / LOG_FILE).is_file() else []
+    path = run_dir / LOG_FILE
+    rows = list(csv.DictReader(path.open())) if path.is_file() else []
     if not rows:
         return
-    figure, loss_axis = plt.subplots(figsize=(7, 4))
+    figure = Figure(figsize=(7, 4))
+    FigureCanvasAgg(figure)
+    loss_axis = figure.add_subplot()
     losses = [float(r["train_loss"]) for r in rows]
     loss_axis.plot([int(r["step"]) for r in rows], losses, label="training loss")
     loss_axis.set_xlabel("step")
@@ -503,13 +586,13 @@ def _plot_curves(run_dir: Path) -> None:
     validated = [r for r in rows if r["val_mre_mm"]]
     if validated:
         mre_axis = loss_axis.twinx()
-        mre_axis.plot([int(r["step"]) for r in validated], [float(r["val_mre_mm"]) for r in validated], "o-", color="tab:red", label="validation MRE")
+        steps = [int(r["step"]) for r in validated]
+        mre_axis.plot(steps, [float(r["val_mre_mm"]) for r in validated], "o-", color="tab:red")
         mre_axis.set_ylabel("validation MRE (mm)")
     figure.tight_layout()
     buffer = io.BytesIO()
     figure.savefig(buffer, format="png", dpi=100)
-    plt.close(figure)
-    atomic_write_bytes(run_dir / "training_curve.png", buffer.getvalue())
+    atomic_write_bytes(run_dir / TRAINING_CURVE_FILE, buffer.getvalue())
 
 
 class _StopRequest:

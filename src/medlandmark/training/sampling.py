@@ -14,6 +14,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from medlandmark.preprocessing import CachedCase
+from medlandmark.preprocessing.crops import crop_with_zeros
 
 
 @dataclass
@@ -25,22 +26,6 @@ class Crop:
     image: np.ndarray
     points: np.ndarray
     start: np.ndarray
-
-
-def crop_with_zeros(array: np.ndarray, start: Sequence[int], shape: Sequence[int]) -> np.ndarray:
-    """``array[:, start:start+shape]`` as float32, zero (the normalised mean) where the box
-    leaves the array; ``start`` may be negative."""
-    start = np.asarray(start, dtype=np.int64)
-    shape = np.asarray(shape, dtype=np.int64)
-    size = np.asarray(array.shape[1:], dtype=np.int64)
-    out = np.zeros((array.shape[0], *shape), dtype=np.float32)
-    low = np.clip(start, 0, size)
-    high = np.clip(start + shape, 0, size)
-    if np.all(high > low):
-        source = (slice(None), *(slice(a, b) for a, b in zip(low, high, strict=True)))
-        target = (slice(None), *(slice(a - s, b - s) for a, b, s in zip(low, high, start, strict=True)))
-        out[target] = array[source]
-    return out
 
 
 def crop_case(case: CachedCase, start: Sequence[int], shape: Sequence[int]) -> Crop:

@@ -3,16 +3,17 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 import numpy as np
 import torch
 from torch import nn
 
-from medlandmark.evaluation import metrics
+from medlandmark import metrics
 from medlandmark.heatmaps import decode_heatmaps
-from medlandmark.inference.sliding_window import sliding_window_heatmaps
 from medlandmark.io.geometry import index_to_world
 from medlandmark.preprocessing import CachedCase
+from medlandmark.sliding_window import sliding_window_heatmaps
 
 
 def predict_cached_case(
@@ -26,11 +27,24 @@ def predict_cached_case(
     return decoded.points[0].double().cpu().numpy(), decoded.peak[0].float().cpu().numpy()
 
 
+@dataclass
+class Validation:
+    """Errors on the validation cases (world mm), the heatmap peak of every point and whether
+    it is truly present, and the RMS error per cache axis in voxels (None without any point)."""
+
+    mre_mm: float | None
+    sdr: dict[str, float]
+    n_points: int
+    peaks: np.ndarray
+    truly_present: np.ndarray
+    error_sd_voxels: list[float] | None
+
+
 @torch.no_grad()
 def validate(
     model: nn.Module, cases: Sequence[CachedCase], patch_size: Sequence[int], device: torch.device,
-    radii_mm: Sequence[float] = (2.0, 2.5, 3.0, 4.0), amp_dtype: torch.dtype | None = None,
-) -> dict:
+    radii_mm: Sequence[float] = metrics.DEFAULT_RADII_MM, amp_dtype: torch.dtype | None = None,
+) -> Validation:
     """MRE, SDR and per-point peaks over ``cases`` (ground truth from the cache, never fed to the
     prediction); the peaks calibrate the present/missing threshold, and the spread of the
     errors per axis (cache voxels) tells a cascade's fine stage how far off its patches start."""
@@ -48,11 +62,11 @@ def validate(
     offsets = offsets[~np.isnan(offsets).any(axis=1)]
     errors = metrics.radial_errors_mm(np.stack(predictions), np.stack(truths))
     statistics = metrics.error_statistics(errors)
-    return {
-        "mre_mm": statistics["mre_mm"],
-        "sdr": metrics.sdr_by_radius(errors, radii_mm),
-        "n_points": statistics["n"],
-        "peaks": np.stack(peaks),
-        "truly_present": ~np.isnan(np.stack(truths)).any(axis=-1),
-        "error_sd_voxels": np.sqrt(np.mean(offsets**2, axis=0)).tolist() if len(offsets) else None,
-    }
+    return Validation(
+        mre_mm=statistics["mre_mm"],
+        sdr=metrics.sdr_by_radius(errors, radii_mm),
+        n_points=statistics["n"],
+        peaks=np.stack(peaks),
+        truly_present=~np.isnan(np.stack(truths)).any(axis=-1),
+        error_sd_voxels=np.sqrt(np.mean(offsets**2, axis=0)).tolist() if len(offsets) else None,
+    )

@@ -19,6 +19,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
+DEFAULT_RADII_MM = (2.0, 2.5, 3.0, 4.0)  # the cephalometric literature's SDR radii
 SDR_TOLERANCE_MM = 1e-6
 SD_DDOF = 0
 SD_CONVENTION = "population standard deviation (ddof=0) over all evaluated points"

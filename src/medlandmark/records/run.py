@@ -1,0 +1,157 @@
+"""A run folder: :class:`RunRecord` (``run.json``) and the names of the files training writes.
+
+A run folder may come from anyone. Its weights are safetensors (no code), and its metadata is
+JSON checked here before any of it sizes a network, names a cache folder or indexes an array.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from typing import Any, ClassVar, Literal
+
+from pydantic import Field, ValidationError, field_validator, model_validator
+
+from medlandmark.errors import MedlandmarkError, validation_problems
+from medlandmark.io.files import atomic_write_text
+from medlandmark.records.plan import (
+    Configuration,
+    Plan,
+    TrainingSettings,
+    _Record,
+    plain_name,
+    positive_finite,
+)
+
+RUN_FILE = "run.json"
+CHECKPOINT_FILE = "checkpoint_latest.pt"
+BEST_WEIGHTS = "model_best.safetensors"
+FINAL_WEIGHTS = "model_final.safetensors"
+WEIGHT_FILES = {"best": BEST_WEIGHTS, "final": FINAL_WEIGHTS}
+LOG_FILE = "log.csv"
+TRAINING_CURVE_FILE = "training_curve.png"
+ONNX_FILE = "model.onnx"
+PREDICTION_SUMMARY_FILE = "summary.csv"  # written by predict beside the landmark files
+RunStatus = Literal["training", "interrupted", "stopped", "finished"]
+
+
+class RunSettings(TrainingSettings):
+    """The training settings a run used: the plan's, with the command line's changes."""
+
+    learning_rate: float = Field(gt=0, allow_inf_nan=False)
+    batch_size: int = Field(ge=1)
+
+
+class BestValidation(_Record):
+    """The validation that chose ``model_best``: its MRE, SDR and per-axis error spread."""
+
+    val_mre_mm: float
+    val_sdr: dict[str, float]
+    step: int
+    error_sd_voxels: list[float] | None = None
+
+
+class ShapeModelRecord(_Record):
+    """The training landmarks' constellation (:class:`medlandmark.shape_model.ShapeModel`)."""
+
+    reference_mm: list[list[float] | None] = Field(min_length=1)
+    inlier_mm: float = Field(gt=0, allow_inf_nan=False)
+    singular_values: tuple[float, float]
+
+    @model_validator(mode="after")
+    def _consistent(self) -> ShapeModelRecord:
+        rows = [r for r in self.reference_mm if r is not None]
+        if not rows or len({len(r) for r in rows}) != 1 or len(rows[0]) not in (2, 3):
+            raise ValueError(
+                "reference_mm must hold 2D or 3D points (null for a landmark never seen)"
+            )
+        if not all(math.isfinite(v) for r in rows for v in r):
+            raise ValueError("reference_mm must be finite")
+        low, high = self.singular_values
+        if not (math.isfinite(low) and math.isfinite(high) and 0 < low <= high):
+            raise ValueError(f"singular_values must be 0 < low <= high, got {[low, high]}")
+        return self
+
+    @property
+    def spatial_dims(self) -> int:
+        return len(next(r for r in self.reference_mm if r is not None))
+
+
+class RunRecord(_Record):
+    """``run.json``: the network, its plan, its landmarks and what training learnt and measured."""
+
+    _omit_when_none: ClassVar[tuple[str, ...]] = ("best", "weight_checksum_per_rank", "shape_model", "presence_threshold")
+    version: Literal[1] = 1
+    status: RunStatus = "training"
+    dataset: str = ""
+    dataset_path: str | None = None
+    arch: str
+    configuration: str
+    fold: int | Literal["all"] = 0
+    plan: Plan
+    landmarks: list[str] = Field(min_length=1)
+    symmetric_pairs: list[tuple[str, str]] = []
+    spacing_mm: list[float] | None = None
+    train_cases: list[str] = []
+    val_cases: list[str] = []
+    settings: RunSettings | None = None
+    options: dict[str, Any] = {}
+    step: int = 0
+    best: BestValidation | None = None
+    presence_threshold: float | None = Field(default=None, allow_inf_nan=False)  # a heatmap peak
+    shape_model: ShapeModelRecord | None = None
+    weight_checksum_per_rank: list[float] | None = None
+
+    _arch = field_validator("arch")(plain_name)
+
+    @model_validator(mode="after")
+    def _consistent(self) -> RunRecord:
+        if self.configuration not in self.plan.configurations:
+            raise ValueError(f"configuration '{self.configuration}' is not in its plan")
+        if len(set(self.landmarks)) != len(self.landmarks):
+            raise ValueError("landmark names repeat")
+        unknown = {n for pair in self.symmetric_pairs for n in pair} - set(self.landmarks)
+        if unknown:
+            raise ValueError(f"symmetric_pairs name unknown landmarks: {', '.join(sorted(unknown))}")
+        if self.spacing_mm is not None:
+            positive_finite(self.spacing_mm)
+        shape = self.shape_model
+        if shape is not None and (
+            len(shape.reference_mm) != len(self.landmarks)
+            or shape.spatial_dims != self.plan.spatial_dims
+        ):
+            raise ValueError("shape_model does not match the landmarks or the plan's dimensions")
+        return self
+
+    @property
+    def plan_configuration(self) -> Configuration:
+        """The configuration this run trained."""
+        return self.plan.configurations[self.configuration]
+
+    def to_json(self) -> str:
+        """The record as ``run.json`` text."""
+        return json.dumps(self.model_dump(mode="json"), indent=1) + "\n"
+
+
+def read_run_record(folder: str | Path) -> RunRecord:
+    """``folder/run.json``, checked against :class:`RunRecord`."""
+    path = Path(folder) / RUN_FILE
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise MedlandmarkError("no run.json: not a trained run", path) from None
+    except (UnicodeDecodeError, ValueError) as error:
+        raise MedlandmarkError(f"invalid run.json ({error})", path) from None
+    if not isinstance(data, dict):
+        raise MedlandmarkError("invalid run.json (not a JSON object)", path)
+    try:
+        return RunRecord.model_validate(data)
+    except ValidationError as error:
+        problems = validation_problems(error, "run.json", limit=5)
+        raise MedlandmarkError(f"run.json does not match the run schema: {problems}", path) from None
+
+
+def write_run_record(folder: str | Path, record: RunRecord) -> None:
+    """``folder/run.json``, atomically."""
+    atomic_write_text(Path(folder) / RUN_FILE, record.to_json())

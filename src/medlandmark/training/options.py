@@ -1,0 +1,88 @@
+"""What a training run is asked to do: :class:`TrainOptions`, resolved against the plan."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from pydantic import ValidationError
+
+from medlandmark.augment import AugmentConfig
+from medlandmark.errors import MedlandmarkError, validation_problems
+from medlandmark.records.plan import Plan
+from medlandmark.records.run import RunSettings
+from medlandmark.training.losses import HEATMAP_LOSSES
+
+OVERRIDABLE_SETTINGS = (
+    "epochs",
+    "iterations_per_epoch",
+    "batch_size",
+    "learning_rate",
+    "validate_every",
+    "ema_decay",
+    "missing_target",
+    "loss",
+)
+
+
+class TrainingError(MedlandmarkError):
+    """Training cannot go on (non-finite loss, incompatible resume, no cases...)."""
+
+
+@dataclass
+class TrainOptions:
+    """What the command line can change; None means "as the plan says"."""
+
+    configuration: str | None = None
+    arch: str = "unet"
+    fold: int | str = 0
+    epochs: int | None = None
+    iterations_per_epoch: int | None = None
+    batch_size: int | None = None
+    learning_rate: float | None = None
+    validate_every: int | None = None
+    max_steps: int | None = None
+    device: str = "auto"
+    seed: int = 0
+    deterministic: bool = False
+    amp: str = "auto"
+    ema_decay: float | None = None
+    missing_target: str | None = None
+    loss: str | None = None
+    preprocessed: str | None = None
+    coarse_run: str | None = None
+    augment: dict = field(default_factory=dict)
+
+
+def run_settings(plan: Plan, options: TrainOptions) -> RunSettings:
+    """The plan's training settings for ``options.arch`` and configuration, with the options'
+    changes; a TrainingError naming what is wrong."""
+    configuration = plan.configuration(options.configuration)
+    try:
+        learning_rate = plan.training.learning_rate_for(options.arch)
+    except ValueError as error:
+        raise TrainingError(str(error)) from None
+    settings = {
+        **plan.training.model_dump(),
+        "learning_rate": learning_rate,
+        "batch_size": configuration.batch_size,
+    }
+    for name in OVERRIDABLE_SETTINGS:
+        value = getattr(options, name)
+        if value is not None:
+            settings[name] = value
+    if settings["loss"] not in HEATMAP_LOSSES:
+        raise TrainingError(f"unknown loss '{settings['loss']}' (use {', '.join(HEATMAP_LOSSES)})")
+    try:
+        return RunSettings.model_validate(settings)
+    except ValidationError as error:
+        raise TrainingError(f"bad training setting: {validation_problems(error, 'settings')}") from None
+
+
+def augment_config(overrides: dict) -> AugmentConfig:
+    """The augmentation with ``overrides`` (names of :class:`AugmentConfig`), or a TrainingError."""
+    try:
+        return AugmentConfig(**overrides)
+    except ValidationError as error:
+        raise TrainingError(
+            f"bad augmentation setting: {validation_problems(error, 'augment')}"
+        ) from None
