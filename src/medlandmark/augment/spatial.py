@@ -327,46 +327,16 @@ def random_spatial_transform(
         raise ValueError(
             f"crop {tuple(crop_size)} and patch {tuple(patch_size)} differ in dimension"
         )
-    eye = torch.eye(ndim, device=device).expand(batch, ndim, ndim)
-
-    limits = (config.rotation_2d_deg,) if ndim == 2 else config.rotation_3d_deg
-    limit = torch.tensor([math.radians(a) for a in limits], device=device)
-    rotate = chance(generator, batch, config.p_rotation, device)
-    angles = (2 * _draw(generator, (batch, len(limits)), device) - 1) * limit
-    rotation = rotation_matrices(angles * rotate[:, None])
-
-    shear_on = chance(generator, batch, config.p_shear, device)
-    shear_values = uniform(generator, (batch, ndim, ndim), -config.shear, config.shear, device)
-    off_diagonal = 1 - torch.eye(ndim, device=device)
-    shear = eye + shear_values * off_diagonal * shear_on[:, None, None]
-    if spacing_mm is not None:
-        voxel = torch.tensor([float(s) for s in spacing_mm], device=device)
-        conjugate = voxel[None, :] / voxel[:, None]  # diag(1/v) M diag(v), exact on the diagonal
-        rotation, shear = rotation * conjugate, shear * conjugate
-
-    zoom = torch.ones(batch, ndim, device=device)
-    zoom_on = chance(generator, batch, config.p_scale, device)
-    zoom_iso = uniform(generator, (batch,), *config.scale, device)
-    zoom = torch.where(zoom_on[:, None], zoom * zoom_iso[:, None], zoom)
-    axis_on = chance(generator, batch, config.p_axis_scale, device)
-    axis_zoom = uniform(generator, (batch, ndim), *config.axis_scale, device)
-    zoom = torch.where(axis_on[:, None], zoom * axis_zoom, zoom)
-
-    mirror = torch.zeros(batch, dtype=torch.bool, device=device)
-    flip = torch.ones(batch, ndim, device=device)
-    mirror_draw = chance(generator, batch, config.p_mirror, device)
-    if mirror_axis is not None:
-        if not -ndim <= mirror_axis < ndim:
-            raise ValueError(f"mirror_axis {mirror_axis} is not an axis of a {ndim}D patch")
-        mirror = mirror_draw
-        flip[:, mirror_axis % ndim] = torch.where(mirror, -1.0, 1.0)
-
+    if mirror_axis is not None and not -ndim <= mirror_axis < ndim:
+        raise ValueError(f"mirror_axis {mirror_axis} is not an axis of a {ndim}D patch")
+    draw = _Draws(generator, batch, ndim, device)  # the draws below keep their order: seeds reproduce
+    rotation, shear = _random_rotation_and_shear(draw, config, spacing_mm)
+    zoom = _random_zoom(draw, config)
+    mirror, flip = _random_mirror(draw, config, mirror_axis)
     matrix = rotation @ shear @ torch.diag_embed(flip / zoom)
     shift_on = chance(generator, batch, config.p_translation, device)
-    shift = uniform(
-        generator, (batch, ndim), -config.translation_voxels, config.translation_voxels, device
-    )
-    shift = shift * shift_on[:, None]
+    limit = config.translation_voxels
+    shift = uniform(generator, (batch, ndim), -limit, limit, device) * shift_on[:, None]
     centre_in = torch.tensor(crop_centre(crop_size, patch_size), device=device)
     centre_out = torch.tensor([(p - 1) / 2 for p in patch_size], device=device)
     offset = centre_in + shift - torch.matmul(matrix, centre_out)
@@ -379,6 +349,67 @@ def random_spatial_transform(
         patch_size=tuple(int(p) for p in patch_size),
         crop_size=tuple(int(s) for s in crop_size),
     )
+
+
+@dataclass
+class _Draws:
+    """Where a batch's random draws come from: the generator, the batch size, the dimensions."""
+
+    generator: torch.Generator | None
+    batch: int
+    ndim: int
+    device: torch.device
+
+    def chance(self, probability: float) -> Tensor:
+        return chance(self.generator, self.batch, probability, self.device)
+
+    def uniform(self, shape: tuple[int, ...], low: float, high: float) -> Tensor:
+        return uniform(self.generator, (self.batch, *shape), low, high, self.device)
+
+
+def _random_rotation_and_shear(
+    draw: _Draws, config: AugmentConfig, spacing_mm: Sequence[float] | None
+) -> tuple[Tensor, Tensor]:
+    """Rotation and shear matrices ``(B, D, D)`` in voxel units; rigid in mm with ``spacing_mm``."""
+    batch, ndim, device = draw.batch, draw.ndim, draw.device
+    limits = (config.rotation_2d_deg,) if ndim == 2 else config.rotation_3d_deg
+    limit = torch.tensor([math.radians(a) for a in limits], device=device)
+    rotate = draw.chance(config.p_rotation)
+    angles = (2 * _draw(draw.generator, (batch, len(limits)), device) - 1) * limit
+    rotation = rotation_matrices(angles * rotate[:, None])
+    shear_on = draw.chance(config.p_shear)
+    shear_values = draw.uniform((ndim, ndim), -config.shear, config.shear)
+    eye = torch.eye(ndim, device=device)
+    shear = eye + shear_values * (1 - eye) * shear_on[:, None, None]
+    if spacing_mm is not None:
+        voxel = torch.tensor([float(s) for s in spacing_mm], device=device)
+        conjugate = voxel[None, :] / voxel[:, None]  # diag(1/v) M diag(v), exact on the diagonal
+        rotation, shear = rotation * conjugate, shear * conjugate
+    return rotation, shear
+
+
+def _random_zoom(draw: _Draws, config: AugmentConfig) -> Tensor:
+    """Zoom factors ``(B, D)``: isotropic, then per axis."""
+    zoom = torch.ones(draw.batch, draw.ndim, device=draw.device)
+    zoom_on = draw.chance(config.p_scale)
+    zoom_iso = draw.uniform((), *config.scale)
+    zoom = torch.where(zoom_on[:, None], zoom * zoom_iso[:, None], zoom)
+    axis_on = draw.chance(config.p_axis_scale)
+    axis_zoom = draw.uniform((draw.ndim,), *config.axis_scale)
+    return torch.where(axis_on[:, None], zoom * axis_zoom, zoom)
+
+
+def _random_mirror(
+    draw: _Draws, config: AugmentConfig, mirror_axis: int | None
+) -> tuple[Tensor, Tensor]:
+    """Which samples are mirrored ``(B,)`` and the sign per axis ``(B, D)``."""
+    mirror = torch.zeros(draw.batch, dtype=torch.bool, device=draw.device)
+    flip = torch.ones(draw.batch, draw.ndim, device=draw.device)
+    mirror_draw = draw.chance(config.p_mirror)
+    if mirror_axis is not None:
+        mirror = mirror_draw
+        flip[:, mirror_axis % draw.ndim] = torch.where(mirror, -1.0, 1.0)
+    return mirror, flip
 
 
 def swap_pairs(points: Tensor, pairs: Sequence[tuple[int, int]], mirrored: Tensor) -> Tensor:

@@ -6,17 +6,15 @@ import io
 from collections.abc import Sequence
 from pathlib import Path
 
-import matplotlib
+import numpy as np
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.figure import Figure
+from rich.markup import escape
+from rich.table import Table
 
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
-from rich.markup import escape  # noqa: E402
-from rich.table import Table  # noqa: E402
-
-from medlandmark.console import console  # noqa: E402
-from medlandmark.io.files import atomic_write_bytes, atomic_write_text  # noqa: E402
-from medlandmark.metrics import (  # noqa: E402
+from medlandmark.console import console
+from medlandmark.io.files import atomic_write_bytes, atomic_write_text
+from medlandmark.metrics import (
     evaluated,
     radius_key,
     sdr_curve,
@@ -38,21 +36,26 @@ def write_report(out_dir: Path, metrics: dict, errors_mm: np.ndarray, names: Seq
     return {"report": REPORT_FILE, "plots": [BOXPLOT_FILE, SDR_CURVE_FILE]}
 
 
-def save_png(path: Path, figure: plt.Figure) -> None:
-    """Render ``figure`` to PNG bytes and write them atomically; the figure is closed."""
+def new_figure(width_inches: float, height_inches: float) -> tuple[Figure, object]:
+    """A figure with one axes on its own Agg canvas: pyplot and its global backend stay untouched,
+    so a notebook that imports medlandmark keeps its own."""
+    figure = Figure(figsize=(width_inches, height_inches))
+    FigureCanvasAgg(figure)
+    return figure, figure.add_subplot()
+
+
+def save_png(path: Path, figure: Figure) -> None:
+    """Render ``figure`` to PNG bytes and write them atomically."""
     buffer = io.BytesIO()
-    try:
-        figure.savefig(buffer, format="png", dpi=110, bbox_inches="tight")
-    finally:
-        plt.close(figure)
+    figure.savefig(buffer, format="png", dpi=110, bbox_inches="tight")
     atomic_write_bytes(path, buffer.getvalue())
 
 
-def landmark_boxplot(errors_mm: np.ndarray, names: Sequence[str]) -> plt.Figure:
+def landmark_boxplot(errors_mm: np.ndarray, names: Sequence[str]) -> Figure:
     """Box plot of the radial errors of each landmark (evaluated points only)."""
     errors_mm = np.asarray(errors_mm, dtype=np.float64).reshape(-1, len(names))
     columns = [evaluated(errors_mm[:, k]) for k in range(len(names))]
-    figure, axes = plt.subplots(figsize=(max(6.0, 0.45 * len(names) + 2.0), 4.5))
+    figure, axes = new_figure(max(6.0, 0.45 * len(names) + 2.0), 4.5)
     positions = np.arange(1, len(names) + 1)
     axes.boxplot(columns, positions=positions, showfliers=True, flierprops={"markersize": 3})
     axes.set_xticks(positions, list(names), rotation=60, ha="right", fontsize=8)
@@ -63,10 +66,10 @@ def landmark_boxplot(errors_mm: np.ndarray, names: Sequence[str]) -> plt.Figure:
     return figure
 
 
-def sdr_curve_figure(errors_mm: np.ndarray, radii_mm: Sequence[float]) -> plt.Figure:
+def sdr_curve_figure(errors_mm: np.ndarray, radii_mm: Sequence[float]) -> Figure:
     """Percent of points within ``r`` for ``r`` from 0 to twice the largest radius."""
     radii, percent = sdr_curve(errors_mm, 2.0 * max(radii_mm))
-    figure, axes = plt.subplots(figsize=(6.0, 4.5))
+    figure, axes = new_figure(6.0, 4.5)
     axes.plot(radii, percent, color="tab:blue")
     marked = success_detection_rates(errors_mm, radii_mm)
     axes.plot(radii_mm, marked, "o", color="tab:red")
@@ -87,6 +90,17 @@ def sdr_curve_figure(errors_mm: np.ndarray, radii_mm: Sequence[float]) -> plt.Fi
 def report_markdown(metrics: dict) -> str:
     """The text of ``report.md``: summary, SDR, per-landmark, missing points, worst cases, plots."""
     radii = [radius_key(r) for r in metrics["radii_mm"]]
+    sections = (
+        _summary_lines(metrics)
+        + _sdr_lines(metrics, radii)
+        + _per_landmark_lines(metrics, radii)
+        + _missing_and_worst_lines(metrics)
+        + _plots_and_conventions_lines(metrics)
+    )
+    return "\n".join(sections)
+
+
+def _summary_lines(metrics: dict) -> list[str]:
     lines = [
         "# Landmark evaluation report",
         "",
@@ -106,13 +120,22 @@ def report_markdown(metrics: dict) -> str:
     unpredicted = metrics.get("n_gt_cases_without_prediction", 0)
     if unpredicted:
         lines += [f"{unpredicted} ground-truth cases have no prediction and are not evaluated.", ""]
-    lines += [
+    return lines
+
+
+def _sdr_lines(metrics: dict, radii: list[str]) -> list[str]:
+    return [
         "## Success detection rate",
         "",
         "| " + " | ".join(f"SDR {r} mm" for r in radii) + " |",
         "|" + "---:|" * len(radii),
         "| " + " | ".join(format_percent(metrics["sdr"][r]) for r in radii) + " |",
         "",
+    ]
+
+
+def _per_landmark_lines(metrics: dict, radii: list[str]) -> list[str]:
+    lines = [
         "## Per landmark",
         "",
         "| landmark | n | MRE (mm) | SD (mm) | " + " | ".join(f"SDR {r}" for r in radii) + " |",
@@ -124,8 +147,12 @@ def report_markdown(metrics: dict) -> str:
             f"| {_cell(name)} | {row['n']} | {format_mm(row['mre_mm'])} | "
             f"{format_mm(row['sd_mm'])} | {sdr} |"
         )
+    return lines
+
+
+def _missing_and_worst_lines(metrics: dict) -> list[str]:
     missing = metrics["missing"]
-    lines += [
+    lines = [
         "",
         "## Missing landmarks",
         "",
@@ -144,7 +171,11 @@ def report_markdown(metrics: dict) -> str:
             f"| {_cell(row['case_id'])} | {format_mm(row['mre_mm'])} | "
             f"{format_mm(row['max_mm'])} | {_cell(row['worst_landmark'])} |"
         )
-    lines += [
+    return lines
+
+
+def _plots_and_conventions_lines(metrics: dict) -> list[str]:
+    return [
         "",
         "## Plots",
         "",
@@ -160,7 +191,6 @@ def report_markdown(metrics: dict) -> str:
         f"- Missing landmarks: {metrics['missing_rule']}.",
         "",
     ]
-    return "\n".join(lines)
 
 
 def print_summary(metrics: dict, out_dir: Path) -> None:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -57,16 +59,30 @@ class Mlp(nn.Module):
         return self.project(F.gelu(self.expand(x)))
 
 
+@dataclass(frozen=True)
+class Routing:
+    """How a BiFormer block attends: the region grid ``n_win``, the ``topk`` regions each region
+    routes to (-1: all), key/value pooling, the MLP's width ratio and the LePE kernel."""
+
+    n_win: int | tuple[int, ...]
+    topk: int
+    kv_pool: int | tuple[int, ...] | None = None
+    mlp_ratio: float = 4.0
+    lepe_kernel: int = 5
+
+
 class BiFormerBlock(nn.Module):
     """BiFormer block: depthwise positional conv (residual) -> LayerNorm -> bi-level routing
     attention -> residual -> LayerNorm -> MLP -> residual, with stochastic depth."""
 
     def __init__(
-        self, channels: int, num_heads: int, n_win: int | tuple[int, ...], topk: int,
-        spatial_dims: int, mlp_ratio: float = 4.0, kv_pool: int | tuple[int, ...] | None = None,
-        drop_path: float = 0.0, lepe_kernel: int = 5,
+        self, channels: int, num_heads: int, spatial_dims: int, routing: Routing,
+        drop_path: float = 0.0,
     ):  # fmt: skip
         super().__init__()
+        n_win, topk, kv_pool, mlp_ratio, lepe_kernel = (
+            routing.n_win, routing.topk, routing.kv_pool, routing.mlp_ratio, routing.lepe_kernel
+        )  # fmt: skip
         conv = CONV[spatial_dims]
         self.position = conv(channels, channels, 3, padding=1, groups=channels)
         self.norm1 = ChannelLayerNorm(channels)

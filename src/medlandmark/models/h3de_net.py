@@ -19,12 +19,13 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from dataclasses import dataclass, replace
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from medlandmark.models.blocks import BiFormerBlock, ChannelLayerNorm, ConvNormAct
+from medlandmark.models.blocks import BiFormerBlock, ChannelLayerNorm, ConvNormAct, Routing
 from medlandmark.models.registry import register_model
 
 SPATIAL_DIMS = 3
@@ -87,8 +88,8 @@ class Stage(nn.Module):
     """
 
     def __init__(
-        self, in_channels: int, channels: int, depth: int, n_win: Sequence[int], topk: int,
-        mlp_ratio: float, drop_paths: Sequence[float], lepe_kernel: int, downsample: bool,
+        self, in_channels: int, channels: int, routing: Routing, drop_paths: Sequence[float],
+        downsample: bool,
     ):  # fmt: skip
         super().__init__()
         self.downsample = (
@@ -98,17 +99,12 @@ class Stage(nn.Module):
             if downsample
             else nn.Identity()
         )
-        self.planned_n_win = tuple(int(n) for n in n_win)
+        self.planned_n_win = tuple(int(n) for n in routing.n_win)
         heads = max(1, channels // HEAD_DIM)
-        self.blocks = nn.ModuleList()
-        for rate in drop_paths:
-            block = BiFormerBlock(
-                channels, heads, self.planned_n_win, topk, SPATIAL_DIMS, mlp_ratio, None, rate,
-                lepe_kernel,
-            )  # fmt: skip
-            self.blocks.append(block)
-        if len(self.blocks) != depth:
-            raise ValueError(f"got {len(drop_paths)} drop-path rates for a depth of {depth}")
+        routing = replace(routing, n_win=self.planned_n_win)
+        self.blocks = nn.ModuleList(
+            BiFormerBlock(channels, heads, SPATIAL_DIMS, routing, rate) for rate in drop_paths
+        )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = self.downsample(x)
@@ -132,6 +128,21 @@ class UpBlock(nn.Module):
         return self.convs(torch.cat([x, *skips], dim=1))
 
 
+@dataclass(frozen=True)
+class H3DESizes:
+    """H3DE-Net's stage widths and depths, region grid(s), routed regions per stage, MLP ratio,
+    stochastic depth, LePE kernel and whether deep-supervision heads are used."""
+
+    widths: Sequence[int] = FULL_WIDTHS
+    depths: Sequence[int] = FULL_DEPTHS
+    n_win: Sequence = REFERENCE_N_WIN
+    topk: Sequence[int] = FULL_TOPK
+    mlp_ratio: float = 4.0
+    drop_path: float = 0.0
+    lepe_kernel: int = 5
+    deep_supervision: bool = True
+
+
 class H3DENet(nn.Module):
     """H3DE-Net on (B, C, D, H, W): a list of heatmaps, [0] at full resolution (B, K, D, H, W).
 
@@ -141,14 +152,12 @@ class H3DENet(nn.Module):
     exist either way so that checkpoints load in both modes.
     """
 
-    def __init__(
-        self, in_channels: int, num_landmarks: int, widths: Sequence[int] = FULL_WIDTHS,
-        depths: Sequence[int] = FULL_DEPTHS, n_win: Sequence = REFERENCE_N_WIN,
-        topk: Sequence[int] = FULL_TOPK, mlp_ratio: float = 4.0, drop_path: float = 0.0,
-        lepe_kernel: int = 5, deep_supervision: bool = True,
-    ):  # fmt: skip
+    def __init__(self, in_channels: int, num_landmarks: int, sizes: H3DESizes | None = None):
         super().__init__()
-        widths = tuple(int(w) for w in widths)
+        sizes = sizes or H3DESizes()
+        depths, topk, mlp_ratio, lepe_kernel = sizes.depths, sizes.topk, sizes.mlp_ratio, sizes.lepe_kernel
+        deep_supervision, drop_path, n_win = sizes.deep_supervision, sizes.drop_path, sizes.n_win
+        widths = tuple(int(w) for w in sizes.widths)
         if len(widths) != 4 or len(depths) != 4 or len(topk) != 4:
             raise ValueError("H3DE-Net needs 4 widths, 4 depths and 4 top-k values")
         grids = _stage_grids(n_win)
@@ -160,10 +169,8 @@ class H3DENet(nn.Module):
         self.stages = nn.ModuleList()
         for i in range(4):
             stage_rates = rates[starts[i] : starts[i] + depths[i]]
-            stage = Stage(
-                widths[max(i - 1, 0)], widths[i], depths[i], grids[i], int(topk[i]), mlp_ratio,
-                stage_rates, lepe_kernel, downsample=i > 0,
-            )  # fmt: skip
+            routing = Routing(grids[i], int(topk[i]), mlp_ratio=mlp_ratio, lepe_kernel=lepe_kernel)
+            stage = Stage(widths[max(i - 1, 0)], widths[i], routing, stage_rates, downsample=i > 0)
             self.stages.append(stage)
         self.input_full = ConvNormAct(in_channels, fine[1], 3, SPATIAL_DIMS)
         self.input_half = ConvNormAct(in_channels, fine[1], 3, SPATIAL_DIMS)
@@ -256,14 +263,14 @@ def _init_weights(module: nn.Module) -> None:
 def build_h3de(num_landmarks: int, in_channels: int = 1, **sizes: object) -> H3DENet:
     """H3DE-Net sized by a plan configuration's ``architectures.h3de`` (widths x width_multiplier)."""
     multiplier = float(sizes.get("width_multiplier", 1.0))
-    return H3DENet(
-        in_channels, num_landmarks,
+    network_sizes = H3DESizes(
         widths=[scaled_width(w, multiplier) for w in sizes.get("widths", FULL_WIDTHS)],
         depths=sizes.get("depths", FULL_DEPTHS), n_win=sizes.get("n_win", REFERENCE_N_WIN),
         topk=sizes.get("topk", FULL_TOPK), mlp_ratio=float(sizes.get("mlp_ratio", 4)),
         drop_path=float(sizes.get("drop_path", 0.0)),
         deep_supervision=bool(sizes.get("deep_supervision", True)),
     )  # fmt: skip
+    return H3DENet(in_channels, num_landmarks, network_sizes)
 
 
 def h3de_sizes(

@@ -18,12 +18,13 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from dataclasses import asdict, dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from medlandmark.models.blocks import BiFormerBlock
+from medlandmark.models.blocks import BiFormerBlock, Routing
 from medlandmark.models.registry import register_model
 
 BASE_WIDTHS = (64, 128, 320, 512, 1024)
@@ -32,16 +33,24 @@ FFCM_IMAGE_CHANNELS = 32
 FFCM_BASE_CHANNELS = 64
 DIVISOR = 32
 
-DEFAULT_HYATT = {
-    "width_multiplier": 1.0,
-    "depths": [1, 1, 1, 1, 1],
-    "n_win": [16, 16, 16, 8, 8],
-    "topk": [1, 4, 8, 16, -1],
-    "kv_pool": 4,
-    "mlp_ratios": [8, 8, 8, 4, 4],
-    "head_dim": 32,
-    "drop_path": 0.1,
-}
+
+
+@dataclass(frozen=True)
+class HyattSizes:
+    """HYATT-Net's width multiplier, blocks per stage, region grid, routed regions (-1: all),
+    key/value pooling, MLP ratios, attention head width and stochastic depth (the paper's)."""
+
+    width_multiplier: float = 1.0
+    depths: Sequence[int] = (1, 1, 1, 1, 1)
+    n_win: Sequence = (16, 16, 16, 8, 8)
+    topk: Sequence[int] = (1, 4, 8, 16, -1)
+    kv_pool: int | None = 4
+    mlp_ratios: Sequence[float] = (8, 8, 8, 4, 4)
+    head_dim: int = 32
+    drop_path: float = 0.1
+
+
+DEFAULT_HYATT = {name: list(v) if isinstance(v, tuple) else v for name, v in asdict(HyattSizes()).items()}
 
 
 def round_width(channels: float, multiple: int) -> int:
@@ -121,22 +130,16 @@ class HyattStage(nn.Module):
     """4x4 stride-2 patch embedding (conv + BN) -> BiFormer block(s) -> ARM."""
 
     def __init__(
-        self, in_channels: int, width: int, depth: int, num_heads: int, n_win: int | Sequence[int],
-        topk: int, kv_pool: int | None, mlp_ratio: float, drop_paths: Sequence[float],
+        self, in_channels: int, width: int, num_heads: int, routing: Routing,
+        drop_paths: Sequence[float],
     ):  # fmt: skip
         super().__init__()
         self.embed = nn.Sequential(
             nn.Conv2d(in_channels, width, 4, stride=2, padding=1, bias=False),
             nn.BatchNorm2d(width),
         )
-        n_win = n_win if isinstance(n_win, int) else tuple(n_win)
         self.blocks = nn.Sequential(
-            *(
-                BiFormerBlock(
-                    width, num_heads, n_win, topk, 2, mlp_ratio, kv_pool, rate, lepe_kernel=5
-                )
-                for rate in drop_paths[:depth]
-            )
+            *(BiFormerBlock(width, num_heads, 2, routing, rate) for rate in drop_paths)
         )
         self.arm = AttentionResidualModule(width)
 
@@ -196,13 +199,11 @@ class HyattNet(nn.Module):
     heatmap_sigma_scale = [1.0, 0.5, 0.5]
     divisor = (DIVISOR, DIVISOR)
 
-    def __init__(
-        self, in_channels: int, num_landmarks: int, width_multiplier: float = 1.0,
-        depths: Sequence[int] = (1, 1, 1, 1, 1), n_win: Sequence = (16, 16, 16, 8, 8),
-        topk: Sequence[int] = (1, 4, 8, 16, -1), kv_pool: int | None = 4,
-        mlp_ratios: Sequence[float] = (8, 8, 8, 4, 4), head_dim: int = 32, drop_path: float = 0.1,
-    ):  # fmt: skip
+    def __init__(self, in_channels: int, num_landmarks: int, sizes: HyattSizes | None = None):
         super().__init__()
+        sizes = sizes or HyattSizes()
+        width_multiplier, depths, n_win, topk = sizes.width_multiplier, sizes.depths, sizes.n_win, sizes.topk
+        kv_pool, mlp_ratios, head_dim, drop_path = sizes.kv_pool, sizes.mlp_ratios, sizes.head_dim, sizes.drop_path
         lists = {"depths": depths, "n_win": n_win, "topk": topk, "mlp_ratios": mlp_ratios}
         for name, value in lists.items():
             if len(value) != len(BASE_WIDTHS):
@@ -216,9 +217,10 @@ class HyattNet(nn.Module):
         settings = zip(self.widths, depths, n_win, topk, mlp_ratios, strict=True)
         for i, (width, depth, wins, k, ratio) in enumerate(settings):
             stage_rates = rates[sum(depths[:i]) : sum(depths[: i + 1])]
-            heads = width // head_dim
+            wins = wins if isinstance(wins, int) else tuple(wins)
+            routing = Routing(wins, k, kv_pool, ratio, lepe_kernel=5)
             self.stages.append(
-                HyattStage(channels, width, depth, heads, wins, k, kv_pool, ratio, stage_rates)
+                HyattStage(channels, width, width // head_dim, routing, stage_rates[:depth])
             )
             channels = width
         fpn_channels = round_width(FPN_BASE_CHANNELS * width_multiplier, 32)
@@ -278,4 +280,4 @@ def build_hyatt(num_landmarks: int, in_channels: int = 1, **sizes: object) -> Hy
     unknown = sorted(set(sizes) - set(DEFAULT_HYATT))
     if unknown:
         raise ValueError(f"unknown HYATT-Net settings in the plan: {', '.join(unknown)}")
-    return HyattNet(in_channels, num_landmarks, **{**DEFAULT_HYATT, **sizes})
+    return HyattNet(in_channels, num_landmarks, HyattSizes(**sizes))
