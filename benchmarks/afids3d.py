@@ -34,26 +34,42 @@ BUDGETS = {
     # stage of 40^3 at 5.7 mm (the whole head), then 32^3 patches (48 mm) at 1.5 mm; lr 3e-3, the
     # centroid loss (RESULTS.md)
     "cpu": Budget(
-        minutes=45, gpu_memory_gb=0.9, base_features=16, target_spacing_mm=1.5,
-        shares={"coarse": 0.5, "fine": 0.5, "full": 1.0}, batch_size={"coarse": 4, "fine": 8},
-        learning_rate={"unet": 3e-3}, loss="balanced_mse_centroid",
+        minutes=45,
+        gpu_memory_gb=0.9,
+        base_features=16,
+        target_spacing_mm=1.5,
+        shares={"coarse": 0.5, "fine": 0.5, "full": 1.0},
+        batch_size={"coarse": 4, "fine": 8},
+        learning_rate={"unet": 3e-3},
+        loss="balanced_mse_centroid",
     ),
     # one large GPU: the cascade planned for 8 GB (coarse 128^3 at about 1.7 mm, fine 80^3 patches
     # at the 1 mm data spacing) with larger batches; --gpu-memory 16 or more plans one 3d_fullres stage
     "gpu": Budget(
-        minutes=20, gpu_memory_gb=8.0, base_features=32, shares={"coarse": 0.4, "fine": 0.6, "full": 1.0},
+        minutes=20,
+        gpu_memory_gb=8.0,
+        base_features=32,
+        shares={"coarse": 0.4, "fine": 0.6, "full": 1.0},
         batch_size={"coarse": 4, "fine": 8},
     ),
-}  # fmt: skip
+}
 TARGETS = {
-    "cpu": [Target("mre_mm", at_most=True, value=2.5), Target("missing_recall", at_most=False, value=0.95)],
-    "gpu": [Target("mre_mm", at_most=True, value=1.3), Target("missing_recall", at_most=False, value=0.95)],
+    "cpu": [
+        Target("mre_mm", at_most=True, value=2.5),
+        Target("missing_recall", at_most=False, value=0.95),
+    ],
+    "gpu": [
+        Target("mre_mm", at_most=True, value=1.3),
+        Target("missing_recall", at_most=False, value=0.95),
+    ],
 }
 
 
 def make_dataset(source: Path, out: Path) -> Path:
     """``CASES`` warped copies of the template (seed ``DATA_SEED``)."""
-    return convert_afids_synth(source / TEMPLATE, source / FCSV, out, cases=CASES, seed=DATA_SEED, options=SYNTH_OPTIONS)
+    return convert_afids_synth(
+        source / TEMPLATE, source / FCSV, out, cases=CASES, seed=DATA_SEED, options=SYNTH_OPTIONS
+    )
 
 
 def dataset_current(source: Path, out: Path) -> bool:
@@ -63,10 +79,15 @@ def dataset_current(source: Path, out: Path) -> bool:
 
 
 AFIDS3D = Benchmark(
-    name="afids3d", make_dataset=make_dataset, dataset_current=dataset_current,
-    budgets=BUDGETS, targets=TARGETS, main_split="test", archs=("unet", "h3de"),
+    name="afids3d",
+    make_dataset=make_dataset,
+    dataset_current=dataset_current,
+    budgets=BUDGETS,
+    targets=TARGETS,
+    main_split="test",
+    archs=("unet", "h3de"),
     default_source=SHARED_DATA / "afids_mni152",
-)  # fmt: skip
+)
 
 
 def main(argv: list[str] | None = None) -> dict:

@@ -82,12 +82,17 @@ def measure(trials: int, seed: int) -> list[dict]:
                 decoded = decode_heatmaps(heatmaps, method, window=window)
                 seconds = time.perf_counter() - start
                 error = (decoded.points - truth).norm(dim=-1)
-                rows.append({
-                    "ndim": ndim, "condition": condition, "method": label, "trials": count,
-                    "mean_voxels": round(error.mean().item(), 4),
-                    "max_voxels": round(error.max().item(), 4),
-                    "ms_per_1000_channels": round(1e6 * seconds / count, 1),
-                })  # fmt: skip
+                rows.append(
+                    {
+                        "ndim": ndim,
+                        "condition": condition,
+                        "method": label,
+                        "trials": count,
+                        "mean_voxels": round(error.mean().item(), 4),
+                        "max_voxels": round(error.max().item(), 4),
+                        "ms_per_1000_channels": round(1e6 * seconds / count, 1),
+                    }
+                )
     return rows
 
 
@@ -121,10 +126,18 @@ def main() -> None:
     torch.set_num_threads(min(torch.get_num_threads(), os.cpu_count() or 1))
     rows = measure(args.trials, args.seed)
     if args.json:
-        print(json.dumps({
-            "auto": AUTO_METHOD, "seed": args.seed, "torch": torch.__version__,
-            "machine": f"{platform.machine()}, {os.cpu_count()} cores", "rows": rows,
-        }, indent=1))  # fmt: skip
+        print(
+            json.dumps(
+                {
+                    "auto": AUTO_METHOD,
+                    "seed": args.seed,
+                    "torch": torch.__version__,
+                    "machine": f"{platform.machine()}, {os.cpu_count()} cores",
+                    "rows": rows,
+                },
+                indent=1,
+            )
+        )
     else:
         print_table(rows)
 

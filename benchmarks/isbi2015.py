@@ -29,27 +29,42 @@ BUDGETS = {
     # (at 0.1 mm the fine patches span 6.4 mm, less than the coarse error); lr 3e-3 and the
     # centroid loss, which removes the coarse stage's far-off peaks (RESULTS.md)
     "cpu": Budget(
-        minutes=45, gpu_memory_gb=0.9, base_features=16, target_spacing_mm=0.4,
-        shares={"coarse": 0.5, "fine": 0.5, "full": 1.0}, batch_size={"coarse": 8, "fine": 16},
-        learning_rate={"unet": 3e-3}, loss="balanced_mse_centroid",
+        minutes=45,
+        gpu_memory_gb=0.9,
+        base_features=16,
+        target_spacing_mm=0.4,
+        shares={"coarse": 0.5, "fine": 0.5, "full": 1.0},
+        batch_size={"coarse": 8, "fine": 16},
+        learning_rate={"unet": 3e-3},
+        loss="balanced_mse_centroid",
     ),
     # one large GPU: the cascade planned for 8 GB (coarse 1472x1216 at 0.163 mm, fine 960x768
     # patches at 0.1 mm) with larger batches; --gpu-memory 16 or more plans one full-size stage
     "gpu": Budget(
-        minutes=20, gpu_memory_gb=8.0, base_features=32, shares={"coarse": 0.4, "fine": 0.6, "full": 1.0},
+        minutes=20,
+        gpu_memory_gb=8.0,
+        base_features=32,
+        shares={"coarse": 0.4, "fine": 0.6, "full": 1.0},
         batch_size={"coarse": 8, "fine": 16},
     ),
-}  # fmt: skip
+}
 TARGETS = {
     "cpu": [Target("mre_mm", at_most=True, value=1.5)],
-    "gpu": [Target("mre_mm", at_most=True, value=1.10), Target("sdr_2mm", at_most=False, value=88.0)],
+    "gpu": [
+        Target("mre_mm", at_most=True, value=1.10),
+        Target("sdr_2mm", at_most=False, value=88.0),
+    ],
 }
 
 
 def source_splits(source: Path) -> set[str]:
     """The ISBI splits whose image folder the source has."""
     raw = source / "RawImage"
-    return {split for split, folder in ISBI_SPLIT_FOLDERS.items() if (raw / folder).is_dir() and any((raw / folder).iterdir())}
+    return {
+        split
+        for split, folder in ISBI_SPLIT_FOLDERS.items()
+        if (raw / folder).is_dir() and any((raw / folder).iterdir())
+    }
 
 
 def dataset_current(source: Path, out: Path) -> bool:
@@ -58,10 +73,15 @@ def dataset_current(source: Path, out: Path) -> bool:
 
 
 ISBI2015 = Benchmark(
-    name="isbi2015", make_dataset=convert_isbi2015, dataset_current=dataset_current,
-    budgets=BUDGETS, targets=TARGETS, main_split="test1", archs=("unet", "hyatt"),
+    name="isbi2015",
+    make_dataset=convert_isbi2015,
+    dataset_current=dataset_current,
+    budgets=BUDGETS,
+    targets=TARGETS,
+    main_split="test1",
+    archs=("unet", "hyatt"),
     default_source=SHARED_DATA / "isbi2015",
-)  # fmt: skip
+)
 
 
 def main(argv: list[str] | None = None) -> dict:

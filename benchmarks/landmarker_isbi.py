@@ -92,7 +92,9 @@ def declare_torchvision_ops_if_unloadable() -> str:
     global _TORCHVISION_SHIM
     spec = importlib.util.find_spec("torchvision")
     if spec is None or spec.origin is None:
-        raise SystemExit("torchvision is not installed here: run with the landmarker venv's python (see the docstring)")
+        raise SystemExit(
+            "torchvision is not installed here: run with the landmarker venv's python (see the docstring)"
+        )
     libraries = sorted(Path(spec.origin).parent.glob("_C*.so"))
     if not libraries:
         return "torchvision has no compiled ops library"
@@ -103,7 +105,9 @@ def declare_torchvision_ops_if_unloadable() -> str:
         reason = dlopen_error(libraries[0])
     _TORCHVISION_SHIM = torch.library.Library("torchvision", "DEF")
     for name in ("nms", "qnms"):
-        _TORCHVISION_SHIM.define(f"{name}(Tensor dets, Tensor scores, float iou_threshold) -> Tensor")
+        _TORCHVISION_SHIM.define(
+            f"{name}(Tensor dets, Tensor scores, float iou_threshold) -> Tensor"
+        )
     return f"compiled ops not loadable ({libraries[0].name}: {reason}); nms/qnms schemas declared, no kernels"
 
 
@@ -158,7 +162,9 @@ def annotation_px(path: Path) -> np.ndarray:
 
 def ground_truth_yx_px(source: Path, case: str) -> np.ndarray:
     """Mean of the senior and junior annotators, in landmarker's (row, column) order."""
-    xy = np.mean([annotation_px(source / "AnnotationsByMD" / a / f"{case}.txt") for a in ANNOTATORS], axis=0)
+    xy = np.mean(
+        [annotation_px(source / "AnnotationsByMD" / a / f"{case}.txt") for a in ANNOTATORS], axis=0
+    )
     return xy[:, ::-1].copy()
 
 
@@ -194,23 +200,37 @@ def load_split(source: Path, split: str, limit: int | None, size: int) -> dict:
         dims.append(dim_original)
         paddings.append(padding)
         truths.append(truth)
-    return {"ids": ids, "images": images, "points": torch.stack(points), "dims": torch.stack(dims),
-            "paddings": torch.stack(paddings), "truth_px": torch.stack(truths)}  # fmt: skip
+    return {
+        "ids": ids,
+        "images": images,
+        "points": torch.stack(points),
+        "dims": torch.stack(dims),
+        "paddings": torch.stack(paddings),
+        "truth_px": torch.stack(truths),
+    }
 
 
 def train_transform(seed: int) -> Compose:
     """The ISBI example's augmentation (its UseOnlyFirstChannel is moot: images are grey)."""
     keys = ("image",)
-    transform = Compose([
-        ScaleIntensityd(keys),
-        RandGaussianNoised(keys, prob=0.2, mean=0, std=0.1),
-        RandScaleIntensityd(keys, factors=0.25, prob=0.2),
-        RandAdjustContrastd(keys, prob=0.2, gamma=(0.5, 4.5)),
-        RandHistogramShiftd(keys, prob=0.2),
-        ScaleIntensityd(keys),
-        RandAffined(keys, prob=1, rotate_range=(-np.pi / 12, np.pi / 12), translate_range=(-10, 10),
-                    scale_range=(-0.1, 0.1), shear_range=(-0.1, 0.1)),
-    ])  # fmt: skip
+    transform = Compose(
+        [
+            ScaleIntensityd(keys),
+            RandGaussianNoised(keys, prob=0.2, mean=0, std=0.1),
+            RandScaleIntensityd(keys, factors=0.25, prob=0.2),
+            RandAdjustContrastd(keys, prob=0.2, gamma=(0.5, 4.5)),
+            RandHistogramShiftd(keys, prob=0.2),
+            ScaleIntensityd(keys),
+            RandAffined(
+                keys,
+                prob=1,
+                rotate_range=(-np.pi / 12, np.pi / 12),
+                translate_range=(-10, 10),
+                scale_range=(-0.1, 0.1),
+                shear_range=(-0.1, 0.1),
+            ),
+        ]
+    )
     transform.set_random_state(seed=seed)
     return transform
 
@@ -218,21 +238,47 @@ def train_transform(seed: int) -> Compose:
 # --- training and prediction ---------------------------------------------------------------------
 
 
-def train_within_budget(train: dict, size: int, budget_s: float, seed: int, lr: float) -> tuple[torch.nn.Module, dict]:
+def train_within_budget(
+    train: dict, size: int, budget_s: float, seed: int, lr: float
+) -> tuple[torch.nn.Module, dict]:
     """landmarker's training loop, stopped before a step that would end past the budget."""
     torch.manual_seed(seed)
-    dataset = LandmarkDataset(imgs=train["images"], landmarks=train["points"], pixel_spacing=(SPACING_MM, SPACING_MM),
-                              transform=train_transform(seed), store_imgs=True, dim_img=None)  # fmt: skip
-    loader = DataLoader(dataset, batch_size=RECIPE["batch_size"], shuffle=True, num_workers=0,
-                        generator=torch.Generator().manual_seed(seed))  # fmt: skip
+    dataset = LandmarkDataset(
+        imgs=train["images"],
+        landmarks=train["points"],
+        pixel_spacing=(SPACING_MM, SPACING_MM),
+        transform=train_transform(seed),
+        store_imgs=True,
+        dim_img=None,
+    )
+    loader = DataLoader(
+        dataset,
+        batch_size=RECIPE["batch_size"],
+        shuffle=True,
+        num_workers=0,
+        generator=torch.Generator().manual_seed(seed),
+    )
     model = OriginalSpatialConfigurationNet(in_channels=1, out_channels=N_LANDMARKS)
-    generator = GaussianHeatmapGenerator(nb_landmarks=N_LANDMARKS, sigmas=SIGMA, gamma=GAMMA,
-                                         heatmap_size=(size, size), learnable=True)  # fmt: skip
-    optimizer = torch.optim.SGD([
-        {"params": model.parameters(), "weight_decay": WEIGHT_DECAY},
-        {"params": generator.sigmas}, {"params": generator.rotation},
-    ], lr=lr, momentum=MOMENTUM, nesterov=True)  # fmt: skip
-    scheduler = torch.optim.lr_scheduler.ReduceLROnPlateau(optimizer, mode="min", factor=0.5, patience=10, cooldown=10)
+    generator = GaussianHeatmapGenerator(
+        nb_landmarks=N_LANDMARKS,
+        sigmas=SIGMA,
+        gamma=GAMMA,
+        heatmap_size=(size, size),
+        learnable=True,
+    )
+    optimizer = torch.optim.SGD(
+        [
+            {"params": model.parameters(), "weight_decay": WEIGHT_DECAY},
+            {"params": generator.sigmas},
+            {"params": generator.rotation},
+        ],
+        lr=lr,
+        momentum=MOMENTUM,
+        nesterov=True,
+    )
+    scheduler = torch.optim.lr_scheduler.ReduceLROnPlateau(
+        optimizer, mode="min", factor=0.5, patience=10, cooldown=10
+    )
     criterion = GaussianHeatmapL2Loss(alpha=ALPHA)
     step_s, steps, epochs, losses, started = [], 0, 0, [], time.perf_counter()
     model.train()
@@ -250,7 +296,10 @@ def train_within_budget(train: dict, size: int, budget_s: float, seed: int, lr: 
             step_s.append(time.perf_counter() - step_started)
             epoch_losses.append(loss.item())
             steps += 1
-            print(f"step {steps} (epoch {epochs + 1}): loss {loss.item():.4g}, {step_s[-1]:.1f} s", file=sys.stderr)
+            print(
+                f"step {steps} (epoch {epochs + 1}): loss {loss.item():.4g}, {step_s[-1]:.1f} s",
+                file=sys.stderr,
+            )
         if len(epoch_losses) == len(loader):
             epochs += 1
             scheduler.step(float(np.mean(epoch_losses)))
@@ -258,13 +307,19 @@ def train_within_budget(train: dict, size: int, budget_s: float, seed: int, lr: 
     training_s = time.perf_counter() - started
     samples = steps * RECIPE["batch_size"]
     return model, {
-        "budget_s": budget_s, "training_s": round(training_s, 1), "within_budget": training_s <= budget_s,
-        "steps": steps, "samples": samples, "epochs_completed": epochs, "train_cases": len(dataset),
+        "budget_s": budget_s,
+        "training_s": round(training_s, 1),
+        "within_budget": training_s <= budget_s,
+        "steps": steps,
+        "samples": samples,
+        "epochs_completed": epochs,
+        "train_cases": len(dataset),
         "samples_per_s": round(samples / training_s, 4) if training_s > 0 else None,
         "median_step_s": round(float(np.median(step_s)), 2) if step_s else None,
-        "first_loss": losses[0] if losses else None, "last_loss": losses[-1] if losses else None,
+        "first_loss": losses[0] if losses else None,
+        "last_loss": losses[-1] if losses else None,
         "learned_sigma_mean": round(float(generator.sigmas.detach().mean()), 4),
-    }  # fmt: skip
+    }
 
 
 def over_budget(started: float, step_s: list[float], budget_s: float) -> bool:
@@ -280,10 +335,19 @@ def predict_px(model: torch.nn.Module, test: dict, size: int) -> tuple[torch.Ten
     predictions, started = [], time.perf_counter()
     for i, img in enumerate(test["images"]):
         scaled = scale({"image": img})["image"]
-        heatmaps = model(torch.Tensor(scaled.as_tensor() if hasattr(scaled, "as_tensor") else scaled)[None])
+        heatmaps = model(
+            torch.Tensor(scaled.as_tensor() if hasattr(scaled, "as_tensor") else scaled)[None]
+        )
         coords = heatmap_to_coord(heatmaps, method="local_soft_argmax")
-        predictions.append(pixel_to_unit(coords.float(), pixel_spacing=torch.ones(1, 2), dim=(size, size),
-                                         dim_orig=test["dims"][i : i + 1], padding=test["paddings"][i : i + 1])[0])  # fmt: skip
+        predictions.append(
+            pixel_to_unit(
+                coords.float(),
+                pixel_spacing=torch.ones(1, 2),
+                dim=(size, size),
+                dim_orig=test["dims"][i : i + 1],
+                padding=test["paddings"][i : i + 1],
+            )[0]
+        )
     return torch.stack(predictions), (time.perf_counter() - started) / max(len(test["images"]), 1)
 
 
@@ -299,11 +363,14 @@ def error_summary(errors_mm: np.ndarray) -> dict:
     """MRE, population SD, median, max and SDR (percent with error <= r) over all points."""
     values = errors_mm.ravel()
     return {
-        "n_points": int(values.size), "mre_mm": float(values.mean()), "sd_mm": float(values.std(ddof=0)),
-        "median_mm": float(np.median(values)), "max_mm": float(values.max()),
+        "n_points": int(values.size),
+        "mre_mm": float(values.mean()),
+        "sd_mm": float(values.std(ddof=0)),
+        "median_mm": float(np.median(values)),
+        "max_mm": float(values.max()),
         "sdr": {str(r): float(100.0 * np.mean(values <= r + SDR_TOLERANCE_MM)) for r in RADII_MM},
         "mre_per_landmark_mm": [round(float(v), 4) for v in errors_mm.mean(axis=0)],
-    }  # fmt: skip
+    }
 
 
 # --- the run -------------------------------------------------------------------------------------
@@ -312,66 +379,117 @@ def error_summary(errors_mm: np.ndarray) -> dict:
 def environment() -> dict:
     """Package versions, torchvision's ops status, CPU, threads and load."""
     return {
-        "landmarker": landmarker.__version__ if hasattr(landmarker, "__version__") else version("landmarker"),
-        "torch": torch.__version__, "torchvision": torchvision.__version__, "monai": version("monai"),
-        "torchvision_ops": TORCHVISION_OPS, "python": platform.python_version(), "cpu": cpu_model(),
-        "cores": os.cpu_count(), "torch_threads": torch.get_num_threads(),
+        "landmarker": landmarker.__version__
+        if hasattr(landmarker, "__version__")
+        else version("landmarker"),
+        "torch": torch.__version__,
+        "torchvision": torchvision.__version__,
+        "monai": version("monai"),
+        "torchvision_ops": TORCHVISION_OPS,
+        "python": platform.python_version(),
+        "cpu": cpu_model(),
+        "cores": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
         "load_1_5_15": [round(v, 2) for v in os.getloadavg()],
-    }  # fmt: skip
+    }
 
 
 def results_text(results: dict) -> str:
     """The run as Markdown: environment, training and the test1 row."""
     env, train, test = results["environment"], results["training"], results["test1"]
     sdr = " / ".join(f"{test['sdr'][str(r)]:.3f}" for r in RADII_MM)
-    return "\n".join([
-        f"## landmarker {env['landmarker']} on ISBI 2015: {train['budget_s'] / 60:g} min of training, "
-        f"{results['config']['image_size']}x{results['config']['image_size']} SCN",
-        f"machine: {env['cpu']}, {env['cores']} cores, torch {env['torch']} ({env['torch_threads']} threads), "
-        f"torchvision {env['torchvision']}, monai {env['monai']}; load {' / '.join(map(str, results['load_at_start']))} "
-        f"at the start, {' / '.join(map(str, env['load_1_5_15']))} at the end",
-        f"torchvision ops: {env['torchvision_ops']}",
-        f"date: {results['date']}", f"command: {results['command']}", "",
-        "| train cases | steps (epochs) | s/step (median) | samples/s | budget s | used s | within | data prep s |",
-        "|---|---|---|---|---|---|---|---|",
-        f"| {train['train_cases']} | {train['steps']} ({train['epochs_completed']}) | {train['median_step_s']} "
-        f"| {train['samples_per_s']} | {train['budget_s']:.0f} | {train['training_s']:.0f} "
-        f"| {'yes' if train['within_budget'] else 'NO'} | {results['data_prep_s']:.1f} |", "",
-        "| split | cases | points | MRE | SD | SDR 2 / 2.5 / 3 / 4 mm | s per case |",
-        "|---|---|---|---|---|---|---|",
-        f"| test1 | {test['n_cases']} | {test['n_points']} | {test['mre_mm']:.3f} mm | {test['sd_mm']:.3f} mm "
-        f"| {sdr} % | {test['predict_s_per_case']:.2f} |",
-    ])  # fmt: skip
+    return "\n".join(
+        [
+            f"## landmarker {env['landmarker']} on ISBI 2015: {train['budget_s'] / 60:g} min of training, "
+            f"{results['config']['image_size']}x{results['config']['image_size']} SCN",
+            f"machine: {env['cpu']}, {env['cores']} cores, torch {env['torch']} ({env['torch_threads']} threads), "
+            f"torchvision {env['torchvision']}, monai {env['monai']}; load {' / '.join(map(str, results['load_at_start']))} "
+            f"at the start, {' / '.join(map(str, env['load_1_5_15']))} at the end",
+            f"torchvision ops: {env['torchvision_ops']}",
+            f"date: {results['date']}",
+            f"command: {results['command']}",
+            "",
+            "| train cases | steps (epochs) | s/step (median) | samples/s | budget s | used s | within | data prep s |",
+            "|---|---|---|---|---|---|---|---|",
+            f"| {train['train_cases']} | {train['steps']} ({train['epochs_completed']}) | {train['median_step_s']} "
+            f"| {train['samples_per_s']} | {train['budget_s']:.0f} | {train['training_s']:.0f} "
+            f"| {'yes' if train['within_budget'] else 'NO'} | {results['data_prep_s']:.1f} |",
+            "",
+            "| split | cases | points | MRE | SD | SDR 2 / 2.5 / 3 / 4 mm | s per case |",
+            "|---|---|---|---|---|---|---|",
+            f"| test1 | {test['n_cases']} | {test['n_points']} | {test['mre_mm']:.3f} mm | {test['sd_mm']:.3f} mm "
+            f"| {sdr} % | {test['predict_s_per_case']:.2f} |",
+        ]
+    )
 
 
 def atomic_write_text(path: Path, text: str) -> None:
     """Write ``text`` to ``path`` through a temporary file in the same folder."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.NamedTemporaryFile("w", dir=path.parent, suffix=".partial", delete=False, encoding="utf-8") as tmp:
+    with tempfile.NamedTemporaryFile(
+        "w", dir=path.parent, suffix=".partial", delete=False, encoding="utf-8"
+    ) as tmp:
         tmp.write(text)
     os.replace(tmp.name, path)
 
 
 def run_name(args: argparse.Namespace) -> str:
     """``45min``, with what else the command line changed."""
-    parts = [f"{args.budget_minutes:g}min", f"{args.image_size}px" if args.image_size != 512 else "",
-             f"train{args.max_train_cases}" if args.max_train_cases else "",
-             f"test{args.max_test_cases}" if args.max_test_cases else "", f"lr{args.lr:g}" if args.lr != LR else "",
-             f"seed{args.seed}" if args.seed else ""]  # fmt: skip
+    parts = [
+        f"{args.budget_minutes:g}min",
+        f"{args.image_size}px" if args.image_size != 512 else "",
+        f"train{args.max_train_cases}" if args.max_train_cases else "",
+        f"test{args.max_test_cases}" if args.max_test_cases else "",
+        f"lr{args.lr:g}" if args.lr != LR else "",
+        f"seed{args.seed}" if args.seed else "",
+    ]
     return "-".join(filter(None, parts))
 
 
 def main(argv: list[str] | None = None) -> dict:
     """Load both splits, train within the budget, predict test1, print and write the results."""
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--budget-minutes", type=float, default=45.0, help="training wall clock (default: %(default)s)")
-    parser.add_argument("--source", type=Path, default=DEFAULT_SOURCE, help="ISBI 2015 folder (default: %(default)s)")
-    parser.add_argument("--out", type=Path, default=None, help="results folder (default: benchmarks/work/landmarker_isbi/<run>)")
-    parser.add_argument("--image-size", type=int, default=512, help="square network input (landmarker's example: 512)")
-    parser.add_argument("--max-train-cases", type=int, default=None, help="first N training cases only (smoke tests)")
-    parser.add_argument("--max-test-cases", type=int, default=None, help="first N test1 cases only (smoke tests)")
-    parser.add_argument("--threads", type=int, default=None, help="PyTorch CPU threads (default: torch's)")
-    parser.add_argument("--lr", type=float, default=LR, help="SGD learning rate (landmarker's: %(default)g)")
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument(
+        "--budget-minutes",
+        type=float,
+        default=45.0,
+        help="training wall clock (default: %(default)s)",
+    )
+    parser.add_argument(
+        "--source",
+        type=Path,
+        default=DEFAULT_SOURCE,
+        help="ISBI 2015 folder (default: %(default)s)",
+    )
+    parser.add_argument(
+        "--out",
+        type=Path,
+        default=None,
+        help="results folder (default: benchmarks/work/landmarker_isbi/<run>)",
+    )
+    parser.add_argument(
+        "--image-size",
+        type=int,
+        default=512,
+        help="square network input (landmarker's example: 512)",
+    )
+    parser.add_argument(
+        "--max-train-cases",
+        type=int,
+        default=None,
+        help="first N training cases only (smoke tests)",
+    )
+    parser.add_argument(
+        "--max-test-cases", type=int, default=None, help="first N test1 cases only (smoke tests)"
+    )
+    parser.add_argument(
+        "--threads", type=int, default=None, help="PyTorch CPU threads (default: torch's)"
+    )
+    parser.add_argument(
+        "--lr", type=float, default=LR, help="SGD learning rate (landmarker's: %(default)g)"
+    )
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
     if not (args.source / "RawImage").is_dir():
@@ -382,19 +500,34 @@ def main(argv: list[str] | None = None) -> dict:
     train = load_split(args.source, "train", args.max_train_cases, args.image_size)
     test = load_split(args.source, "test1", args.max_test_cases, args.image_size)
     data_prep_s = time.perf_counter() - started
-    model, training = train_within_budget(train, args.image_size, args.budget_minutes * 60, args.seed, args.lr)
+    model, training = train_within_budget(
+        train, args.image_size, args.budget_minutes * 60, args.seed, args.lr
+    )
     pred_px, predict_s = predict_px(model, test, args.image_size)
     errors_mm = radial_errors_mm(pred_px, test["truth_px"])
     out = args.out or DEFAULT_WORK / run_name(args)
     results = {
-        "tool": "landmarker", "command": shlex.join([sys.executable, *sys.argv]),
-        "date": datetime.now(timezone.utc).isoformat(timespec="seconds"), "load_at_start": load_at_start,
-        "config": {**RECIPE, "lr": args.lr, "image_size": args.image_size, "seed": args.seed, "source": str(args.source)},
-        "data_prep_s": round(data_prep_s, 1), "training": training,
-        "test1": {"n_cases": len(test["ids"]), **error_summary(errors_mm), "predict_s_per_case": round(predict_s, 3)},
+        "tool": "landmarker",
+        "command": shlex.join([sys.executable, *sys.argv]),
+        "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "load_at_start": load_at_start,
+        "config": {
+            **RECIPE,
+            "lr": args.lr,
+            "image_size": args.image_size,
+            "seed": args.seed,
+            "source": str(args.source),
+        },
+        "data_prep_s": round(data_prep_s, 1),
+        "training": training,
+        "test1": {
+            "n_cases": len(test["ids"]),
+            **error_summary(errors_mm),
+            "predict_s_per_case": round(predict_s, 3),
+        },
         "predictions_px_yx": {case: pred_px[i].tolist() for i, case in enumerate(test["ids"])},
         "total_s": round(time.perf_counter() - started, 1),
-    }  # fmt: skip
+    }
     results["environment"] = environment()
     atomic_write_text(out / "results.json", json.dumps(results, indent=1) + "\n")
     print(results_text(results))

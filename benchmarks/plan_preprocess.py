@@ -1,6 +1,6 @@
 """Time `plan` + `preprocess` on the 300 ISBI 2015 images (target: under 5 minutes on 2 cores).
 
-    python benchmarks/plan_preprocess.py [--src ../shared/data/isbi2015] [--work DIR] [--workers 2]
+python benchmarks/plan_preprocess.py [--src ../shared/data/isbi2015] [--work DIR] [--workers 2]
 """
 
 from __future__ import annotations
@@ -22,9 +22,13 @@ REPO = Path(__file__).resolve().parents[1]
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--src", type=Path, default=REPO.parent / "shared" / "data" / "isbi2015")
-    parser.add_argument("--work", type=Path, default=None, help="scratch folder (default: a temporary one)")
+    parser.add_argument(
+        "--work", type=Path, default=None, help="scratch folder (default: a temporary one)"
+    )
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--gpu-memory", type=float, default=8.0)
     args = parser.parse_args()
@@ -38,15 +42,21 @@ def main() -> None:
     planned = time.perf_counter()
     counts = preprocess_dataset(dataset, workers=args.workers)
     done = time.perf_counter()
-    cache_bytes = sum(p.stat().st_size for p in (dataset / "preprocessed").rglob("*") if p.is_file())
+    cache_bytes = sum(
+        p.stat().st_size for p in (dataset / "preprocessed").rglob("*") if p.is_file()
+    )
     result = {
         "cases": sum(c["done"] + c["skipped"] for c in counts.values()) // len(counts),
-        "configurations": list(plan.configurations), "cache_folders": counts,
-        "convert_s": round(converted - start, 1), "plan_s": round(planned - converted, 1),
-        "preprocess_s": round(done - planned, 1), "plan_plus_preprocess_s": round(done - converted, 1),
-        "cache_gb": round(cache_bytes / 1024**3, 2), "workers": args.workers,
+        "configurations": list(plan.configurations),
+        "cache_folders": counts,
+        "convert_s": round(converted - start, 1),
+        "plan_s": round(planned - converted, 1),
+        "preprocess_s": round(done - planned, 1),
+        "plan_plus_preprocess_s": round(done - converted, 1),
+        "cache_gb": round(cache_bytes / 1024**3, 2),
+        "workers": args.workers,
         "machine": f"{platform.machine()}, {os.cpu_count()} cores",
-    }  # fmt: skip
+    }
     print(json.dumps(result, indent=1))
     if args.work is None:
         shutil.rmtree(work, ignore_errors=True)

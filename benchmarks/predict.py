@@ -47,8 +47,14 @@ def random_runs(dataset: Path, plan: Plan, arch: str, out: Path) -> dict[str, in
         save_weights(run / "model_best.safetensors", network)
         # threshold 0: every landmark counts as present, so the fine stage refines all of them, as
         # it does for a trained model (random weights would leave most below the usual threshold)
-        record = RunRecord(arch=chosen, configuration=name, plan=plan, landmarks=plan.landmarks,
-                           spacing_mm=[0.1, 0.1] if plan.spatial_dims == 2 else None, presence_threshold=0.0)  # fmt: skip
+        record = RunRecord(
+            arch=chosen,
+            configuration=name,
+            plan=plan,
+            landmarks=plan.landmarks,
+            spacing_mm=[0.1, 0.1] if plan.spatial_dims == 2 else None,
+            presence_threshold=0.0,
+        )
         write_run_record(run, record)
         sizes[name] = count_parameters(network)
     return sizes
@@ -69,7 +75,9 @@ def time_predictions(models: Path, images: list[Path], device: str, spacing) -> 
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--gpu-memory", type=float, default=2.0, help="planning budget in GB")
     parser.add_argument("--arch", default="unet", choices=["unet", "hyatt", "h3de"])
     parser.add_argument("--images", type=int, default=3)
@@ -77,26 +85,44 @@ def main() -> None:
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args()
     work = Path(tempfile.mkdtemp(prefix="medlandmark-predict-"))
-    results = {"meta": {"device": args.device, "threads": torch.get_num_threads(), "torch": torch.__version__,
-                        "machine": f"{platform.machine()}, {os.cpu_count()} cores", "gpu_memory_gb": args.gpu_memory}}  # fmt: skip
+    results = {
+        "meta": {
+            "device": args.device,
+            "threads": torch.get_num_threads(),
+            "torch": torch.__version__,
+            "machine": f"{platform.machine()}, {os.cpu_count()} cores",
+            "gpu_memory_gb": args.gpu_memory,
+        }
+    }
     try:
         isbi = convert_isbi2015(DATA / "isbi2015", work / "isbi")
         plan = plan_dataset(isbi, gpu_memory_gb=args.gpu_memory)
         sizes = random_runs(isbi, plan, args.arch, work / "isbi_models")
         images = [isbi / "images" / f"{i}.jpg" for i in range(151, 151 + args.images)]
         seconds = time_predictions(work / "isbi_models", images, args.device, [0.1, 0.1])
-        results["isbi2015"] = {"configurations": {n: plan.configurations[n].patch_size for n in sizes},
-                               "parameters": sizes, "seconds_per_image": seconds, "mean_s": sum(seconds) / len(seconds)}  # fmt: skip
+        results["isbi2015"] = {
+            "configurations": {n: plan.configurations[n].patch_size for n in sizes},
+            "parameters": sizes,
+            "seconds_per_image": seconds,
+            "mean_s": sum(seconds) / len(seconds),
+        }
         afids_dir = DATA / "afids_mni152"
-        afids = convert_afids(afids_dir / "tpl-MNI152NLin2009cAsym_res-01_T1w.nii.gz",
-                              afids_dir / "tpl-MNI152NLin2009cAsym_res-01_desc-groundtruth_afids.fcsv", work / "afids")  # fmt: skip
+        afids = convert_afids(
+            afids_dir / "tpl-MNI152NLin2009cAsym_res-01_T1w.nii.gz",
+            afids_dir / "tpl-MNI152NLin2009cAsym_res-01_desc-groundtruth_afids.fcsv",
+            work / "afids",
+        )
         plan = plan_dataset(afids, gpu_memory_gb=args.gpu_memory)
         arch = "h3de" if args.arch == "h3de" else "unet"
         sizes = random_runs(afids, plan, arch, work / "afids_models")
         volumes = [next((afids / "images").iterdir())] * max(1, min(args.images, 2))
         seconds = time_predictions(work / "afids_models", volumes, args.device, None)
-        results["afids"] = {"configurations": {n: plan.configurations[n].patch_size for n in sizes},
-                            "parameters": sizes, "seconds_per_volume": seconds, "mean_s": sum(seconds) / len(seconds)}  # fmt: skip
+        results["afids"] = {
+            "configurations": {n: plan.configurations[n].patch_size for n in sizes},
+            "parameters": sizes,
+            "seconds_per_volume": seconds,
+            "mean_s": sum(seconds) / len(seconds),
+        }
     finally:
         shutil.rmtree(work, ignore_errors=True)
     print(json.dumps(results, indent=None if args.json else 1))

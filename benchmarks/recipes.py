@@ -54,7 +54,9 @@ PROBE_EPOCHS, PROBE_ITERATIONS = 3, 5  # a warm-up epoch, a timed one, a timed o
 TARGET_EPOCHS = 20  # a checkpoint per epoch: few enough that saving costs little
 VALIDATIONS = 4  # at most, per stage (every validate_every epochs; the last epoch's included)
 MAX_ITERATIONS_PER_EPOCH = 250
-BUDGET_FILE = "budget.json"  # in a run folder, beside run.json: what the budget decided, and the time used
+BUDGET_FILE = (
+    "budget.json"  # in a run folder, beside run.json: what the budget decided, and the time used
+)
 # The coarse (or only) stage trains on fold 0 so that its held-out fifth calibrates the presence
 # threshold and measures the coarse error the fine stage's patch offsets follow. The fine stage
 # is never validated on whole images (it only ever sees patches around coarse estimates, and a
@@ -109,17 +111,49 @@ class Benchmark:
 
 def argument_parser(benchmark: Benchmark, doc: str) -> argparse.ArgumentParser:
     """The options every recipe has."""
-    parser = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=doc, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--budget", choices=sorted(benchmark.budgets), default="cpu")
     parser.add_argument("--arch", choices=benchmark.archs, default="unet")
-    parser.add_argument("--source", type=Path, default=benchmark.default_source, help="the public data (default: %(default)s)")
-    parser.add_argument("--work", type=Path, default=WORK / benchmark.name, help="work folder, reused when run again (default: %(default)s)")
-    parser.add_argument("--minutes", type=float, default=None, help="training budget instead of the budget's (smoke tests)")
-    parser.add_argument("--gpu-memory", type=float, default=None, help="plan budget in GB instead of the budget's")
-    parser.add_argument("--base-features", type=int, default=None, help="U-Net width instead of the budget's")
-    parser.add_argument("--target-spacing", type=float, default=None, metavar="MM", help="plan's target spacing instead of the budget's")
+    parser.add_argument(
+        "--source",
+        type=Path,
+        default=benchmark.default_source,
+        help="the public data (default: %(default)s)",
+    )
+    parser.add_argument(
+        "--work",
+        type=Path,
+        default=WORK / benchmark.name,
+        help="work folder, reused when run again (default: %(default)s)",
+    )
+    parser.add_argument(
+        "--minutes",
+        type=float,
+        default=None,
+        help="training budget instead of the budget's (smoke tests)",
+    )
+    parser.add_argument(
+        "--gpu-memory", type=float, default=None, help="plan budget in GB instead of the budget's"
+    )
+    parser.add_argument(
+        "--base-features", type=int, default=None, help="U-Net width instead of the budget's"
+    )
+    parser.add_argument(
+        "--target-spacing",
+        type=float,
+        default=None,
+        metavar="MM",
+        help="plan's target spacing instead of the budget's",
+    )
     parser.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1...")
-    parser.add_argument("--threads", type=int, default=None, help="PyTorch CPU threads (default: one per core); 1 on a machine busy with other jobs")
+    parser.add_argument(
+        "--threads",
+        type=int,
+        default=None,
+        help="PyTorch CPU threads (default: one per core); 1 on a machine busy with other jobs",
+    )
     parser.add_argument("--seed", type=int, default=0, help="training seed")
     return parser
 
@@ -136,9 +170,11 @@ def chosen_budget(benchmark: Benchmark, args: argparse.Namespace) -> Budget:
     """The budget named by ``--budget``, with the command line's overrides."""
     budget = benchmark.budgets[args.budget]
     overrides = {
-        "minutes": args.minutes, "gpu_memory_gb": args.gpu_memory, "base_features": args.base_features,
+        "minutes": args.minutes,
+        "gpu_memory_gb": args.gpu_memory,
+        "base_features": args.base_features,
         "target_spacing_mm": args.target_spacing,
-    }  # fmt: skip
+    }
     return replace(budget, **{k: v for k, v in overrides.items() if v is not None})
 
 
@@ -159,31 +195,60 @@ def warn_if_busy() -> None:
     for one another, and every timing (the probe's too) suffers."""
     load, cores = os.getloadavg()[0], os.cpu_count() or 1
     if load > 0.5 * cores and torch.get_num_threads() > 1:
-        warn(f"load average {load:.1f} on {cores} cores: other jobs are running; with "
-             f"{torch.get_num_threads()} PyTorch threads, steps may be many times slower (--threads 1 avoids that)")
+        warn(
+            f"load average {load:.1f} on {cores} cores: other jobs are running; with "
+            f"{torch.get_num_threads()} PyTorch threads, steps may be many times slower (--threads 1 avoids that)"
+        )
 
 
 def _run_benchmark(benchmark: Benchmark, args: argparse.Namespace, command: str) -> dict:
-    started, load_at_start, budget = time.perf_counter(), os.getloadavg(), chosen_budget(benchmark, args)
+    started, load_at_start, budget = (
+        time.perf_counter(),
+        os.getloadavg(),
+        chosen_budget(benchmark, args),
+    )
     work = Path(args.work)
     root = dataset_ready(benchmark, Path(args.source), work / "dataset")
     spacing = [budget.target_spacing_mm] if budget.target_spacing_mm else None
-    preprocessed = work / f"preprocessed-{budget.gpu_memory_gb:g}gb-{budget.base_features}f{f'-{spacing[0]:g}mm' if spacing else ''}"
-    plan = plan_dataset(root, preprocessed, budget.gpu_memory_gb, workers=2, base_features=budget.base_features, spacing_override_mm=spacing)
+    preprocessed = (
+        work
+        / f"preprocessed-{budget.gpu_memory_gb:g}gb-{budget.base_features}f{f'-{spacing[0]:g}mm' if spacing else ''}"
+    )
+    plan = plan_dataset(
+        root,
+        preprocessed,
+        budget.gpu_memory_gb,
+        workers=2,
+        base_features=budget.base_features,
+        spacing_override_mm=spacing,
+    )
     stages = stage_names(plan)
     preprocess_dataset(root, preprocessed, configurations=stages)
     out = work / run_name(args)
     trained = train_stages(root, preprocessed, out, plan, budget, args.arch, args.seed, args.device)
     splits = evaluate_test_splits(root, out / "runs", out, args.device)
     results = {
-        "benchmark": benchmark.name, "command": command, "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        "machine": machine(), "load_at_start": [round(v, 2) for v in load_at_start], "budget_name": args.budget, "arch": args.arch, "seed": args.seed,
-        "budget": asdict(budget), "work": str(out), "plan": plan_sizes(plan, stages), "stages": trained,
-        "training_s": round(sum(s["total_s"] for s in trained), 1), "training_budget_s": budget.minutes * 60,
-        "splits": splits, "main_split": benchmark.main_split,
-        "targets": target_results(benchmark.targets.get(args.budget, []), splits.get(benchmark.main_split)),
+        "benchmark": benchmark.name,
+        "command": command,
+        "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "machine": machine(),
+        "load_at_start": [round(v, 2) for v in load_at_start],
+        "budget_name": args.budget,
+        "arch": args.arch,
+        "seed": args.seed,
+        "budget": asdict(budget),
+        "work": str(out),
+        "plan": plan_sizes(plan, stages),
+        "stages": trained,
+        "training_s": round(sum(s["total_s"] for s in trained), 1),
+        "training_budget_s": budget.minutes * 60,
+        "splits": splits,
+        "main_split": benchmark.main_split,
+        "targets": target_results(
+            benchmark.targets.get(args.budget, []), splits.get(benchmark.main_split)
+        ),
         "total_s": round(time.perf_counter() - started, 1),
-    }  # fmt: skip
+    }
     results["training_within_budget"] = results["training_s"] <= results["training_budget_s"]
     atomic_write_text(out / "results.json", json.dumps(results, indent=1) + "\n")
     print(results_text(results))
@@ -194,10 +259,12 @@ def _run_benchmark(benchmark: Benchmark, args: argparse.Namespace, command: str)
 def run_name(args: argparse.Namespace) -> str:
     """The folder of one benchmark run: ``cpu-unet``, with what the command line overrode."""
     overrides = [
-        f"{args.minutes:g}min" if args.minutes is not None else "", f"{args.gpu_memory:g}gb" if args.gpu_memory is not None else "",
+        f"{args.minutes:g}min" if args.minutes is not None else "",
+        f"{args.gpu_memory:g}gb" if args.gpu_memory is not None else "",
         f"{args.base_features}f" if args.base_features is not None else "",
-        f"{args.target_spacing:g}mm" if args.target_spacing is not None else "", f"seed{args.seed}" if args.seed else "",
-    ]  # fmt: skip
+        f"{args.target_spacing:g}mm" if args.target_spacing is not None else "",
+        f"seed{args.seed}" if args.seed else "",
+    ]
     return "-".join([args.budget, args.arch, *filter(None, overrides)])
 
 
@@ -232,7 +299,16 @@ def plan_sizes(plan: Plan, stages: list[str]) -> dict:
 # --- budgeted training ---------------------------------------------------------------------------
 
 
-def train_stages(root: Path, preprocessed: Path, out: Path, plan: Plan, budget: Budget, arch: str, seed: int, device: str) -> list[dict]:
+def train_stages(
+    root: Path,
+    preprocessed: Path,
+    out: Path,
+    plan: Plan,
+    budget: Budget,
+    arch: str,
+    seed: int,
+    device: str,
+) -> list[dict]:
     """Train every stage within the budget: a stage gets its share of the total, and the last
     stage gets whatever the earlier ones left (an overrun there is taken from it)."""
     stages, records, coarse_run = stage_names(plan), [], None
@@ -243,29 +319,51 @@ def train_stages(root: Path, preprocessed: Path, out: Path, plan: Plan, budget: 
             budget_s = budget.minutes * 60 - spent_s
         else:
             budget_s = budget.minutes * 60 * shares[index] / sum(shares)
-        options = stage_options(plan, name, budget, arch, seed, device, str(preprocessed), coarse_run)
+        options = stage_options(
+            plan, name, budget, arch, seed, device, str(preprocessed), coarse_run
+        )
         record = budgeted_training(root, out / "runs" / name, out / "probe", options, budget_s)
         records.append({"configuration": name, **record})
         coarse_run = str(out / "runs" / name)
     return records
 
 
-def stage_options(plan: Plan, name: str, budget: Budget, arch: str, seed: int, device: str, preprocessed: str, coarse_run: str | None) -> TrainOptions:
+def stage_options(
+    plan: Plan,
+    name: str,
+    budget: Budget,
+    arch: str,
+    seed: int,
+    device: str,
+    preprocessed: str,
+    coarse_run: str | None,
+) -> TrainOptions:
     """Training options of one stage, before the budget sets its length."""
     kind = plan.configurations[name].stage
     return TrainOptions(
-        configuration=name, arch=arch, fold=FOLD_BY_STAGE[kind], batch_size=budget.batch_size.get(kind),
-        learning_rate=budget.learning_rate.get(arch), loss=budget.loss,
-        device=device, seed=seed, preprocessed=preprocessed,
+        configuration=name,
+        arch=arch,
+        fold=FOLD_BY_STAGE[kind],
+        batch_size=budget.batch_size.get(kind),
+        learning_rate=budget.learning_rate.get(arch),
+        loss=budget.loss,
+        device=device,
+        seed=seed,
+        preprocessed=preprocessed,
         coarse_run=coarse_run if kind == "fine" else None,
-    )  # fmt: skip
+    )
 
 
-def budgeted_training(root: Path, run: Path, probe_dir: Path, options: TrainOptions, budget_s: float) -> dict:
+def budgeted_training(
+    root: Path, run: Path, probe_dir: Path, options: TrainOptions, budget_s: float
+) -> dict:
     """Train one stage for what fits in ``budget_s`` (probe included); a finished run is reused
     and an interrupted one resumed. Returns what the budget decided and the time it took."""
     record = _read_json(run / BUDGET_FILE)
-    if record.get("status") == "finished" and _read_json(run / RUN_FILE).get("status") == "finished":
+    if (
+        record.get("status") == "finished"
+        and _read_json(run / RUN_FILE).get("status") == "finished"
+    ):
         info(f"reusing the finished run {run}")
         return {**record, "reused": True}
     if record:  # planned before: resume (or restart) the same training, no new probe
@@ -273,19 +371,29 @@ def budgeted_training(root: Path, run: Path, probe_dir: Path, options: TrainOpti
     else:
         probe = probe_rate(root, probe_dir, options)
         options, resumed = budgeted_options(options, probe, budget_s), False
-        record = {"budget_s": round(budget_s, 1), "probe": probe, "options": asdict(options), "status": "planned"}
+        record = {
+            "budget_s": round(budget_s, 1),
+            "probe": probe,
+            "options": asdict(options),
+            "status": "planned",
+        }
         run.mkdir(parents=True, exist_ok=True)
         atomic_write_text(run / BUDGET_FILE, json.dumps(record, indent=1) + "\n")
     started = time.perf_counter()
     summary = train(root, run, options, resume=resumed)
     train_s = time.perf_counter() - started
     if summary.status != "finished":
-        raise SystemExit(f"{run}: training {summary.status} at step {summary.step}; run the same command again to resume")
+        raise SystemExit(
+            f"{run}: training {summary.status} at step {summary.step}; run the same command again to resume"
+        )
     record.update(
-        status=summary.status, resumed=resumed, train_s=round(train_s, 1),
+        status=summary.status,
+        resumed=resumed,
+        train_s=round(train_s, 1),
         total_s=round(train_s + record["probe"]["wall_s"], 1),
-        steps=summary.step, validation=None if summary.best is None else summary.best.val_mre_mm,
-    )  # fmt: skip
+        steps=summary.step,
+        validation=None if summary.best is None else summary.best.val_mre_mm,
+    )
     record["within_budget"] = None if resumed else record["total_s"] <= record["budget_s"]
     atomic_write_text(run / BUDGET_FILE, json.dumps(record, indent=1) + "\n")
     return {**record, "reused": False}
@@ -295,7 +403,12 @@ def probe_rate(root: Path, scratch: Path, options: TrainOptions) -> dict:
     """Time a few epochs of a few steps in a scratch run (deleted afterwards): seconds per
     step, per validation, and the rest (start-up, checkpoints, final weights)."""
     shutil.rmtree(scratch, ignore_errors=True)
-    probe = replace(options, epochs=PROBE_EPOCHS, iterations_per_epoch=PROBE_ITERATIONS, validate_every=PROBE_EPOCHS)
+    probe = replace(
+        options,
+        epochs=PROBE_EPOCHS,
+        iterations_per_epoch=PROBE_ITERATIONS,
+        validate_every=PROBE_EPOCHS,
+    )
     started = time.perf_counter()
     train(root, scratch, probe)
     wall_s = time.perf_counter() - started
@@ -305,18 +418,32 @@ def probe_rate(root: Path, scratch: Path, options: TrainOptions) -> dict:
     step_s = epoch_s[1] / PROBE_ITERATIONS  # the first epoch warms up; the last one validates
     validation_s = max(0.0, epoch_s[2] - epoch_s[1]) if options.fold != "all" else 0.0
     rest_s = max(0.0, wall_s - sum(epoch_s))
-    return {"wall_s": round(wall_s, 2), "step_s": round(step_s, 4), "validation_s": round(validation_s, 2), "rest_s": round(rest_s, 2)}
+    return {
+        "wall_s": round(wall_s, 2),
+        "step_s": round(step_s, 4),
+        "validation_s": round(validation_s, 2),
+        "rest_s": round(rest_s, 2),
+    }
 
 
 def budgeted_options(options: TrainOptions, probe: dict, budget_s: float) -> TrainOptions:
     """The steps that fit: ``SAFETY`` x (budget - probe) - start-up - validations, at the probe's
     seconds per step; about ``TARGET_EPOCHS`` epochs, ``VALIDATIONS`` validations (cosine
     schedule over exactly these steps)."""
-    usable_s = SAFETY * (budget_s - probe["wall_s"]) - probe["rest_s"] - VALIDATIONS * probe["validation_s"]
+    usable_s = (
+        SAFETY * (budget_s - probe["wall_s"])
+        - probe["rest_s"]
+        - VALIDATIONS * probe["validation_s"]
+    )
     steps = max(1, int(usable_s / probe["step_s"]))
     iterations = min(MAX_ITERATIONS_PER_EPOCH, max(1, math.ceil(steps / TARGET_EPOCHS)))
     epochs = max(1, steps // iterations)
-    return replace(options, epochs=epochs, iterations_per_epoch=iterations, validate_every=max(1, math.ceil(epochs / VALIDATIONS)))
+    return replace(
+        options,
+        epochs=epochs,
+        iterations_per_epoch=iterations,
+        validate_every=max(1, math.ceil(epochs / VALIDATIONS)),
+    )
 
 
 # --- prediction and evaluation -------------------------------------------------------------------
@@ -330,9 +457,13 @@ def evaluate_test_splits(root: Path, runs: Path, out: Path, device: str) -> dict
             continue
         images = [dataset.case(case_id).image_path for case_id in case_ids]
         started = time.perf_counter()
-        rows = predict_files(runs, images, out / "predictions" / split, PredictOptions(device=device))
+        rows = predict_files(
+            runs, images, out / "predictions" / split, PredictOptions(device=device)
+        )
         seconds = time.perf_counter() - started
-        metrics = evaluate(out / "predictions" / split, root, out / "evaluation" / split, radii=RADII_MM)
+        metrics = evaluate(
+            out / "predictions" / split, root, out / "evaluation" / split, radii=RADII_MM
+        )
         results[split] = split_summary(metrics, rows, seconds)
     return results
 
@@ -342,13 +473,19 @@ def split_summary(metrics: dict, rows: list[dict], predict_s: float) -> dict:
     ("missing" is the positive class: recall = tp / (tp + fn), precision = tp / (tp + fp))."""
     missing = metrics["missing"]
     return {
-        "n_cases": metrics["n_cases"], "n_points": metrics["n_points"], "failed": sum(r["status"] != "ok" for r in rows),
-        "mre_mm": metrics["mre_mm"], "sd_mm": metrics["sd_mm"], "median_mm": metrics["median_mm"],
-        "sdr": metrics["sdr"], **{f"sdr_{k.removesuffix('.0')}mm": v for k, v in metrics["sdr"].items()},
-        "missing": missing, "missing_recall": _ratio(missing["tp"], missing["tp"] + missing["fn"]),
+        "n_cases": metrics["n_cases"],
+        "n_points": metrics["n_points"],
+        "failed": sum(r["status"] != "ok" for r in rows),
+        "mre_mm": metrics["mre_mm"],
+        "sd_mm": metrics["sd_mm"],
+        "median_mm": metrics["median_mm"],
+        "sdr": metrics["sdr"],
+        **{f"sdr_{k.removesuffix('.0')}mm": v for k, v in metrics["sdr"].items()},
+        "missing": missing,
+        "missing_recall": _ratio(missing["tp"], missing["tp"] + missing["fn"]),
         "missing_precision": _ratio(missing["tp"], missing["tp"] + missing["fp"]),
         "predict_s_per_case": round(predict_s / max(1, len(rows)), 2),
-    }  # fmt: skip
+    }
 
 
 def target_results(targets: list[Target], split: dict | None) -> list[dict]:
@@ -366,10 +503,14 @@ def target_results(targets: list[Target], split: dict | None) -> list[dict]:
 def machine() -> dict:
     """CPU model, cores, torch and its threads, GPU; the load when the benchmark ended."""
     return {
-        "cpu": cpu_model(), "cores": os.cpu_count(), "torch": torch.__version__, "torch_threads": torch.get_num_threads(),
+        "cpu": cpu_model(),
+        "cores": os.cpu_count(),
+        "torch": torch.__version__,
+        "torch_threads": torch.get_num_threads(),
         "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
-        "python": platform.python_version(), "load_1_5_15": [round(v, 2) for v in os.getloadavg()],
-    }  # fmt: skip
+        "python": platform.python_version(),
+        "load_1_5_15": [round(v, 2) for v in os.getloadavg()],
+    }
 
 
 def results_text(results: dict) -> str:
@@ -380,10 +521,12 @@ def results_text(results: dict) -> str:
         f"machine: {m['cpu']}, {m['cores']} cores, torch {m['torch']} ({m['torch_threads']} threads), "
         f"GPU {m['gpu'] or 'none'}; load average {' / '.join(map(str, results['load_at_start']))} at the start, "
         f"{' / '.join(map(str, m['load_1_5_15']))} at the end",
-        f"date: {results['date']}", f"command: {results['command']}", "",
+        f"date: {results['date']}",
+        f"command: {results['command']}",
+        "",
         "| stage | patch | batch | steps (epochs x iterations) | s/step | validation MRE | budget s | used s | within |",
         "|---|---|---|---|---|---|---|---|---|",
-    ]  # fmt: skip
+    ]
     for stage in results["stages"]:
         plan, options = results["plan"][stage["configuration"]], stage["options"]
         batch = options["batch_size"] or plan["batch_size"]
@@ -393,13 +536,14 @@ def results_text(results: dict) -> str:
             f"| {stage['configuration']}{' (reused)' if stage['reused'] else ''} | {'x'.join(map(str, plan['patch_size']))} "
             f"@ {'x'.join(f'{v:.3g}' for v in plan['spacing_mm'])} mm | {batch} | {stage['steps']} ({options['epochs']} x {options['iterations_per_epoch']}) "
             f"| {stage['probe']['step_s']:.3g} | {validation} | {stage['budget_s']:.0f} | {stage['total_s']:.0f} | {within} |"
-        )  # fmt: skip
+        )
     lines += [
         f"training: {results['training_s']:.0f} s of {results['training_budget_s']:.0f} s "
-        f"({'within' if results['training_within_budget'] else 'OVER'} budget); whole benchmark {results['total_s']:.0f} s", "",
+        f"({'within' if results['training_within_budget'] else 'OVER'} budget); whole benchmark {results['total_s']:.0f} s",
+        "",
         "| split | cases | points | MRE | SD | SDR 2 / 2.5 / 3 / 4 mm | missing precision / recall (tp/fp/fn/tn) | s per case |",
         "|---|---|---|---|---|---|---|---|",
-    ]  # fmt: skip
+    ]
     for split, s in results["splits"].items():
         sdr = " / ".join(_number(s["sdr"].get(str(r))) for r in RADII_MM)
         c = s["missing"]
@@ -407,10 +551,12 @@ def results_text(results: dict) -> str:
             f"| {split} | {s['n_cases']} | {s['n_points']} | {_number(s['mre_mm'])} mm | {_number(s['sd_mm'])} mm | {sdr} % "
             f"| {_number(s['missing_precision'])} / {_number(s['missing_recall'])} ({c['tp']}/{c['fp']}/{c['fn']}/{c['tn']}) "
             f"| {s['predict_s_per_case']} |"
-        )  # fmt: skip
+        )
     for target in results["targets"]:
         verdict = {True: "met", False: "MISSED", None: "not measurable"}[target["met"]]
-        lines.append(f"target on {results['main_split']}: {target['target']}: {verdict} ({_number(target['measured'])})")
+        lines.append(
+            f"target on {results['main_split']}: {target['target']}: {verdict} ({_number(target['measured'])})"
+        )
     return "\n".join(lines)
 
 

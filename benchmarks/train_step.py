@@ -16,7 +16,9 @@ from medlandmark.models import build_model, channels_last
 from medlandmark.planning.planner import architecture_sizes, network_topology
 
 
-def step_seconds(dims: int, size: int, base_features: int, batch: int, layout: str, repeats: int) -> list[float]:
+def step_seconds(
+    dims: int, size: int, base_features: int, batch: int, layout: str, repeats: int
+) -> list[float]:
     """Wall time of ``repeats`` training steps of the planned U-Net for a ``size``^dims patch."""
     topology = network_topology([size] * dims, [1.0] * dims, base_features)
     sizes = architecture_sizes(topology, dims, 1.0)["unet"]
@@ -38,7 +40,9 @@ def step_seconds(dims: int, size: int, base_features: int, batch: int, layout: s
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--dims", type=int, choices=[2, 3], default=3)
     parser.add_argument("--size", type=int, default=24)
     parser.add_argument("--base-features", type=int, default=8)
@@ -47,9 +51,14 @@ def main() -> None:
     args = parser.parse_args()
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads")
     for layout in ("contiguous", "channels-last"):
-        times = step_seconds(args.dims, args.size, args.base_features, args.batch, layout, args.repeats)
-        print(f"{args.dims}D base {args.base_features} {args.size}^{args.dims} batch {args.batch} {layout}: "
-              + " ".join(f"{t:.3f}" for t in times) + " s")
+        times = step_seconds(
+            args.dims, args.size, args.base_features, args.batch, layout, args.repeats
+        )
+        print(
+            f"{args.dims}D base {args.base_features} {args.size}^{args.dims} batch {args.batch} {layout}: "
+            + " ".join(f"{t:.3f}" for t in times)
+            + " s"
+        )
 
 
 if __name__ == "__main__":

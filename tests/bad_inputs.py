@@ -56,8 +56,13 @@ class BadInput:
 
 
 def spec(**changes) -> DatasetSpec:
-    fields = {"name": "corpus", "spatial_dims": 2, "landmarks": SYNTHETIC_LANDMARKS,
-              "modalities": ["xray"], "spacing_mm": [SPACING_MM, SPACING_MM]}  # fmt: skip
+    fields = {
+        "name": "corpus",
+        "spatial_dims": 2,
+        "landmarks": SYNTHETIC_LANDMARKS,
+        "modalities": ["xray"],
+        "spacing_mm": [SPACING_MM, SPACING_MM],
+    }
     return DatasetSpec(**{**fields, **changes})
 
 
@@ -222,9 +227,11 @@ def png_bomb_bytes(width: int = 60000, height: int = 60000) -> bytes:
     """A tiny PNG whose header declares ``width`` x ``height`` 8-bit grey pixels."""
     header = struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0)
     return (
-        b"\x89PNG\r\n\x1a\n" + _png_chunk(b"IHDR", header)
-        + _png_chunk(b"IDAT", zlib.compress(b"\x00" * 1000)) + _png_chunk(b"IEND", b"")
-    )  # fmt: skip
+        b"\x89PNG\r\n\x1a\n"
+        + _png_chunk(b"IHDR", header)
+        + _png_chunk(b"IDAT", zlib.compress(b"\x00" * 1000))
+        + _png_chunk(b"IEND", b"")
+    )
 
 
 def decompression_bomb(root: Path) -> None:
@@ -341,34 +348,148 @@ CORPUS: list[BadInput] = [
     BadInput("truncated_jpeg", "image", f"{_IMAGE}.jpg", ("truncated",), truncated_jpeg),
     BadInput("truncated_nifti_gz", "image", f"{_IMAGE}.nii.gz", ("truncated",), truncated_nifti_gz),
     BadInput("truncated_nifti", "image", f"{_IMAGE}.nii", ("truncated",), truncated_nifti),
-    BadInput("truncated_mha", "image", f"{_IMAGE}.mha", ("truncated", "its header declares"), truncated_mha),
-    BadInput("truncated_mhd_raw", "image", f"{_IMAGE}.mhd", ("voxel data file 'bad.raw' is truncated",), truncated_mhd_raw),
+    BadInput(
+        "truncated_mha",
+        "image",
+        f"{_IMAGE}.mha",
+        ("truncated", "its header declares"),
+        truncated_mha,
+    ),
+    BadInput(
+        "truncated_mhd_raw",
+        "image",
+        f"{_IMAGE}.mhd",
+        ("voxel data file 'bad.raw' is truncated",),
+        truncated_mhd_raw,
+    ),
     BadInput("zero_byte_image", "image", f"{_IMAGE}.png", ("empty (0 bytes)",), zero_byte_image),
-    BadInput("wrong_magic_bytes", "image", f"{_IMAGE}.png", ("wrong magic bytes",), wrong_magic_bytes),
+    BadInput(
+        "wrong_magic_bytes", "image", f"{_IMAGE}.png", ("wrong magic bytes",), wrong_magic_bytes
+    ),
     BadInput("nan_voxels", "image", f"{_IMAGE}.nii.gz", ("NaN or infinite",), nan_voxels),
     BadInput("inf_voxels", "image", f"{_IMAGE}.nii.gz", ("NaN or infinite",), inf_voxels),
     BadInput("image_4d", "image", f"{_IMAGE}.nii.gz", ("4 dimensions",), image_4d),
     BadInput("two_channels", "image", f"{_IMAGE}.nii.gz", ("2 channels",), two_channels),
-    BadInput("image_3d_in_2d_dataset", "image", f"{_IMAGE}.nii.gz", ("3D",), image_3d_in_2d_dataset),
-    BadInput("zero_spacing_nifti", "image", f"{_IMAGE}.nii", ("pixdim) is 0 x 1 mm", "positive and finite"), zero_spacing_nifti),
-    BadInput("negative_spacing_nifti", "image", f"{_IMAGE}.nii", ("pixdim) is -1 x 1 mm", "positive and finite"), negative_spacing_nifti),
-    BadInput("nan_spacing_nifti", "image", f"{_IMAGE}.nii", ("pixdim) is nan x 1 mm", "positive and finite"), nan_spacing_nifti),
-    BadInput("sheared_direction_nifti", "image", f"{_IMAGE}.nii", ("orthonormal",), sheared_direction_nifti),
-    BadInput("decompression_bomb", "image", f"{_IMAGE}.png", ("60000 x 60000", "refusing to allocate"), decompression_bomb),
-    BadInput("csv_missing_column", "landmarks", f"{_LANDMARKS}.csv", ("row 4 has 2 fields, header has 3",), csv_missing_column),
-    BadInput("csv_text_in_number", "landmarks", f"{_LANDMARKS}.csv", ("'twelve' is not a number",), csv_text_in_number),
-    BadInput("csv_duplicate_names", "landmarks", f"{_LANDMARKS}.csv", ("duplicate landmark names", "tip_left"), csv_duplicate_names),
-    BadInput("too_many_points", "landmarks", f"{_LANDMARKS}.txt", ("holds 10 landmarks, expected 9",), too_many_points),
-    BadInput("too_few_points", "landmarks", f"{_LANDMARKS}.txt", ("holds 7 landmarks, expected 9",), too_few_points),
-    BadInput("wrong_coordinate_space", "landmarks", f"{_LANDMARKS}.csv", ("outside the image",), wrong_coordinate_space),
-    BadInput("invalid_landmark_json", "landmarks", f"{_LANDMARKS}.json", ("invalid JSON",), invalid_landmark_json),
-    BadInput("dataset_zero_spacing", "dataset", "dataset.json", ("spacing_mm", "positive"), dataset_zero_spacing),
-    BadInput("dataset_negative_spacing", "dataset", "dataset.json", ("spacing_mm", "positive"), dataset_negative_spacing),
-    BadInput("dataset_nan_spacing", "dataset", "dataset.json", ("spacing_mm", "positive"), dataset_nan_spacing),
-    BadInput("dataset_invalid_json", "dataset", "dataset.json", ("invalid JSON",), dataset_invalid_json),
+    BadInput(
+        "image_3d_in_2d_dataset", "image", f"{_IMAGE}.nii.gz", ("3D",), image_3d_in_2d_dataset
+    ),
+    BadInput(
+        "zero_spacing_nifti",
+        "image",
+        f"{_IMAGE}.nii",
+        ("pixdim) is 0 x 1 mm", "positive and finite"),
+        zero_spacing_nifti,
+    ),
+    BadInput(
+        "negative_spacing_nifti",
+        "image",
+        f"{_IMAGE}.nii",
+        ("pixdim) is -1 x 1 mm", "positive and finite"),
+        negative_spacing_nifti,
+    ),
+    BadInput(
+        "nan_spacing_nifti",
+        "image",
+        f"{_IMAGE}.nii",
+        ("pixdim) is nan x 1 mm", "positive and finite"),
+        nan_spacing_nifti,
+    ),
+    BadInput(
+        "sheared_direction_nifti",
+        "image",
+        f"{_IMAGE}.nii",
+        ("orthonormal",),
+        sheared_direction_nifti,
+    ),
+    BadInput(
+        "decompression_bomb",
+        "image",
+        f"{_IMAGE}.png",
+        ("60000 x 60000", "refusing to allocate"),
+        decompression_bomb,
+    ),
+    BadInput(
+        "csv_missing_column",
+        "landmarks",
+        f"{_LANDMARKS}.csv",
+        ("row 4 has 2 fields, header has 3",),
+        csv_missing_column,
+    ),
+    BadInput(
+        "csv_text_in_number",
+        "landmarks",
+        f"{_LANDMARKS}.csv",
+        ("'twelve' is not a number",),
+        csv_text_in_number,
+    ),
+    BadInput(
+        "csv_duplicate_names",
+        "landmarks",
+        f"{_LANDMARKS}.csv",
+        ("duplicate landmark names", "tip_left"),
+        csv_duplicate_names,
+    ),
+    BadInput(
+        "too_many_points",
+        "landmarks",
+        f"{_LANDMARKS}.txt",
+        ("holds 10 landmarks, expected 9",),
+        too_many_points,
+    ),
+    BadInput(
+        "too_few_points",
+        "landmarks",
+        f"{_LANDMARKS}.txt",
+        ("holds 7 landmarks, expected 9",),
+        too_few_points,
+    ),
+    BadInput(
+        "wrong_coordinate_space",
+        "landmarks",
+        f"{_LANDMARKS}.csv",
+        ("outside the image",),
+        wrong_coordinate_space,
+    ),
+    BadInput(
+        "invalid_landmark_json",
+        "landmarks",
+        f"{_LANDMARKS}.json",
+        ("invalid JSON",),
+        invalid_landmark_json,
+    ),
+    BadInput(
+        "dataset_zero_spacing",
+        "dataset",
+        "dataset.json",
+        ("spacing_mm", "positive"),
+        dataset_zero_spacing,
+    ),
+    BadInput(
+        "dataset_negative_spacing",
+        "dataset",
+        "dataset.json",
+        ("spacing_mm", "positive"),
+        dataset_negative_spacing,
+    ),
+    BadInput(
+        "dataset_nan_spacing",
+        "dataset",
+        "dataset.json",
+        ("spacing_mm", "positive"),
+        dataset_nan_spacing,
+    ),
+    BadInput(
+        "dataset_invalid_json", "dataset", "dataset.json", ("invalid JSON",), dataset_invalid_json
+    ),
     BadInput("empty_dataset", "dataset", "images", ("holds no images",), empty_dataset),
-    BadInput("case_id_escaping_the_folder", "dataset", "splits.json", ("invalid case id", "../outside"), case_id_escaping_the_folder),
-]  # fmt: skip
+    BadInput(
+        "case_id_escaping_the_folder",
+        "dataset",
+        "splits.json",
+        ("invalid case id", "../outside"),
+        case_id_escaping_the_folder,
+    ),
+]
 CORPUS_BY_NAME = {entry.name: entry for entry in CORPUS}
 
 
@@ -424,7 +545,7 @@ def afids_source(root: Path) -> tuple[Path, Path]:
         f"vtkMRMLMarkupsFiducialNode_{k},{-(2 + k % 10)},{-(3 + k % 12)},{4 + k % 8},"
         f"0,0,0,1,1,1,0,{k},,"
         for k in range(1, 33)
-    ]  # fmt: skip
+    ]
     fcsv = root / "afids.fcsv"
     fcsv.write_text(AFIDS_FCSV_HEADER + "\n".join(rows) + "\n")
     return image, fcsv

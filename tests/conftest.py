@@ -57,9 +57,10 @@ def real_datasets(tmp_path_factory) -> dict[str, Path]:
         "hand_xray": convert_hand_xray(shared_path("hand_xray"), root / "hand_xray"),
         "afids": convert_afids(
             afids / "tpl-MNI152NLin2009cAsym_res-01_T1w.nii.gz",
-            afids / "tpl-MNI152NLin2009cAsym_res-01_desc-groundtruth_afids.fcsv", root / "afids",
+            afids / "tpl-MNI152NLin2009cAsym_res-01_desc-groundtruth_afids.fcsv",
+            root / "afids",
         ),
-    }  # fmt: skip
+    }
     for dataset in roots.values():
         plan_dataset(dataset)
     return roots
@@ -71,7 +72,9 @@ def shrink_networks(dataset: Path, base: int = SMALL_FEATURES) -> None:
     plan = load_plan(folder)
     for config in plan.configurations.values():
         unet = config.architectures["unet"]
-        unet["features_per_stage"] = [min(base * 2**i, 64) for i in range(len(unet["features_per_stage"]))]
+        unet["features_per_stage"] = [
+            min(base * 2**i, 64) for i in range(len(unet["features_per_stage"]))
+        ]
     write_plan(folder, plan)
 
 
@@ -81,17 +84,30 @@ def single_configuration_plan(
     """A complete plan with one configuration ``fine`` at 1 mm whose ``arch`` has ``sizes``."""
     ndim = len(patch_size)
     configuration = Configuration(
-        name="fine", stage="full", data_identifier="data_fullres", spacing_mm=[1.0] * ndim,
-        patch_size=patch_size, batch_size=2, heatmap_sigma_mm=2.0, heatmap_sigma_voxels=[2.0] * ndim,
+        name="fine",
+        stage="full",
+        data_identifier="data_fullres",
+        spacing_mm=[1.0] * ndim,
+        patch_size=patch_size,
+        batch_size=2,
+        heatmap_sigma_mm=2.0,
+        heatmap_sigma_voxels=[2.0] * ndim,
         architectures={arch: sizes},
-    )  # fmt: skip
+    )
     return Plan(
-        dataset="test", spatial_dims=ndim, landmarks=landmarks, modalities=[f"m{i}" for i in range(channels)],
-        transpose_forward=list(range(ndim)), transpose_backward=list(range(ndim)),
-        target_spacing_mm=[1.0] * ndim, median_shape_at_target=[float(p) for p in patch_size],
+        dataset="test",
+        spatial_dims=ndim,
+        landmarks=landmarks,
+        modalities=[f"m{i}" for i in range(channels)],
+        transpose_forward=list(range(ndim)),
+        transpose_backward=list(range(ndim)),
+        target_spacing_mm=[1.0] * ndim,
+        median_shape_at_target=[float(p) for p in patch_size],
         normalization=[Normalization(scheme="zscore_per_image")] * channels,
-        default_configuration="fine", configurations={"fine": configuration}, training=training_defaults(),
-    )  # fmt: skip
+        default_configuration="fine",
+        configurations={"fine": configuration},
+        training=training_defaults(),
+    )
 
 
 @pytest.fixture(scope="session")
@@ -105,10 +121,25 @@ def small_isbi(tmp_path_factory) -> Path:
     (root / "landmarks").mkdir()
     case_ids = [f"{i:03d}" for i in range(1, 7)]
     for case_id in case_ids:
-        os.symlink(source / "RawImage" / "TrainingData" / f"{case_id}.jpg", root / "images" / f"{case_id}.jpg")
-        os.symlink(source / "AnnotationsByMD" / "400_senior" / f"{case_id}.txt", root / "landmarks" / f"{case_id}.txt")
-    write_spec(root, DatasetSpec(name="isbi-small", spatial_dims=2, landmarks=ISBI_LANDMARKS,
-                                 modalities=["xray"], spacing_mm=[0.1, 0.1], splits={"train": case_ids}))  # fmt: skip
+        os.symlink(
+            source / "RawImage" / "TrainingData" / f"{case_id}.jpg",
+            root / "images" / f"{case_id}.jpg",
+        )
+        os.symlink(
+            source / "AnnotationsByMD" / "400_senior" / f"{case_id}.txt",
+            root / "landmarks" / f"{case_id}.txt",
+        )
+    write_spec(
+        root,
+        DatasetSpec(
+            name="isbi-small",
+            spatial_dims=2,
+            landmarks=ISBI_LANDMARKS,
+            modalities=["xray"],
+            spacing_mm=[0.1, 0.1],
+            splits={"train": case_ids},
+        ),
+    )
     plan = plan_dataset(root, gpu_memory_gb=1.0)
     assert plan.configuration().stage == "coarse"  # a cascade at 1 GB
     shrink_networks(root)

@@ -152,9 +152,11 @@ def test_blob_in_the_image_lands_on_the_mapped_landmark(tmp_path, spacing_mm, di
     template = make_template(array, geometry, landmarks)
     options = SynthOptions()
     draw = dataclasses.replace(
-        draw_case(case_rng(seed, 0), options), spacing_mm=spacing_mm,
-        direction=np.asarray(direction, dtype=np.float64), crop=None,
-    )  # fmt: skip
+        draw_case(case_rng(seed, 0), options),
+        spacing_mm=spacing_mm,
+        direction=np.asarray(direction, dtype=np.float64),
+        crop=None,
+    )
     case = synth_case(template, draw, options)
     write_image(tmp_path / "case.nii.gz", case.array, case.geometry)
     written = read_image_info(tmp_path / "case.nii.gz").geometry

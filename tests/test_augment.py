@@ -422,13 +422,18 @@ def test_field_of_view_cut_blanks_one_side_and_drops_its_landmarks(ndim):
     images = torch.rand((16, 1, *shape), generator=generator) + 1.0  # nowhere 0 before the cut
     points = torch.rand((16, 6, ndim), generator=generator) * (torch.tensor(shape) - 1)
     points[0, 2] = math.nan
-    cut_images, cut_points = random_field_of_view_cut(images, points, 1.0, torch.Generator().manual_seed(0))
+    cut_images, cut_points = random_field_of_view_cut(
+        images, points, 1.0, torch.Generator().manual_seed(0)
+    )
     assert torch.equal(points[0, 2].isnan(), torch.ones(ndim, dtype=torch.bool))  # inputs untouched
     for b in range(16):
         blank = cut_images[b, 0] == 0
         assert blank.any() or not cut_points[b].isnan().any()
         kept = (~blank).nonzero().float()
-        low, high = kept.min(0).values - 0.5, kept.max(0).values + 0.5  # the remaining field of view
+        low, high = (
+            kept.min(0).values - 0.5,
+            kept.max(0).values + 0.5,
+        )  # the remaining field of view
         before = torch.isfinite(points[b]).all(-1)
         after = torch.isfinite(cut_points[b]).all(-1)
         inside = ((points[b] >= low) & (points[b] <= high)).all(-1)
@@ -438,10 +443,12 @@ def test_field_of_view_cut_blanks_one_side_and_drops_its_landmarks(ndim):
         assert torch.equal(cut_images[b][:, ~blank], images[b][:, ~blank])
         # the blank part is a slab on one side of one axis
         assert int(blank.sum()) == blank.numel() - int(np.prod((high - low).round().int().tolist()))
-    assert (cut_points.isnan().any(-1).sum() > points.isnan().any(-1).sum())
+    assert cut_points.isnan().any(-1).sum() > points.isnan().any(-1).sum()
     again, _ = random_field_of_view_cut(images, points, 1.0, torch.Generator().manual_seed(0))
     assert torch.equal(again, cut_images)
-    same, same_points = random_field_of_view_cut(images, points, 0.0, torch.Generator().manual_seed(0))
+    same, same_points = random_field_of_view_cut(
+        images, points, 0.0, torch.Generator().manual_seed(0)
+    )
     assert same is images and same_points is points
 
 
@@ -451,7 +458,13 @@ def test_field_of_view_cut_is_off_by_default_and_on_through_the_config():
     points = torch.rand((8, 5, 2), generator=generator) * 20 + 8
     identity = AugmentConfig.identity()
     _, kept = augment_batch(images, points, (32, 28), identity, torch.Generator().manual_seed(2))
-    cut, dropped = augment_batch(images, points, (32, 28), AugmentConfig.identity(p_field_of_view_cut=1.0), torch.Generator().manual_seed(2))
+    cut, dropped = augment_batch(
+        images,
+        points,
+        (32, 28),
+        AugmentConfig.identity(p_field_of_view_cut=1.0),
+        torch.Generator().manual_seed(2),
+    )
     assert not kept.isnan().any()
     assert dropped.isnan().any(-1).sum() > 0
     assert all(bool((cut[b] == 0).any()) for b in range(8))

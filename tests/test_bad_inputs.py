@@ -129,9 +129,20 @@ def test_train_after_the_fault_arrives_says_what_to_do(
     file); a broken dataset.json, splits.json or folder is named by train itself."""
     root = _with_fault(prepared, entry, tmp_path)
     code, output = cli(
-        capfd, "train", root, "-o", tmp_path / "run", "--fold", "all", "--epochs", "1",
-        "--iterations", "1", "--device", "cpu",
-    )  # fmt: skip
+        capfd,
+        "train",
+        root,
+        "-o",
+        tmp_path / "run",
+        "--fold",
+        "all",
+        "--epochs",
+        "1",
+        "--iterations",
+        "1",
+        "--device",
+        "cpu",
+    )
     assert code == 2, output
     if entry.kind == "dataset":
         assert_clear(output, root / entry.offending, ("error:", *entry.needles))
@@ -354,10 +365,14 @@ def test_convert_hand_truncated_mha_and_text_in_the_table(tmp_path: Path, capfd)
     ("old", "new", "needles"),
     [
         ("_2,-4,-5,6,", "_2,-4,minus five,6,", ("point 2: 'minus five' is not a number",)),
-        ("_2,-4,-5,6,0,0,0,1,1,1,0,2,,", "_2,-4,-5,6,0,0,0,1,1,1,0", ("point 2 has 11 fields, expected 14",)),
+        (
+            "_2,-4,-5,6,0,0,0,1,1,1,0,2,,",
+            "_2,-4,-5,6,0,0,0,1,1,1,0",
+            ("point 2 has 11 fields, expected 14",),
+        ),
         ("# columns = id,x,y,z,", "# columns = id,x,y,", ("'# columns' lacks 'z'",)),
     ],
-)  # fmt: skip
+)
 def test_convert_afids_bad_fcsv(
     old: str, new: str, needles: tuple[str, ...], tmp_path: Path, capfd
 ) -> None:

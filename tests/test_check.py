@@ -35,8 +35,13 @@ CASES = {
 
 
 def spec(**changes) -> DatasetSpec:
-    fields = {"name": "tiny", "spatial_dims": 2, "landmarks": NAMES, "modalities": ["xray"],
-              "spacing_mm": [SPACING_MM, SPACING_MM]}  # fmt: skip
+    fields = {
+        "name": "tiny",
+        "spatial_dims": 2,
+        "landmarks": NAMES,
+        "modalities": ["xray"],
+        "spacing_mm": [SPACING_MM, SPACING_MM],
+    }
     return DatasetSpec(**{**fields, **changes})
 
 
@@ -179,8 +184,11 @@ def test_split_with_unknown_case_is_an_error(dataset: Path) -> None:
 
 def test_case_in_two_splits_of_a_group_is_a_warning(dataset: Path) -> None:
     splits = {
-        "train": ["a", "b"], "test": ["b", "c"], "fold0/train": ["a"], "fold0/val": ["b", "c"],
-    }  # fmt: skip
+        "train": ["a", "b"],
+        "test": ["b", "c"],
+        "fold0/train": ["a"],
+        "fold0/val": ["b", "c"],
+    }
     (dataset / "splits.json").write_text(json.dumps(splits))
     report = check_dataset(dataset)
     assert report.ok and report.errors == []
@@ -336,10 +344,14 @@ def test_all_problems_reported_in_case_order(dataset: Path) -> None:
 
 
 def test_print_one_line_per_problem_with_markup_escaped(tmp_path: Path, capsys) -> None:
-    report = CheckReport(tmp_path, [
-        Problem(tmp_path / "x[1].png", "bad [bold]thing[/bold]"),
-        Problem(tmp_path / "y.json", "odd", "warning"),
-    ], num_cases=2)  # fmt: skip
+    report = CheckReport(
+        tmp_path,
+        [
+            Problem(tmp_path / "x[1].png", "bad [bold]thing[/bold]"),
+            Problem(tmp_path / "y.json", "odd", "warning"),
+        ],
+        num_cases=2,
+    )
     print_check_report(report)
     lines = capsys.readouterr().err.splitlines()
     assert lines == [
@@ -363,10 +375,17 @@ def test_isbi_cases_with_three_broken_files_all_reported(
     (root / "images").mkdir(parents=True)
     (root / "landmarks").mkdir()
     names = [f"L{k}" for k in range(1, 20)]
-    write_spec(root, DatasetSpec(
-        name="isbi5", spatial_dims=2, landmarks=names, modalities=["xray"], spacing_mm=[0.1, 0.1],
-        splits={"train": ["001", "002", "003"]},
-    ))  # fmt: skip
+    write_spec(
+        root,
+        DatasetSpec(
+            name="isbi5",
+            spatial_dims=2,
+            landmarks=names,
+            modalities=["xray"],
+            spacing_mm=[0.1, 0.1],
+            splits={"train": ["001", "002", "003"]},
+        ),
+    )
     for case_id in ("001", "002", "003", "004", "005"):
         jpg = source / "RawImage" / "TrainingData" / f"{case_id}.jpg"
         shutil.copyfile(jpg, root / "images" / jpg.name)

@@ -28,7 +28,9 @@ from medlandmark.training.sampling import PatchSampler, crop_case
 def _case(shape=(40, 50), points=((10.0, 12.0), (30.5, 40.25))) -> CachedCase:
     image = np.arange(np.prod(shape), dtype=np.float16).reshape(1, *shape)
     geometry = Geometry.identity(shape)
-    return CachedCase("c0", image, geometry, geometry, ["a", "b"], np.array(points, dtype=np.float64))
+    return CachedCase(
+        "c0", image, geometry, geometry, ["a", "b"], np.array(points, dtype=np.float64)
+    )
 
 
 def test_crop_is_zero_padded_outside_and_shifts_landmarks() -> None:
@@ -36,7 +38,9 @@ def test_crop_is_zero_padded_outside_and_shifts_landmarks() -> None:
     crop = crop_case(case, (-5, 45), (10, 10))
     assert crop.image.shape == (1, 10, 10)
     assert (crop.image[:, :5] == 0).all() and (crop.image[:, :, 5:] == 0).all()
-    np.testing.assert_array_equal(crop.image[0, 5:, :5], case.image[0, :5, 45:50].astype(np.float32))
+    np.testing.assert_array_equal(
+        crop.image[0, 5:, :5], case.image[0, :5, 45:50].astype(np.float32)
+    )
     np.testing.assert_allclose(crop.points, case.landmarks_index - [-5, 45])
 
 
@@ -50,7 +54,9 @@ def test_sampler_is_reproducible_per_step_and_differs_between_ranks() -> None:
 
 
 def test_landmark_fraction_centres_patches_near_landmarks() -> None:
-    sampler = PatchSampler([_case((400, 400), ((50.0, 60.0), (300.0, 320.0)))], (32, 32), landmark_fraction=1.0)
+    sampler = PatchSampler(
+        [_case((400, 400), ((50.0, 60.0), (300.0, 320.0)))], (32, 32), landmark_fraction=1.0
+    )
     for index in range(50):
         crop = sampler.sample(0, index)
         inside = np.all((crop.points >= 0) & (crop.points < 32), axis=1)
@@ -58,14 +64,23 @@ def test_landmark_fraction_centres_patches_near_landmarks() -> None:
 
 
 def test_fine_stage_centres_on_landmarks_with_the_given_spread() -> None:
-    sampler = PatchSampler([_case((400, 400), ((200.0, 200.0), (200.0, 200.0)))], (33, 33), fine_offset_sd_voxels=(3.0, 3.0))
+    sampler = PatchSampler(
+        [_case((400, 400), ((200.0, 200.0), (200.0, 200.0)))],
+        (33, 33),
+        fine_offset_sd_voxels=(3.0, 3.0),
+    )
     centres = np.array([sampler.sample(0, i).start + 16 for i in range(400)])
     assert np.abs(centres.mean(axis=0) - 200).max() < 0.6
     assert 2.4 < centres.std(axis=0).mean() < 3.6
 
 
 def test_checkpoint_round_trip(tmp_path: Path) -> None:
-    state = {"step": 12, "model": {"w": torch.arange(4.0)}, "note": "x", "rng": torch.get_rng_state()}
+    state = {
+        "step": 12,
+        "model": {"w": torch.arange(4.0)},
+        "note": "x",
+        "rng": torch.get_rng_state(),
+    }
     save_checkpoint(tmp_path / "c.pt", state)
     loaded = load_checkpoint(tmp_path / "c.pt")
     assert loaded["step"] == 12 and torch.equal(loaded["model"]["w"], torch.arange(4.0))
@@ -88,7 +103,9 @@ def test_malicious_pickle_is_refused_and_its_payload_never_runs(tmp_path: Path) 
         load_checkpoint(path)
     assert str(path) in str(raised.value)
     assert not marker.exists(), "the pickled payload ran"
-    torch.save({"checkpoint_version": 1, "model": payload}, path)  # the same inside torch's zip format
+    torch.save(
+        {"checkpoint_version": 1, "model": payload}, path
+    )  # the same inside torch's zip format
     with pytest.raises(CheckpointError, match="refused to load"):
         load_checkpoint(path)
     assert not marker.exists(), "the pickled payload ran"
@@ -120,12 +137,20 @@ def _disk_full_after(size_bytes: int):
 
 def test_failed_write_leaves_the_previous_checkpoint_intact(tmp_path: Path) -> None:
     save_checkpoint(tmp_path / "c.pt", {"step": 1, "w": torch.ones(10)})
-    with _disk_full_after(20_000), pytest.raises(CheckpointError, match="could not write the checkpoint.*previous one is intact"):
+    with (
+        _disk_full_after(20_000),
+        pytest.raises(
+            CheckpointError, match="could not write the checkpoint.*previous one is intact"
+        ),
+    ):
         save_checkpoint(tmp_path / "c.pt", {"step": 2, "w": torch.zeros(100_000)})
     assert load_checkpoint(tmp_path / "c.pt")["step"] == 1
     kept, newer, loaded = nn.Linear(200, 200), nn.Linear(200, 200), nn.Linear(200, 200)
     save_weights(tmp_path / "m.safetensors", kept)
-    with _disk_full_after(20_000), pytest.raises(CheckpointError, match="could not write the weights"):
+    with (
+        _disk_full_after(20_000),
+        pytest.raises(CheckpointError, match="could not write the weights"),
+    ):
         save_weights(tmp_path / "m.safetensors", newer)
     load_weights(tmp_path / "m.safetensors", loaded)
     assert torch.equal(loaded.weight, kept.weight)  # the previous weights, whole
@@ -137,6 +162,9 @@ def test_safetensors_weights_round_trip_and_mismatch_is_explained(tmp_path: Path
     save_weights(tmp_path / "m.safetensors", model)
     other = nn.Sequential(nn.Linear(3, 4), nn.ReLU(), nn.Linear(4, 2))
     load_weights(tmp_path / "m.safetensors", other)
-    assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), other.state_dict().values(), strict=True))
+    assert all(
+        torch.equal(a, b)
+        for a, b in zip(model.state_dict().values(), other.state_dict().values(), strict=True)
+    )
     with pytest.raises(CheckpointError, match="do not fit"):
         load_weights(tmp_path / "m.safetensors", nn.Sequential(nn.Linear(3, 5)))

@@ -33,8 +33,16 @@ def _parameters(node: ast.FunctionDef) -> int:
 def test_no_function_is_longer_than_60_lines_or_takes_more_than_8_parameters() -> None:
     functions = _functions()
     assert len(functions) > 300  # the walk found the package
-    long = [f"{where} ({n.end_lineno - n.lineno + 1} lines)" for where, n in functions if n.end_lineno - n.lineno + 1 > MAX_LINES]
-    wide = [f"{where} ({_parameters(n)} parameters)" for where, n in functions if _parameters(n) > MAX_PARAMETERS]
+    long = [
+        f"{where} ({n.end_lineno - n.lineno + 1} lines)"
+        for where, n in functions
+        if n.end_lineno - n.lineno + 1 > MAX_LINES
+    ]
+    wide = [
+        f"{where} ({_parameters(n)} parameters)"
+        for where, n in functions
+        if _parameters(n) > MAX_PARAMETERS
+    ]
     assert not long and not wide, "\n".join(long + wide)
 
 

@@ -23,7 +23,9 @@ def captured(monkeypatch):
 
     def install(terminal: bool) -> io.StringIO:
         buffer = io.StringIO()
-        fake = Console(file=buffer, force_terminal=terminal, width=100, highlight=False, soft_wrap=True)
+        fake = Console(
+            file=buffer, force_terminal=terminal, width=100, highlight=False, soft_wrap=True
+        )
         monkeypatch.setattr(console_module, "console", fake)
         return buffer
 
@@ -39,7 +41,9 @@ def _slow(n: int, seconds: float):
 
 def test_terminal_shows_a_bar_with_count_and_rate(captured):
     buffer = captured(terminal=True)
-    assert list(console_module.progress(_slow(5, 0.01), total=5, description="checking cases")) == list(range(5))
+    assert list(
+        console_module.progress(_slow(5, 0.01), total=5, description="checking cases")
+    ) == list(range(5))
     text = buffer.getvalue()
     assert ANSI.search(text), "a live bar redraws with terminal control codes"
     assert "checking cases" in text and "5/5" in text and "/s" in text
@@ -104,10 +108,12 @@ def _verbs() -> list[list[str]]:
 
 @pytest.mark.parametrize("verb", _verbs(), ids=" ".join)
 def test_every_verb_takes_quiet_and_verbose(verb):
-    help_text = next(
-        a for a in build_parser()._actions if a.dest == "verb"
-    ).choices[verb[0]].format_help()
+    help_text = (
+        next(a for a in build_parser()._actions if a.dest == "verb").choices[verb[0]].format_help()
+    )
     if len(verb) == 2:
         kinds = next(a for a in build_parser()._actions if a.dest == "verb").choices[verb[0]]
-        help_text = next(a for a in kinds._actions if a.dest == "kind").choices[verb[1]].format_help()
+        help_text = (
+            next(a for a in kinds._actions if a.dest == "kind").choices[verb[1]].format_help()
+        )
     assert "--quiet" in help_text and "--verbose" in help_text

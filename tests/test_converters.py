@@ -140,7 +140,7 @@ def test_isbi_test2_split_and_bmp_images(tmp_path):
         tmp_path / "src",
         {"TrainingData": ["001"], "Test1Data": ["151"], "Test2Data": ["301", "302"]},
         suffix=".bmp",
-    )  # fmt: skip
+    )
     dataset = Dataset(convert_isbi2015(tmp_path / "src", tmp_path / "out"))
     assert dataset.splits() == {"train": ["001"], "test1": ["151"], "test2": ["301", "302"]}
     assert (tmp_path / "out" / "images" / "302.bmp").is_file()
@@ -335,9 +335,10 @@ def test_afids_real_raters_add_cases_and_match_truth(tmp_path, rater):
 
 def write_fcsv(path: Path, points_ras: np.ndarray) -> None:
     lines = [
-        "# Markups fiducial file version = 4.10", "# CoordinateSystem = 0",
+        "# Markups fiducial file version = 4.10",
+        "# CoordinateSystem = 0",
         "# columns = id,x,y,z,ow,ox,oy,oz,vis,sel,lock,label,desc,associatedNodeID",
-    ]  # fmt: skip
+    ]
     lines += [
         f"n{k},{x},{y},{z},0,0,0,1,1,1,0,{k + 1},,vol" for k, (x, y, z) in enumerate(points_ras)
     ]
@@ -410,5 +411,6 @@ def test_afids_mrk_json_input_round_trips(tmp_path):
     )
     np.testing.assert_allclose(
         read_landmarks(again / "landmarks" / "c1.mrk.json").points_mm,
-        read_landmarks(first / "landmarks" / "c1.mrk.json").points_mm, atol=1e-12,
-    )  # fmt: skip
+        read_landmarks(first / "landmarks" / "c1.mrk.json").points_mm,
+        atol=1e-12,
+    )

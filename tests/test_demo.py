@@ -83,7 +83,10 @@ def _isbi_source_subset(folder: Path, train: range, test1: range) -> Path:
         (folder / "AnnotationsByMD" / annotator).mkdir(parents=True)
         for number in [*train, *test1]:
             name = f"{number:03d}.txt"
-            os.symlink(source / "AnnotationsByMD" / annotator / name, folder / "AnnotationsByMD" / annotator / name)
+            os.symlink(
+                source / "AnnotationsByMD" / annotator / name,
+                folder / "AnnotationsByMD" / annotator / name,
+            )
     return folder
 
 

@@ -235,7 +235,11 @@ def parse_check(statement: str, where: str) -> None:
         elif argv[0] == "make":
             missing = set(argv[1:]) - makefile_targets()
             assert not missing, f"{where}: no Makefile target {sorted(missing)}"
-        elif Path(argv[0]).name.startswith("python") and len(argv) > 1 and argv[1].startswith("benchmarks/"):
+        elif (
+            Path(argv[0]).name.startswith("python")
+            and len(argv) > 1
+            and argv[1].startswith("benchmarks/")
+        ):
             recipe_parser(argv[1], where).parse_args(argv[2:])
         else:
             pytest.fail(

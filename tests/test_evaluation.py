@@ -209,7 +209,15 @@ def test_evaluate_against_a_dataset_matches_by_name(tmp_path):
 
 
 def _evaluate_command(tmp_path, gt) -> list[str]:
-    return ["evaluate", "--pred", str(tmp_path / "pred"), "--gt", str(gt), "--out", str(tmp_path / "out")]
+    return [
+        "evaluate",
+        "--pred",
+        str(tmp_path / "pred"),
+        "--gt",
+        str(gt),
+        "--out",
+        str(tmp_path / "out"),
+    ]
 
 
 def test_cli_evaluate_writes_the_same_metrics(tmp_path):
@@ -259,8 +267,10 @@ def test_landmark_names_that_do_not_match_are_an_error_naming_the_file(tmp_path)
 
 def test_ground_truth_as_a_plain_folder_in_3d(tmp_path):
     names = ["AC", "PC", "genu"]
-    gt = {"s1": np.array([[0.0, 0.0, 0.0], [10.0, 0.0, 0.0], [0.0, 10.0, 5.0]]),
-          "s2": np.array([[1.0, 2.0, 3.0], [4.0, 5.0, 6.0], [7.0, 8.0, 9.0]])}  # fmt: skip
+    gt = {
+        "s1": np.array([[0.0, 0.0, 0.0], [10.0, 0.0, 0.0], [0.0, 10.0, 5.0]]),
+        "s2": np.array([[1.0, 2.0, 3.0], [4.0, 5.0, 6.0], [7.0, 8.0, 9.0]]),
+    }
     for case_id, points in gt.items():
         write_landmarks(
             tmp_path / "gt" / f"{case_id}.fcsv", LandmarkSet(names, points), space="RAS"
@@ -307,7 +317,7 @@ def test_isbi2015_junior_against_senior_on_test1(shared_data, tmp_path):
         senior, junior = (
             np.loadtxt(annotations / a / f"{number:03d}.txt", delimiter=",", max_rows=19)
             for a in ("400_senior", "400_junior")
-        )  # fmt: skip
+        )
         raw_errors.append(0.1 * np.hypot(*(senior - junior).T))  # integer pixels: exact at 2 mm
     raw_errors = np.concatenate(raw_errors)
     metrics = evaluate(tmp_path / "pred", tmp_path / "gt", tmp_path / "out")

@@ -41,7 +41,9 @@ CONFIGS = {  # architecture, then (patch, builder arguments)
 }
 
 
-def make_run(run_dir: Path, arch: str, sized: tuple[list[int], dict], channels: int = 1, seed: int = 0) -> Path:
+def make_run(
+    run_dir: Path, arch: str, sized: tuple[list[int], dict], channels: int = 1, seed: int = 0
+) -> Path:
     """A training run folder as the training loop leaves it (random weights)."""
     patch, sizes = sized
     plan = single_configuration_plan(arch, sizes, patch, LANDMARKS, channels)

@@ -50,10 +50,42 @@ GEOMETRIES = {
 }
 SUFFIXES = [".csv", ".json", ".mrk.json", ".fcsv", ".txt"]
 AWKWARD_TOKENS = [
-    "", " ", "nan", "NaN", "inf", "-inf", "1e999", "-0", "0x10", "1_000", "１２", "\x00", "\u2028",
-    "null", "true", "[]", "{}", '"', "'", ",", "#", "# coordinate_space: RAS", "LPS", "index",
-    "9" * 400, "-1e-320", "name", "x", "y", "z", "label", "\r", "\t", "é", "\ufeff",
-]  # fmt: skip
+    "",
+    " ",
+    "nan",
+    "NaN",
+    "inf",
+    "-inf",
+    "1e999",
+    "-0",
+    "0x10",
+    "1_000",
+    "１２",
+    "\x00",
+    "\u2028",
+    "null",
+    "true",
+    "[]",
+    "{}",
+    '"',
+    "'",
+    ",",
+    "#",
+    "# coordinate_space: RAS",
+    "LPS",
+    "index",
+    "9" * 400,
+    "-1e-320",
+    "name",
+    "x",
+    "y",
+    "z",
+    "label",
+    "\r",
+    "\t",
+    "é",
+    "\ufeff",
+]
 SCRATCH = Path(tempfile.mkdtemp(prefix="medlandmark-fuzz-"))
 atexit.register(shutil.rmtree, SCRATCH, ignore_errors=True)
 
@@ -125,11 +157,19 @@ def _token_lines(separator: str = ",") -> st.SearchStrategy[str]:
         st.text(max_size=6),
     )
     line = st.lists(token, max_size=6).map(separator.join)
-    header = st.sampled_from([
-        "# coordinate_space: LPS", "# coordinate_space: index", "name,x,y,z", "name,x,y",
-        "name,x,y,z,confidence", "# Markups fiducial file version = 4.11", "# CoordinateSystem = 0",
-        "# columns = id,x,y,z,ow,ox,oy,oz,vis,sel,lock,label,desc,associatedNodeID", "id,x1,y1",
-    ])  # fmt: skip
+    header = st.sampled_from(
+        [
+            "# coordinate_space: LPS",
+            "# coordinate_space: index",
+            "name,x,y,z",
+            "name,x,y",
+            "name,x,y,z,confidence",
+            "# Markups fiducial file version = 4.11",
+            "# CoordinateSystem = 0",
+            "# columns = id,x,y,z,ow,ox,oy,oz,vis,sel,lock,label,desc,associatedNodeID",
+            "id,x1,y1",
+        ]
+    )
     return st.lists(st.one_of(header, line), max_size=12).map("\n".join)
 
 
@@ -142,9 +182,12 @@ def _write(name: str, data: bytes) -> Path:
 def _read_every_way(path: Path) -> None:
     """Read ``path`` as a user's files are read: with and without geometry, names and ndim."""
     for geometry, names, ndim in (
-        (None, None, None), (GEOMETRIES[2], NAMES, None), (GEOMETRIES[3], None, None),
-        (None, NAMES, 3), (GEOMETRIES[3], NAMES, None),
-    ):  # fmt: skip
+        (None, None, None),
+        (GEOMETRIES[2], NAMES, None),
+        (GEOMETRIES[3], None, None),
+        (None, NAMES, 3),
+        (GEOMETRIES[3], NAMES, None),
+    ):
         try:
             landmarks = read_landmarks(path, geometry=geometry, names=names, ndim=ndim)
         except MedlandmarkError:
@@ -166,7 +209,7 @@ FOUND_BY_FUZZING = {
     "units_not_a_string.mrk.json": '{"markups": [{"coordinateUnits": [], "controlPoints": []}]}',
     "field_beyond_csv_limit.csv": "# coordinate_space: LPS\nname,x,y\nA," + "1" * 200_000 + ",2\n",
     "index_overflowing_mm.csv": "# coordinate_space: index\nname,x,y,z\nA,1,1,1.7e308\n",
-}  # fmt: skip
+}
 
 
 @pytest.mark.parametrize("name", FOUND_BY_FUZZING)
@@ -215,11 +258,17 @@ def test_lines_of_tokens_read_or_our_error(suffix: str, data) -> None:
 
 
 _JSON_VALUES = st.recursive(
-    st.none() | st.booleans() | st.floats(allow_nan=True) | st.integers() | st.text(max_size=5)
+    st.none()
+    | st.booleans()
+    | st.floats(allow_nan=True)
+    | st.integers()
+    | st.text(max_size=5)
     | st.sampled_from(["LPS", "RAS", "index", "mm", "um", "Fiducial", "defined", "undefined"]),
-    lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=5), inner, max_size=4),
+    lambda inner: (
+        st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=5), inner, max_size=4)
+    ),
     max_leaves=12,
-)  # fmt: skip
+)
 
 
 def _points(size: int) -> st.SearchStrategy:
@@ -232,12 +281,24 @@ def _points(size: int) -> st.SearchStrategy:
 def _our_json(draw) -> dict:
     entry = st.fixed_dictionaries(
         {"name": st.one_of(st.sampled_from(NAMES), _JSON_VALUES)},
-        optional={"position": _points(4), "present": _JSON_VALUES | st.booleans(), "confidence": _JSON_VALUES},
-    )  # fmt: skip
-    return draw(st.fixed_dictionaries(
-        {"format": st.just(fmt.JSON_FORMAT_ID) | _JSON_VALUES, "landmarks": st.lists(entry, max_size=5) | _JSON_VALUES},
-        optional={"coordinate_space": st.sampled_from(["LPS", "RAS", "index"]) | _JSON_VALUES, "units": _JSON_VALUES},
-    ))  # fmt: skip
+        optional={
+            "position": _points(4),
+            "present": _JSON_VALUES | st.booleans(),
+            "confidence": _JSON_VALUES,
+        },
+    )
+    return draw(
+        st.fixed_dictionaries(
+            {
+                "format": st.just(fmt.JSON_FORMAT_ID) | _JSON_VALUES,
+                "landmarks": st.lists(entry, max_size=5) | _JSON_VALUES,
+            },
+            optional={
+                "coordinate_space": st.sampled_from(["LPS", "RAS", "index"]) | _JSON_VALUES,
+                "units": _JSON_VALUES,
+            },
+        )
+    )
 
 
 @st.composite
@@ -253,9 +314,12 @@ def _slicer_json(draw) -> dict:
     )
     markup = st.fixed_dictionaries(
         {"controlPoints": st.lists(point, max_size=5) | _JSON_VALUES},
-        optional={"type": st.sampled_from(["Fiducial", "PointList", "Curve"]) | _JSON_VALUES,
-                  "coordinateSystem": _JSON_VALUES, "coordinateUnits": _JSON_VALUES},
-    )  # fmt: skip
+        optional={
+            "type": st.sampled_from(["Fiducial", "PointList", "Curve"]) | _JSON_VALUES,
+            "coordinateSystem": _JSON_VALUES,
+            "coordinateUnits": _JSON_VALUES,
+        },
+    )
     return {"markups": draw(st.lists(markup, max_size=2) | _JSON_VALUES)}
 
 
@@ -289,9 +353,13 @@ def test_parsers_take_any_text(parser, text: str) -> None:
 @EXAMPLES
 @given(data=st.data())
 def test_landmark_table_reads_or_our_error(data) -> None:
-    content = data.draw(st.one_of(
-        st.binary(max_size=400), mutated(VALID["table"]), _token_lines().map(str.encode),
-    ))  # fmt: skip
+    content = data.draw(
+        st.one_of(
+            st.binary(max_size=400),
+            mutated(VALID["table"]),
+            _token_lines().map(str.encode),
+        )
+    )
     path = _write("table.csv", content)
     for ndim in (2, 3):
         try:
@@ -304,10 +372,17 @@ def test_landmark_table_reads_or_our_error(data) -> None:
 
 # --- dataset.json and splits.json ---------------------------------------------------------------
 
-VALID_SPEC = json.dumps(DatasetSpec(
-    name="fuzz", spatial_dims=2, landmarks=NAMES, modalities=["xray"], spacing_mm=[0.1, 0.1],
-    symmetric_pairs=[("A", "C")], splits={"train": ["a", "b"]},
-).model_dump()).encode()  # fmt: skip
+VALID_SPEC = json.dumps(
+    DatasetSpec(
+        name="fuzz",
+        spatial_dims=2,
+        landmarks=NAMES,
+        modalities=["xray"],
+        spacing_mm=[0.1, 0.1],
+        symmetric_pairs=[("A", "C")],
+        splits={"train": ["a", "b"]},
+    ).model_dump()
+).encode()
 SPEC_FIELDS = list(DatasetSpec.model_fields)
 
 
@@ -368,11 +443,16 @@ def test_splits_json_reads_or_our_error(data) -> None:
         (root / "images").mkdir(exist_ok=True)
         (root / "images" / "a.png").write_bytes(b"")
         write_spec(root, DatasetSpec(name="s", spatial_dims=2, landmarks=NAMES))
-    document = data.draw(st.one_of(
-        st.binary(max_size=300),
-        st.dictionaries(st.text(max_size=6), st.lists(st.text(max_size=8) | _JSON_VALUES, max_size=4) | _JSON_VALUES, max_size=4)
-        .map(lambda d: json.dumps(d).encode()),
-    ))  # fmt: skip
+    document = data.draw(
+        st.one_of(
+            st.binary(max_size=300),
+            st.dictionaries(
+                st.text(max_size=6),
+                st.lists(st.text(max_size=8) | _JSON_VALUES, max_size=4) | _JSON_VALUES,
+                max_size=4,
+            ).map(lambda d: json.dumps(d).encode()),
+        )
+    )
     (root / "splits.json").write_bytes(document)
     for read in (lambda: read_splits_file(root / "splits.json"), lambda: Dataset(root).splits()):
         try:

@@ -69,7 +69,9 @@ def test_conversions_agree_with_simpleitk(geometry: Geometry, seed: int) -> None
 
 def test_step_along_array_axis_moves_by_spacing_along_direction_column() -> None:
     direction = _rotation(3, 7)
-    geometry = Geometry((3.0, 0.7, 0.5), (10.0, -20.0, 5.0), tuple(map(tuple, direction)), (10, 20, 30))
+    geometry = Geometry(
+        (3.0, 0.7, 0.5), (10.0, -20.0, 5.0), tuple(map(tuple, direction)), (10, 20, 30)
+    )
     step = index_to_world([[0, 1, 0]], geometry) - index_to_world([[0, 0, 0]], geometry)
     assert np.allclose(step[0], 0.7 * direction[:, 1])
 
@@ -123,12 +125,16 @@ def test_resampled_geometry_keeps_field_of_view_edges_and_matches_torch_sampling
     geometry = Geometry((2.0, 0.5), (3.0, -4.0), ((0.6, -0.8), (0.8, 0.6)), (7, 10))
     resampled = resampled_geometry(geometry, (3, 25))
     for corner_old, corner_new in (([-0.5, -0.5], [-0.5, -0.5]), ([6.5, 9.5], [2.5, 24.5])):
-        assert np.allclose(index_to_world(corner_old, geometry), index_to_world(corner_new, resampled))
+        assert np.allclose(
+            index_to_world(corner_old, geometry), index_to_world(corner_new, resampled)
+        )
     ramp = np.arange(10, dtype=np.float64)[None, :].repeat(7, 0)  # value = old column index
     sampled = torch.nn.functional.interpolate(
         torch.from_numpy(ramp)[None, None], size=(3, 25), mode="bilinear", align_corners=False
     )[0, 0].numpy()
-    old_index = world_to_index(index_to_world(np.array([[1.0, j] for j in range(3, 22)]), resampled), geometry)
+    old_index = world_to_index(
+        index_to_world(np.array([[1.0, j] for j in range(3, 22)]), resampled), geometry
+    )
     np.testing.assert_allclose(sampled[1, 3:22], old_index[:, 1], atol=1e-9)
 
 
@@ -139,13 +145,19 @@ def test_transposed_and_cropped_geometry_follow_the_array() -> None:
     geometry = Geometry((3.0, 0.7, 0.5), (1.0, 2.0, 3.0), tuple(map(tuple, direction)), (4, 5, 6))
     index = np.array([[1.0, 2.0, 3.0]])
     moved = transposed_geometry(geometry, (2, 0, 1))
-    np.testing.assert_allclose(index_to_world(index[:, [2, 0, 1]], moved), index_to_world(index, geometry))
+    np.testing.assert_allclose(
+        index_to_world(index[:, [2, 0, 1]], moved), index_to_world(index, geometry)
+    )
     crop = cropped_geometry(geometry, (1, -2, 3), (2, 2, 2))
-    np.testing.assert_allclose(index_to_world(index - [1, -2, 3], crop), index_to_world(index, geometry))
+    np.testing.assert_allclose(
+        index_to_world(index - [1, -2, 3], crop), index_to_world(index, geometry)
+    )
 
 
 @given(geometries(), st.integers(0, 2**31 - 1))
-def test_reorientation_keeps_every_voxel_in_place_and_ends_nearest_identity(geometry: Geometry, seed: int) -> None:
+def test_reorientation_keeps_every_voxel_in_place_and_ends_nearest_identity(
+    geometry: Geometry, seed: int
+) -> None:
     from medlandmark.io.geometry import canonical_axes, reoriented_geometry
     from medlandmark.preprocessing import reoriented_array
 
@@ -158,20 +170,29 @@ def test_reorientation_keeps_every_voxel_in_place_and_ends_nearest_identity(geom
     old_index = np.argwhere(np.ones(shape, bool)).astype(float)
     new_index = world_to_index(index_to_world(old_index, geometry), canonical)
     np.testing.assert_allclose(new_index, np.round(new_index), atol=1e-6)
-    np.testing.assert_array_equal(moved[0][tuple(np.round(new_index).astype(int).T)], array[0][tuple(old_index.astype(int).T)])
+    np.testing.assert_array_equal(
+        moved[0][tuple(np.round(new_index).astype(int).T)], array[0][tuple(old_index.astype(int).T)]
+    )
     # array axis i runs along +world axis (ndim - 1 - i) more than along any other, and forward
     direction = canonical.direction_matrix[::-1]  # row i: world axis ndim - 1 - i
     assert np.all(np.diag(direction) > 0)
-    assert np.diag(np.abs(direction)).sum() >= max(
-        sum(np.abs(direction)[i, p] for i, p in enumerate(order)) for order in itertools.permutations(range(geometry.ndim))
-    ) - 1e-12
+    assert (
+        np.diag(np.abs(direction)).sum()
+        >= max(
+            sum(np.abs(direction)[i, p] for i, p in enumerate(order))
+            for order in itertools.permutations(range(geometry.ndim))
+        )
+        - 1e-12
+    )
 
 
 def test_reorientation_of_axis_aligned_images_is_a_permutation_with_flips() -> None:
     from medlandmark.io.geometry import canonical_axes
 
     # direction columns are array axes (z, y, x): a NIfTI stored in RAS+ as ITK reads it
-    ras_nifti = Geometry((1.0, 1.0, 1.0), (0.0, 0.0, 0.0), ((0, 0, -1), (0, -1, 0), (1, 0, 0)), (4, 5, 6))
+    ras_nifti = Geometry(
+        (1.0, 1.0, 1.0), (0.0, 0.0, 0.0), ((0, 0, -1), (0, -1, 0), (1, 0, 0)), (4, 5, 6)
+    )
     assert canonical_axes(ras_nifti) == ([0, 1, 2], [False, True, True])  # A->P and R->L flipped
     lsp = Geometry((1.0, 1.0, 1.0), (0.0, 0.0, 0.0), ((1, 0, 0), (0, 0, 1), (0, 1, 0)), (4, 5, 6))
     assert canonical_axes(lsp) == ([1, 2, 0], [False, False, False])  # axes running L, S, P

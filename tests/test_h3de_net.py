@@ -95,7 +95,11 @@ def test_planned_grid_on_small_maps_equals_the_clipped_grid():
     def record(module, inputs, _output):
         sizes[module] = tuple(inputs[0].shape[2:])
 
-    hooks = [m.register_forward_hook(record) for m in net.modules() if isinstance(m, BiLevelRoutingAttention)]
+    hooks = [
+        m.register_forward_hook(record)
+        for m in net.modules()
+        if isinstance(m, BiLevelRoutingAttention)
+    ]
     with torch.no_grad():
         planned = net(x)[0]
     for hook in hooks:

@@ -20,7 +20,11 @@ from .conftest import shared_path
 
 def _oblique(shape: tuple[int, ...], spacing: tuple[float, ...]) -> Geometry:
     ndim = len(shape)
-    direction = Rotation.random(random_state=4).as_matrix() if ndim == 3 else np.array([[0.6, -0.8], [0.8, 0.6]])
+    direction = (
+        Rotation.random(random_state=4).as_matrix()
+        if ndim == 3
+        else np.array([[0.6, -0.8], [0.8, 0.6]])
+    )
     return Geometry(spacing, (10.0, -5.0, 2.5)[:ndim], tuple(map(tuple, direction)), shape)
 
 
@@ -42,7 +46,9 @@ def test_geometry_formats_round_trip(tmp_path: Path, suffix: str, ndim: int) -> 
 
 
 @pytest.mark.parametrize("suffix", [".png", ".jpg", ".bmp", ".tif"])
-def test_2d_formats_take_spacing_from_caller_and_refuse_without(tmp_path: Path, suffix: str) -> None:
+def test_2d_formats_take_spacing_from_caller_and_refuse_without(
+    tmp_path: Path, suffix: str
+) -> None:
     voxels = (np.arange(12 * 10).reshape(12, 10) % 200).astype(np.uint8)
     path = tmp_path / f"img{suffix}"
     sitk.WriteImage(sitk.GetImageFromArray(voxels), str(path))
@@ -93,10 +99,15 @@ def test_dicom_series_folder(tmp_path: Path) -> None:
         slice_ = sitk.GetImageFromArray(volume[z])
         slice_.SetSpacing((0.7, 0.6))
         for tag, value in {
-            "0008|0060": "CT", "0020|000d": "1.2.3", "0020|000e": "1.2.3.4",
-            "0020|0037": "1\\0\\0\\0\\1\\0", "0020|0032": f"-10\\20\\{z * 2.5}",
-            "0020|0013": str(z + 1), "0028|0030": "0.6\\0.7", "0018|0050": "2.5",
-        }.items():  # fmt: skip
+            "0008|0060": "CT",
+            "0020|000d": "1.2.3",
+            "0020|000e": "1.2.3.4",
+            "0020|0037": "1\\0\\0\\0\\1\\0",
+            "0020|0032": f"-10\\20\\{z * 2.5}",
+            "0020|0013": str(z + 1),
+            "0028|0030": "0.6\\0.7",
+            "0018|0050": "2.5",
+        }.items():
             slice_.SetMetaData(tag, value)
         writer.SetFileName(str(folder / f"{z:03d}.dcm"))
         writer.Execute(slice_)
@@ -150,9 +161,11 @@ def _png_chunk(kind: bytes, data: bytes) -> bytes:
 def test_decompression_bomb_header_is_refused_before_allocating(tmp_path: Path) -> None:
     header = struct.pack(">IIBBBBB", 60000, 60000, 8, 0, 0, 0, 0)
     bomb = (
-        b"\x89PNG\r\n\x1a\n" + _png_chunk(b"IHDR", header)
-        + _png_chunk(b"IDAT", zlib.compress(b"\x00" * 1000)) + _png_chunk(b"IEND", b"")
-    )  # fmt: skip
+        b"\x89PNG\r\n\x1a\n"
+        + _png_chunk(b"IHDR", header)
+        + _png_chunk(b"IDAT", zlib.compress(b"\x00" * 1000))
+        + _png_chunk(b"IEND", b"")
+    )
     path = tmp_path / "bomb.png"
     path.write_bytes(bomb)
     with pytest.raises(ImageError, match="60000 x 60000") as raised:
@@ -175,7 +188,9 @@ def test_header_info_without_voxels_matches_full_read() -> None:
 
 
 def test_real_isbi_jpeg_is_grey_2400_by_1935() -> None:
-    image = read_image(shared_path("isbi2015/RawImage/TrainingData/001.jpg"), spacing_xy_mm=(0.1, 0.1))
+    image = read_image(
+        shared_path("isbi2015/RawImage/TrainingData/001.jpg"), spacing_xy_mm=(0.1, 0.1)
+    )
     assert image.array.shape == (1, 2400, 1935)
     assert image.array.dtype == np.uint8
 

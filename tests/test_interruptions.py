@@ -60,8 +60,27 @@ elif mode == "slow":
 from medlandmark.cli import main
 sys.exit(main(argv))
 """
-TRAIN_ARGS = ["--epochs", "3", "--iterations", "4", "--validate-every", "1", "--fold", "0", "--deterministic", "--seed", "5"]
-TRAIN_OPTIONS = {"epochs": 3, "iterations_per_epoch": 4, "validate_every": 1, "fold": 0, "deterministic": True, "seed": 5}
+TRAIN_ARGS = [
+    "--epochs",
+    "3",
+    "--iterations",
+    "4",
+    "--validate-every",
+    "1",
+    "--fold",
+    "0",
+    "--deterministic",
+    "--seed",
+    "5",
+]
+TRAIN_OPTIONS = {
+    "epochs": 3,
+    "iterations_per_epoch": 4,
+    "validate_every": 1,
+    "fold": 0,
+    "deterministic": True,
+    "seed": 5,
+}
 CASES = 8
 SLOW_S = 0.15
 
@@ -69,26 +88,37 @@ SLOW_S = 0.15
 def _start(mode: str, value: str, argv: list[str], log: Path) -> subprocess.Popen:
     """The CLI in a child process with as many threads as this one (the same arithmetic)."""
     environment = {**os.environ, "OMP_NUM_THREADS": str(torch.get_num_threads())}
-    return subprocess.Popen([sys.executable, "-c", DRIVER, mode, value, *argv], stdout=log.open("w"), stderr=subprocess.STDOUT, env=environment)
+    return subprocess.Popen(
+        [sys.executable, "-c", DRIVER, mode, value, *argv],
+        stdout=log.open("w"),
+        stderr=subprocess.STDOUT,
+        env=environment,
+    )
 
 
 def _wait_for(process: subprocess.Popen, log: Path, condition, timeout_s: float = 120) -> float:
     """The time at which ``condition()`` became true, while ``process`` was still working."""
     deadline = time.monotonic() + timeout_s
     while not condition():
-        assert process.poll() is None, f"finished before it could be interrupted:\n{log.read_text()}"
+        assert process.poll() is None, (
+            f"finished before it could be interrupted:\n{log.read_text()}"
+        )
         assert time.monotonic() < deadline, log.read_text()
         time.sleep(0.005)
     return time.monotonic()
 
 
-def _killed(process: subprocess.Popen, log: Path, ready=None, delay_s: float = 0.0, timeout_s: float = 120) -> None:
+def _killed(
+    process: subprocess.Popen, log: Path, ready=None, delay_s: float = 0.0, timeout_s: float = 120
+) -> None:
     """SIGKILL ``process`` ``delay_s`` after ``ready()`` (or wait for it to kill itself); it must
     still have been working."""
     if ready is not None:
         _wait_for(process, log, ready, timeout_s)
         time.sleep(delay_s)
-        assert process.poll() is None, f"finished before it could be interrupted:\n{log.read_text()}"
+        assert process.poll() is None, (
+            f"finished before it could be interrupted:\n{log.read_text()}"
+        )
         process.kill()
     process.wait(timeout=timeout_s)
     assert process.returncode == -signal.SIGKILL, log.read_text()
@@ -97,7 +127,9 @@ def _killed(process: subprocess.Popen, log: Path, ready=None, delay_s: float = 0
 def _final_files(folder: Path) -> dict[str, Path]:
     """Files under their final names (leftover temporary files are hidden ``.x.partial-*``)."""
     files = {p.name: p for p in folder.iterdir() if p.is_file() and not p.name.startswith(".")}
-    assert all(".partial-" in p.name for p in folder.iterdir() if p.name.startswith(".")), sorted(folder.iterdir())
+    assert all(".partial-" in p.name for p in folder.iterdir() if p.name.startswith(".")), sorted(
+        folder.iterdir()
+    )
     return files
 
 
@@ -113,7 +145,9 @@ def planned(tmp_path_factory) -> tuple[Path, Path]:
     """A synthetic 2D dataset, planned, and its uninterrupted cache (in ``reference/``)."""
     from medlandmark.datasets.synthetic import make_synthetic_dataset
 
-    root = make_synthetic_dataset(tmp_path_factory.mktemp("interrupt") / "ds", num_cases=CASES, size_px=40, spacing_mm=1.0)
+    root = make_synthetic_dataset(
+        tmp_path_factory.mktemp("interrupt") / "ds", num_cases=CASES, size_px=40, spacing_mm=1.0
+    )
     plan_dataset(root, gpu_memory_gb=2.0)
     reference = root / "reference"
     reference.mkdir()
@@ -135,14 +169,18 @@ def _assert_cache_trustworthy(folder: Path, reference: Path) -> None:
         case_id, suffix = name.rsplit(".", 1)
         if suffix == "json":
             np.asarray(load_cached_case(folder, case_id).image)  # loads whole
-            assert (folder / f"{case_id}.npy").read_bytes() == (reference / f"{case_id}.npy").read_bytes()
+            assert (folder / f"{case_id}.npy").read_bytes() == (
+                reference / f"{case_id}.npy"
+            ).read_bytes()
         elif f"{case_id}.json" not in files:
             with pytest.raises(MedlandmarkError, match="not in the cache"):
                 load_cached_case(folder, case_id)
 
 
 @pytest.mark.parametrize("kill", ["die-before case003.json:1", "seed 0", "seed 1"])
-def test_preprocess_killed_then_rerun_writes_the_same_cache(planned, tmp_path: Path, kill: str) -> None:
+def test_preprocess_killed_then_rerun_writes_the_same_cache(
+    planned, tmp_path: Path, kill: str
+) -> None:
     root, reference = planned
     target = tmp_path / "preprocessed"
     target.mkdir()
@@ -154,7 +192,12 @@ def test_preprocess_killed_then_rerun_writes_the_same_cache(planned, tmp_path: P
     else:
         rng = np.random.default_rng(int(kill.split()[1]))
         markers = int(rng.integers(1, CASES - 2))
-        ready = lambda: len([p for p in target.glob("*/*.json") if not p.name.startswith(".")]) >= markers  # noqa: E731
+
+        def ready() -> bool:
+            return (
+                len([p for p in target.glob("*/*.json") if not p.name.startswith(".")]) >= markers
+            )
+
         _killed(_start("slow", str(SLOW_S), argv, log), log, ready, rng.uniform(0, SLOW_S))
     folder, expected = _cache(target), _cache(reference)
     _assert_cache_trustworthy(folder, expected)
@@ -206,9 +249,17 @@ def _log_rows(run: Path) -> list[dict]:
 
 
 @pytest.mark.parametrize(
-    "kill", ["die-before checkpoint_latest.pt:1", "die-before checkpoint_latest.pt:2", "die-before log.csv:2", "seed 2"],
+    "kill",
+    [
+        "die-before checkpoint_latest.pt:1",
+        "die-before checkpoint_latest.pt:2",
+        "die-before log.csv:2",
+        "seed 2",
+    ],
 )
-def test_training_killed_then_resumed_equals_an_uninterrupted_run(trainable, tmp_path: Path, kill: str) -> None:
+def test_training_killed_then_resumed_equals_an_uninterrupted_run(
+    trainable, tmp_path: Path, kill: str
+) -> None:
     root, reference = trainable
     run = tmp_path / "run"
     argv = ["train", str(root), "-o", str(run), *TRAIN_ARGS]
@@ -233,7 +284,10 @@ def test_training_killed_then_resumed_equals_an_uninterrupted_run(trainable, tmp
             assert torch.equal(resumed[key], tensor), (name, key)
     assert load_checkpoint(run / "checkpoint_latest.pt")["step"] == 12
     expected = json.loads((reference / "run.json").read_text())
-    assert record.best.model_dump() == expected["best"] and record.presence_threshold == expected["presence_threshold"]
+    assert (
+        record.best.model_dump() == expected["best"]
+        and record.presence_threshold == expected["presence_threshold"]
+    )
     assert _log_rows(run) == _log_rows(reference)
 
 
@@ -246,7 +300,9 @@ def _predictions(folder: Path) -> dict[str, np.ndarray]:
 
 
 @pytest.mark.parametrize("kill", ["die-before case004.json:1", "seed 3"])
-def test_prediction_killed_then_rerun_gives_the_same_landmarks(trainable, tmp_path: Path, kill: str) -> None:
+def test_prediction_killed_then_rerun_gives_the_same_landmarks(
+    trainable, tmp_path: Path, kill: str
+) -> None:
     root, run = trainable
     images = sorted((root / "images").iterdir())
     expected_rows = predict_files(run, images, tmp_path / "reference")
@@ -256,11 +312,17 @@ def test_prediction_killed_then_rerun_gives_the_same_landmarks(trainable, tmp_pa
     log = tmp_path / "log.txt"
     if kill.startswith("die-before"):
         _killed(_start("die-before", kill.split()[1], argv, log), log)
-        assert _partials(out), "the prediction being renamed should be left as a hidden partial file"
+        assert _partials(out), (
+            "the prediction being renamed should be left as a hidden partial file"
+        )
     else:
         rng = np.random.default_rng(int(kill.split()[1]))
         written = int(rng.integers(1, CASES - 3))
-        ready = lambda: out.is_dir() and len([p for p in out.glob("*.json") if not p.name.startswith(".")]) >= written  # noqa: E731
+
+        def ready() -> bool:
+            written_now = [p for p in out.glob("*.json") if not p.name.startswith(".")]
+            return out.is_dir() and len(written_now) >= written
+
         _killed(_start("slow", str(SLOW_S), argv, log), log, ready, rng.uniform(0, SLOW_S))
     assert "summary.csv" not in _final_files(out)
     found = _predictions(out)  # hidden partial files are not predictions

@@ -24,9 +24,13 @@ from medlandmark.io.landmarks import (
 from .conftest import shared_path
 
 names_strategy = st.lists(
-    st.text("abcdefghijklmnopqrstuvwxyz_0123456789 -", min_size=1, max_size=12).map(str.strip).filter(bool),
-    min_size=1, max_size=12, unique=True,
-)  # fmt: skip
+    st.text("abcdefghijklmnopqrstuvwxyz_0123456789 -", min_size=1, max_size=12)
+    .map(str.strip)
+    .filter(bool),
+    min_size=1,
+    max_size=12,
+    unique=True,
+)
 coordinate = st.floats(-1e4, 1e4, allow_nan=False)
 
 
@@ -34,9 +38,15 @@ coordinate = st.floats(-1e4, 1e4, allow_nan=False)
 def landmark_sets(draw, ndim: int | None = None, allow_missing: bool = True) -> LandmarkSet:
     names = draw(names_strategy)
     ndim = ndim or draw(st.sampled_from([2, 3]))
-    points = np.array(draw(st.lists(
-        st.lists(coordinate, min_size=ndim, max_size=ndim), min_size=len(names), max_size=len(names)
-    )))  # fmt: skip
+    points = np.array(
+        draw(
+            st.lists(
+                st.lists(coordinate, min_size=ndim, max_size=ndim),
+                min_size=len(names),
+                max_size=len(names),
+            )
+        )
+    )
     if allow_missing:
         missing = draw(st.lists(st.booleans(), min_size=len(names), max_size=len(names)))
         points[np.array(missing)] = np.nan
@@ -44,9 +54,15 @@ def landmark_sets(draw, ndim: int | None = None, allow_missing: bool = True) -> 
 
 
 def _oblique_geometry(ndim: int) -> Geometry:
-    direction = Rotation.random(random_state=1).as_matrix() if ndim == 3 else np.array([[0.6, -0.8], [0.8, 0.6]])
+    direction = (
+        Rotation.random(random_state=1).as_matrix()
+        if ndim == 3
+        else np.array([[0.6, -0.8], [0.8, 0.6]])
+    )
     spacing = (3.0, 0.7, 0.45)[:ndim]
-    return Geometry(spacing, (12.5, -40.0, 7.0)[:ndim], tuple(map(tuple, direction)), (50, 60, 70)[:ndim])
+    return Geometry(
+        spacing, (12.5, -40.0, 7.0)[:ndim], tuple(map(tuple, direction)), (50, 60, 70)[:ndim]
+    )
 
 
 def _assert_same(a: LandmarkSet, b: LandmarkSet, tolerance_mm: float = 1e-6) -> None:
@@ -59,7 +75,9 @@ def _assert_same(a: LandmarkSet, b: LandmarkSet, tolerance_mm: float = 1e-6) -> 
 @pytest.mark.parametrize("suffix", [".csv", ".json"])
 @pytest.mark.parametrize("space", ["LPS", "RAS", "index"])
 @given(landmarks=landmark_sets())
-def test_our_formats_round_trip(tmp_path: Path, suffix: str, space: str, landmarks: LandmarkSet) -> None:
+def test_our_formats_round_trip(
+    tmp_path: Path, suffix: str, space: str, landmarks: LandmarkSet
+) -> None:
     geometry = _oblique_geometry(landmarks.ndim)
     path = tmp_path / f"case{suffix}"
     write_landmarks(path, landmarks, geometry=geometry, space=space)
@@ -69,7 +87,9 @@ def test_our_formats_round_trip(tmp_path: Path, suffix: str, space: str, landmar
 @pytest.mark.parametrize("suffix", [".mrk.json", ".fcsv"])
 @pytest.mark.parametrize("space", ["LPS", "RAS"])
 @given(landmarks=landmark_sets(ndim=3))
-def test_slicer_formats_round_trip(tmp_path: Path, suffix: str, space: str, landmarks: LandmarkSet) -> None:
+def test_slicer_formats_round_trip(
+    tmp_path: Path, suffix: str, space: str, landmarks: LandmarkSet
+) -> None:
     path = tmp_path / f"case{suffix}"
     write_landmarks(path, landmarks, space=space)
     _assert_same(read_landmarks(path), landmarks)
@@ -84,10 +104,14 @@ def test_isbi_txt_round_trip(tmp_path: Path, landmarks: LandmarkSet) -> None:
 
 
 @given(
-    ndim=st.sampled_from([2, 3]), count=st.integers(1, 8), cases=st.integers(1, 5),
+    ndim=st.sampled_from([2, 3]),
+    count=st.integers(1, 8),
+    cases=st.integers(1, 5),
     seed=st.integers(0, 2**31 - 1),
-)  # fmt: skip
-def test_payer_table_round_trip(tmp_path: Path, ndim: int, count: int, cases: int, seed: int) -> None:
+)
+def test_payer_table_round_trip(
+    tmp_path: Path, ndim: int, count: int, cases: int, seed: int
+) -> None:
     rng = np.random.default_rng(seed)
     table = {f"case{i}": rng.uniform(-1e3, 1e3, (count, ndim)) for i in range(cases)}
     table["case0"][0] = np.nan
@@ -101,9 +125,11 @@ def test_payer_table_round_trip(tmp_path: Path, ndim: int, count: int, cases: in
 
 def test_json_keeps_confidence_and_recorded_position_of_missing_points(tmp_path: Path) -> None:
     landmarks = LandmarkSet(
-        ["a", "b"], np.array([[1.0, 2.0, 3.0], [np.nan] * 3]),
-        recorded_mm=np.array([[np.nan] * 3, [9.0, 8.0, 7.0]]), confidence=np.array([0.9, 0.1]),
-    )  # fmt: skip
+        ["a", "b"],
+        np.array([[1.0, 2.0, 3.0], [np.nan] * 3]),
+        recorded_mm=np.array([[np.nan] * 3, [9.0, 8.0, 7.0]]),
+        confidence=np.array([0.9, 0.1]),
+    )
     write_landmarks(tmp_path / "c.json", landmarks)
     back = read_landmarks(tmp_path / "c.json")
     assert not back.present[1]
@@ -121,9 +147,17 @@ def _fcsv(version: str, system: str, xyz: str) -> str:
 
 @pytest.mark.parametrize(
     ("version", "system", "is_ras"),
-    [("4.6", "0", True), ("4.6", "1", False), ("4.10", "RAS", True), ("4.10", "LPS", False), ("4.11", "0", True)],
+    [
+        ("4.6", "0", True),
+        ("4.6", "1", False),
+        ("4.10", "RAS", True),
+        ("4.10", "LPS", False),
+        ("4.11", "0", True),
+    ],
 )
-def test_fcsv_coordinate_system_variants(tmp_path: Path, version: str, system: str, is_ras: bool) -> None:
+def test_fcsv_coordinate_system_variants(
+    tmp_path: Path, version: str, system: str, is_ras: bool
+) -> None:
     path = tmp_path / "f.fcsv"
     path.write_text(_fcsv(version, system, "1.5,-2.5,3.5"))
     expected = np.array([[-1.5, 2.5, 3.5]]) if is_ras else np.array([[1.5, -2.5, 3.5]])
@@ -131,10 +165,18 @@ def test_fcsv_coordinate_system_variants(tmp_path: Path, version: str, system: s
 
 
 def test_slicer_json_undefined_point_is_missing_and_ras_is_converted(tmp_path: Path) -> None:
-    document = {"markups": [{"type": "Fiducial", "coordinateSystem": "RAS", "controlPoints": [
-        {"label": "A", "position": [1.0, 2.0, 3.0], "positionStatus": "defined"},
-        {"label": "B", "position": [0.0, 0.0, 0.0], "positionStatus": "undefined"},
-    ]}]}  # fmt: skip
+    document = {
+        "markups": [
+            {
+                "type": "Fiducial",
+                "coordinateSystem": "RAS",
+                "controlPoints": [
+                    {"label": "A", "position": [1.0, 2.0, 3.0], "positionStatus": "defined"},
+                    {"label": "B", "position": [0.0, 0.0, 0.0], "positionStatus": "undefined"},
+                ],
+            }
+        ]
+    }
     path = tmp_path / "p.mrk.json"
     path.write_text(json.dumps(document))
     landmarks = read_landmarks(path)
@@ -155,7 +197,9 @@ def test_isbi_txt_stops_at_classification_lines_and_maps_pixels_to_mm(tmp_path: 
     geometry = Geometry.identity((2400, 1935), (0.1, 0.1))
     landmarks = read_landmarks(path, geometry=geometry, names=["s", "n"])
     np.testing.assert_allclose(landmarks.points_mm, [[1.0, 2.0], [3.0, 4.0]])
-    np.testing.assert_allclose(landmarks.points_mm, itk_index_to_world([[10, 20], [30, 40]], geometry))
+    np.testing.assert_allclose(
+        landmarks.points_mm, itk_index_to_world([[10, 20], [30, 40]], geometry)
+    )
 
 
 @pytest.mark.parametrize(
@@ -174,7 +218,9 @@ def test_isbi_txt_stops_at_classification_lines_and_maps_pixels_to_mm(tmp_path: 
         ("a.xyz", "", "unknown landmark file type"),
     ],
 )
-def test_bad_files_give_our_error_naming_the_file(tmp_path: Path, name: str, text: str, needle: str) -> None:
+def test_bad_files_give_our_error_naming_the_file(
+    tmp_path: Path, name: str, text: str, needle: str
+) -> None:
     path = tmp_path / name
     path.write_text(text)
     with pytest.raises(LandmarkFileError, match=needle) as raised:
@@ -212,4 +258,6 @@ def test_ras_file_and_lps_file_of_same_points_agree(tmp_path: Path) -> None:
     write_landmarks(tmp_path / "ras.fcsv", landmarks, space="RAS")
     text = (tmp_path / "ras.fcsv").read_text()
     assert "-1.0,-2.0,3.0" in text
-    np.testing.assert_array_equal(lps_to_ras(read_landmarks(tmp_path / "ras.fcsv").points_mm), lps_to_ras(landmarks.points_mm))
+    np.testing.assert_array_equal(
+        lps_to_ras(read_landmarks(tmp_path / "ras.fcsv").points_mm), lps_to_ras(landmarks.points_mm)
+    )

@@ -55,15 +55,22 @@ def test_centroid_term_charges_a_far_look_alike_by_its_distance_and_ignores_empt
     # averaged over the whole background), which is how look-alikes survive training
     with_far, with_near = target + far_peaks, target + near_peaks
     assert heatmap_loss(with_far, target, present, "balanced_mse") < 0.001
-    far_cost = heatmap_loss(with_far, target, present, "balanced_mse_centroid") - heatmap_loss(with_far, target, present, "balanced_mse")
-    near_cost = heatmap_loss(with_near, target, present, "balanced_mse_centroid") - heatmap_loss(with_near, target, present, "balanced_mse")
+    far_cost = heatmap_loss(with_far, target, present, "balanced_mse_centroid") - heatmap_loss(
+        with_far, target, present, "balanced_mse"
+    )
+    near_cost = heatmap_loss(with_near, target, present, "balanced_mse_centroid") - heatmap_loss(
+        with_near, target, present, "balanced_mse"
+    )
     # half the mass 100 (first) and 134.5 (second) voxels off moves each centroid half-way: in units of 192
-    assert float(far_cost) == pytest.approx((100.0 + (100**2 + 90**2) ** 0.5) / 2 / 2 / 192, rel=1e-3)
+    assert float(far_cost) == pytest.approx(
+        (100.0 + (100**2 + 90**2) ** 0.5) / 2 / 2 / 192, rel=1e-3
+    )
     assert float(near_cost) == pytest.approx(3.0 / 192, rel=1e-3)
     assert heatmap_loss(target, target, present, "balanced_mse_centroid") < 1e-6
     empty_target = torch.zeros_like(target)  # a missing landmark trained toward "nothing here"
-    assert heatmap_loss(target, empty_target, present, "balanced_mse_centroid", "zero") == pytest.approx(
-        float(heatmap_loss(target, empty_target, present, "balanced_mse", "zero")))
+    assert heatmap_loss(
+        target, empty_target, present, "balanced_mse_centroid", "zero"
+    ) == pytest.approx(float(heatmap_loss(target, empty_target, present, "balanced_mse", "zero")))
 
 
 def test_train_offers_exactly_the_registered_losses():
@@ -85,13 +92,22 @@ def test_a_peak_where_nothing_is_costs_as_much_as_no_peak_where_a_landmark_is():
     # a confident peak for the missing second landmark; before, its error was averaged over the
     # whole map and nearly free (~0.0003)
     false_cost = float(heatmap_loss(target, second_missing, present, "balanced_mse", "zero"))
-    miss_cost = float(heatmap_loss(second_missing, target, present, "balanced_mse", "zero"))  # no peak for a present one
+    miss_cost = float(
+        heatmap_loss(second_missing, target, present, "balanced_mse", "zero")
+    )  # no peak for a present one
     assert false_cost > 0.1
     assert false_cost == pytest.approx(miss_cost, rel=0.05)
-    assert float(heatmap_loss(second_missing, second_missing, present, "balanced_mse", "zero")) == 0.0
+    assert (
+        float(heatmap_loss(second_missing, second_missing, present, "balanced_mse", "zero")) == 0.0
+    )
     # masked (the default), the missing channel is ignored whatever it shows
-    assert float(heatmap_loss(target, second_missing, torch.tensor([[True, False]]), "balanced_mse")) == 0.0
+    assert (
+        float(heatmap_loss(target, second_missing, torch.tensor([[True, False]]), "balanced_mse"))
+        == 0.0
+    )
     # with every target empty (a patch with no landmark), the single brightest voxel counts
     peak = empty.clone()
     peak[0, :, 10, 10] = 1.0
-    assert float(heatmap_loss(peak, empty, present, "balanced_mse", "zero")) == pytest.approx(1.0 + 1.0 / (192 * 160), rel=1e-4)
+    assert float(heatmap_loss(peak, empty, present, "balanced_mse", "zero")) == pytest.approx(
+        1.0 + 1.0 / (192 * 160), rel=1e-4
+    )

@@ -26,7 +26,9 @@ OPTIONS = {"epochs": 2, "iterations_per_epoch": 4, "fold": "all", "deterministic
 
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory) -> Path:
-    return synthetic_training_set(tmp_path_factory.mktemp("numerics") / "ds", num_cases=4, size_px=32)
+    return synthetic_training_set(
+        tmp_path_factory.mktemp("numerics") / "ds", num_cases=4, size_px=32
+    )
 
 
 @pytest.fixture(scope="module")
@@ -60,11 +62,19 @@ def _nan_gradient(loss: torch.Tensor, outputs) -> torch.Tensor:
 
 @pytest.mark.parametrize(
     ("corrupt", "message"),
-    [(lambda loss, _: loss * math.nan, "the loss became nan"), (_nan_gradient, "the gradient norm became nan")],
+    [
+        (lambda loss, _: loss * math.nan, "the loss became nan"),
+        (_nan_gradient, "the gradient norm became nan"),
+    ],
     ids=["nan-loss", "nan-gradient"],
 )
 def test_non_finite_step_stops_naming_it_and_keeps_the_last_good_state(
-    tiny: Path, six_steps, tmp_path: Path, monkeypatch, corrupt, message: str,
+    tiny: Path,
+    six_steps,
+    tmp_path: Path,
+    monkeypatch,
+    corrupt,
+    message: str,
 ) -> None:
     _inject(monkeypatch, 6, corrupt)
     handler = signal.getsignal(signal.SIGINT)
@@ -72,22 +82,30 @@ def test_non_finite_step_stops_naming_it_and_keeps_the_last_good_state(
         train(tiny, tmp_path / "run", TrainOptions(**OPTIONS))
     assert signal.getsignal(signal.SIGINT) is handler, "Ctrl-C is handled as before the failed run"
     text = str(raised.value)
-    assert re.search(f"^{message}[^;]* in step 7; .*The last good state \\(after step 6\\)", text), text
+    assert re.search(
+        f"^{message}[^;]* in step 7; .*The last good state \\(after step 6\\)", text
+    ), text
     assert str(tmp_path / "run" / "checkpoint_latest.pt") in text
     saved, good = _weights(tmp_path / "run"), six_steps
     assert load_checkpoint(tmp_path / "run" / "checkpoint_latest.pt")["step"] == 6
     for name, tensor in good.items():
         assert torch.isfinite(saved[name].float()).all() and torch.equal(saved[name], tensor), name
     monkeypatch.undo()
-    record = train(tiny, tmp_path / "run", TrainOptions(**OPTIONS), resume=True)  # the saved state is usable
+    record = train(
+        tiny, tmp_path / "run", TrainOptions(**OPTIONS), resume=True
+    )  # the saved state is usable
     assert record.status == "finished" and record.step == 8
 
 
-def test_fp16_overflow_is_skipped_by_the_scaler_and_training_goes_on(tiny: Path, tmp_path: Path, monkeypatch) -> None:
+def test_fp16_overflow_is_skipped_by_the_scaler_and_training_goes_on(
+    tiny: Path, tmp_path: Path, monkeypatch
+) -> None:
     fp16 = {**OPTIONS, "amp": "fp16"}
     train(tiny, tmp_path / "three", TrainOptions(**fp16, max_steps=3))
     before = load_checkpoint(tmp_path / "three" / "checkpoint_latest.pt")
-    _inject(monkeypatch, 3, lambda loss, _: loss * 1e30)  # finite in fp32, overflows the fp16 gradients
+    _inject(
+        monkeypatch, 3, lambda loss, _: loss * 1e30
+    )  # finite in fp32, overflows the fp16 gradients
     record = train(tiny, tmp_path / "run", TrainOptions(**fp16, max_steps=4))
     assert record.status == "stopped" and record.step == 4
     after = load_checkpoint(tmp_path / "run" / "checkpoint_latest.pt")
@@ -102,12 +120,20 @@ def test_fp16_overflow_is_skipped_by_the_scaler_and_training_goes_on(tiny: Path,
     assert any(not torch.equal(final[n], t) for n, t in before["model"].items()), "training went on"
 
 
-@pytest.mark.filterwarnings("ignore:Detected call of `lr_scheduler.step\\(\\)` before:UserWarning")  # every step skipped
-def test_fp16_run_whose_gradients_always_overflow_stops(tiny: Path, tmp_path: Path, monkeypatch) -> None:
+@pytest.mark.filterwarnings(
+    "ignore:Detected call of `lr_scheduler.step\\(\\)` before:UserWarning"
+)  # every step skipped
+def test_fp16_run_whose_gradients_always_overflow_stops(
+    tiny: Path, tmp_path: Path, monkeypatch
+) -> None:
     original = loop.heatmap_training_loss
-    monkeypatch.setattr(loop, "heatmap_training_loss", lambda *args: _nan_gradient(original(*args), args[1]))
+    monkeypatch.setattr(
+        loop, "heatmap_training_loss", lambda *args: _nan_gradient(original(*args), args[1])
+    )
     # start near the floor (2**-10) instead of 2**16: 7 skipped steps instead of 27
-    monkeypatch.setattr(torch.amp, "GradScaler", functools.partial(torch.amp.GradScaler, init_scale=2.0**-4))
+    monkeypatch.setattr(
+        torch.amp, "GradScaler", functools.partial(torch.amp.GradScaler, init_scale=2.0**-4)
+    )
     with pytest.raises(TrainingError, match=r"fp16 loss scale fell .* in step 7;"):
         train(tiny, tmp_path / "run", TrainOptions(**{**OPTIONS, "epochs": 3}, amp="fp16"))
     saved = _weights(tmp_path / "run")
@@ -116,7 +142,9 @@ def test_fp16_run_whose_gradients_always_overflow_stops(tiny: Path, tmp_path: Pa
 
 def test_amp_choices() -> None:
     cpu = torch.device("cpu")
-    settings = RunSettings(**{**training_defaults().model_dump(), "learning_rate": 1e-3, "batch_size": 2})
+    settings = RunSettings(
+        **{**training_defaults().model_dump(), "learning_rate": 1e-3, "batch_size": 2}
+    )
     model = torch.nn.Linear(2, 2)
     dtype = mixed_precision("fp16", cpu)
     assert dtype == torch.float16 and TrainState.create(model, settings, dtype).scaler.is_enabled()

@@ -46,10 +46,12 @@ def expected_pixel(
     box: tuple[slice, slice], fraction_row: float, fraction_col: float
 ) -> np.ndarray:
     rows, cols = box
-    return np.array([
-        rows.start + fraction_row * (rows.stop - rows.start),
-        cols.start + fraction_col * (cols.stop - cols.start),
-    ])  # fmt: skip
+    return np.array(
+        [
+            rows.start + fraction_row * (rows.stop - rows.start),
+            cols.start + fraction_col * (cols.stop - cols.start),
+        ]
+    )
 
 
 def test_2d_marker_lands_on_the_landmark_in_physical_proportions(tmp_path: Path) -> None:

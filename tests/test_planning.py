@@ -20,19 +20,39 @@ from medlandmark.planning.planner import (
 )
 
 
-def fingerprint(spacings, shapes, modality="mr", num_landmarks=5, smallest=10.0, spread=3.0) -> dict:
+def fingerprint(
+    spacings, shapes, modality="mr", num_landmarks=5, smallest=10.0, spread=3.0
+) -> dict:
     """A fingerprint as compute_fingerprint writes it, with chosen spacings and shapes."""
     spacings, shapes = np.asarray(spacings, float), np.asarray(shapes, float)
     names = [f"L{i}" for i in range(num_landmarks)]
     return {
-        "dataset": "synthetic", "spatial_dims": spacings.shape[1], "landmarks": names,
-        "modalities": [modality], "num_cases": len(spacings), "input_signature": "x",
-        "spacings_mm": spacings.tolist(), "shapes": shapes.tolist(),
-        "intensity": [{"mean": 40.0, "std": 300.0, "median": 30.0, "min": -1024.0, "max": 3000.0,
-                       "percentile_00_5": -1000.0, "percentile_99_5": 1500.0}],
-        "landmark_statistics": {"smallest_distance_mm": smallest / 3, "median_smallest_distance_mm": smallest,
-                                "median_spread_mm": spread, "fraction_missing": dict.fromkeys(names, 0.0)},
-    }  # fmt: skip
+        "dataset": "synthetic",
+        "spatial_dims": spacings.shape[1],
+        "landmarks": names,
+        "modalities": [modality],
+        "num_cases": len(spacings),
+        "input_signature": "x",
+        "spacings_mm": spacings.tolist(),
+        "shapes": shapes.tolist(),
+        "intensity": [
+            {
+                "mean": 40.0,
+                "std": 300.0,
+                "median": 30.0,
+                "min": -1024.0,
+                "max": 3000.0,
+                "percentile_00_5": -1000.0,
+                "percentile_99_5": 1500.0,
+            }
+        ],
+        "landmark_statistics": {
+            "smallest_distance_mm": smallest / 3,
+            "median_smallest_distance_mm": smallest,
+            "median_spread_mm": spread,
+            "fraction_missing": dict.fromkeys(names, 0.0),
+        },
+    }
 
 
 def _rounds(n: int, value) -> list:
@@ -47,16 +67,24 @@ def test_isotropic_mr_plans_one_isotropic_fullres_configuration() -> None:
     config = plan.configurations["3d_fullres"]
     patch = np.asarray(config.patch_size)
     divisor = 2 ** np.asarray(config.topology.pools_per_axis)
-    assert (patch <= np.ceil(np.array([120, 140, 130]) / divisor) * divisor).all()  # within the image
+    assert (
+        patch <= np.ceil(np.array([120, 140, 130]) / divisor) * divisor
+    ).all()  # within the image
     assert np.prod(patch) * CASCADE_AREA_RATIO >= 120 * 140 * 130  # why there is no cascade
     assert all(k == [3, 3, 3] for k in config.topology.kernel_sizes)
     assert len(set(config.topology.pools_per_axis)) == 1  # pooled alike on every axis
-    assert [n.model_dump(exclude_none=True) for n in plan.normalization] == [{"scheme": "zscore_per_image"}]
+    assert [n.model_dump(exclude_none=True) for n in plan.normalization] == [
+        {"scheme": "zscore_per_image"}
+    ]
     assert config.estimated_gpu_memory_gb <= 8.0 - 0.75
-    assert config.heatmap_sigma_mm == pytest.approx(5.0)  # half the smallest distance, within 2-5 voxels
+    assert config.heatmap_sigma_mm == pytest.approx(
+        5.0
+    )  # half the smallest distance, within 2-5 voxels
 
 
-def test_anisotropic_ct_takes_10th_percentile_spacing_transposes_and_skips_pooling_thick_axis() -> None:
+def test_anisotropic_ct_takes_10th_percentile_spacing_transposes_and_skips_pooling_thick_axis() -> (
+    None
+):
     rng = np.random.default_rng(0)
     thick = rng.choice([2.5, 3.0, 5.0, 5.0, 5.0], size=40)
     spacings = [[0.7, 0.7, float(z)] for z in thick]  # (x, y, z)-like array order: thick axis last
@@ -81,7 +109,11 @@ def test_median_spacing_when_thick_axis_has_many_voxels() -> None:
 
 
 def test_large_radiograph_gets_a_cascade_covering_the_whole_image() -> None:
-    plan = make_plan(fingerprint(_rounds(150, [0.1, 0.1]), _rounds(150, [2400, 1935]), modality="xray", smallest=1.5))
+    plan = make_plan(
+        fingerprint(
+            _rounds(150, [0.1, 0.1]), _rounds(150, [2400, 1935]), modality="xray", smallest=1.5
+        )
+    )
     configs = plan.configurations
     assert {"2d_coarse", "2d_fine", "2d"} <= set(configs)
     coarse, fine = configs["2d_coarse"], configs["2d_fine"]
@@ -89,7 +121,9 @@ def test_large_radiograph_gets_a_cascade_covering_the_whole_image() -> None:
     assert coarse.next_stage == "2d_fine" and fine.previous_stage == "2d_coarse"
     assert fine.spacing_mm == [0.1, 0.1]
     coarse_image = np.array([2400, 1935]) * 0.1 / np.array(coarse.spacing_mm)
-    assert (np.asarray(coarse.patch_size) >= np.floor(coarse_image)).all()  # whole image in one patch
+    assert (
+        np.asarray(coarse.patch_size) >= np.floor(coarse_image)
+    ).all()  # whole image in one patch
     assert np.prod(configs["2d"].patch_size) * CASCADE_AREA_RATIO < 2400 * 1935
     assert coarse.data_identifier != fine.data_identifier == configs["2d"].data_identifier
     # sigma: half of 1.5 mm = 0.75 mm; at 0.1 mm that is over 5 voxels, so 0.5 mm
@@ -101,12 +135,18 @@ def test_target_spacing_override_is_per_image_axis_and_moves_every_stage() -> No
     spacings, shapes = _rounds(20, [0.7, 0.7, 5.0]), _rounds(20, [512, 512, 60])
     planned = make_plan(fingerprint(spacings, shapes, modality="ct"))
     assert planned.transpose_forward == [2, 0, 1] and planned.target_spacing_overridden is False
-    plan = make_plan(fingerprint(spacings, shapes, modality="ct"), spacing_override_mm=[1.5, 1.5, 3.0])
+    plan = make_plan(
+        fingerprint(spacings, shapes, modality="ct"), spacing_override_mm=[1.5, 1.5, 3.0]
+    )
     assert plan.target_spacing_overridden is True
     assert plan.target_spacing_mm == [3.0, 1.5, 1.5]  # given in image axes, stored transposed
     assert plan.median_shape_at_target == pytest.approx([100.0, 238.93, 238.93], abs=0.01)
-    radiograph = fingerprint(_rounds(10, [0.1, 0.1]), _rounds(10, [2400, 1935]), modality="xray", smallest=3.0)
-    one_value = make_plan(radiograph, gpu_memory_gb=1.0, base_features=16, spacing_override_mm=[0.4])
+    radiograph = fingerprint(
+        _rounds(10, [0.1, 0.1]), _rounds(10, [2400, 1935]), modality="xray", smallest=3.0
+    )
+    one_value = make_plan(
+        radiograph, gpu_memory_gb=1.0, base_features=16, spacing_override_mm=[0.4]
+    )
     assert one_value.configurations["2d_fine"].spacing_mm == [0.4, 0.4]
     for bad in ([0.0], [float("nan")], [1.0, 1.0, 1.0], [-1.0]):
         with pytest.raises(ValueError, match="target spacing"):
@@ -124,7 +164,10 @@ def test_tiny_2d_image_is_one_patch_with_minimum_batch() -> None:
 
 def test_bigger_budget_never_gives_a_smaller_patch() -> None:
     fp = fingerprint(_rounds(10, [1.0, 1.0, 1.0]), _rounds(10, [300, 300, 300]))
-    sizes = [np.prod(make_plan(fp, gpu_memory_gb=gb).configurations["3d_fullres"].patch_size) for gb in (4, 8, 16, 40)]
+    sizes = [
+        np.prod(make_plan(fp, gpu_memory_gb=gb).configurations["3d_fullres"].patch_size)
+        for gb in (4, 8, 16, 40)
+    ]
     assert sizes == sorted(sizes)
     assert sizes[0] < sizes[-1]
 
@@ -173,7 +216,9 @@ def _close(actual, expected, where: str = "") -> None:
 
 
 @pytest.mark.parametrize("name", ["isbi2015", "hand_xray", "afids"])
-def test_plans_of_the_real_datasets_match_the_golden_files(real_datasets: dict[str, Path], name: str) -> None:
+def test_plans_of_the_real_datasets_match_the_golden_files(
+    real_datasets: dict[str, Path], name: str
+) -> None:
     """A change of any planning decision shows up here; regenerate deliberately with
     MEDLANDMARK_UPDATE_GOLDEN=1 and review the diff."""
     plan = json.loads((real_datasets[name] / "preprocessed" / "plans.json").read_text())

@@ -34,10 +34,14 @@ class PeakIsTheImage(nn.Module):
 def _blob_volume(geometry: Geometry, point_mm: np.ndarray) -> np.ndarray:
     grid = np.stack(np.meshgrid(*[np.arange(n) for n in geometry.shape], indexing="ij"), axis=-1)
     world = index_to_world(grid.reshape(-1, geometry.ndim), geometry)
-    return 1000 * np.exp(-np.sum((world - point_mm) ** 2, axis=1) / (2 * BLOB_SIGMA_MM**2)).reshape(geometry.shape)
+    return 1000 * np.exp(-np.sum((world - point_mm) ** 2, axis=1) / (2 * BLOB_SIGMA_MM**2)).reshape(
+        geometry.shape
+    )
 
 
-def _blob_model(tmp_path: Path, gpu_memory_gb: float, shape=(30, 80, 90), spacing=(3.5, 1.1, 1.0)) -> tuple[Path, Path, np.ndarray]:
+def _blob_model(
+    tmp_path: Path, gpu_memory_gb: float, shape=(30, 80, 90), spacing=(3.5, 1.1, 1.0)
+) -> tuple[Path, Path, np.ndarray]:
     """A one-landmark 3D dataset of oblique, anisotropic blob volumes (MR: a CT clip would
     flatten the blob) whose thick first array axis runs near world x, planned (reoriented, which
     makes it the last axis, then transposed first again), and a model
@@ -48,16 +52,31 @@ def _blob_model(tmp_path: Path, gpu_memory_gb: float, shape=(30, 80, 90), spacin
     points = []
     for case in range(3):
         point = index_to_world(np.array([12.3 + case, 50.0 - 4 * case, 20.0 + 9 * case]), geometry)
-        write_image(dataset / "images" / f"c{case}.nii.gz", _blob_volume(geometry, point).astype(np.float32), geometry)
+        write_image(
+            dataset / "images" / f"c{case}.nii.gz",
+            _blob_volume(geometry, point).astype(np.float32),
+            geometry,
+        )
         write_landmarks(dataset / "landmarks" / f"c{case}.json", LandmarkSet(["tip"], point[None]))
         points.append(point)
-    write_spec(dataset, DatasetSpec(name="blob", spatial_dims=3, landmarks=["tip"], modalities=["mr"]))
+    write_spec(
+        dataset, DatasetSpec(name="blob", spatial_dims=3, landmarks=["tip"], modalities=["mr"])
+    )
     plan = plan_dataset(dataset, gpu_memory_gb=gpu_memory_gb)
     models = tmp_path / "models"
     for name in plan.configurations:
         run = models / name
         run.mkdir(parents=True)
-        write_run_record(run, RunRecord(arch="unet", configuration=name, plan=plan, landmarks=["tip"], presence_threshold=0.2))
+        write_run_record(
+            run,
+            RunRecord(
+                arch="unet",
+                configuration=name,
+                plan=plan,
+                landmarks=["tip"],
+                presence_threshold=0.2,
+            ),
+        )
     return dataset, models, np.array(points)
 
 
@@ -75,7 +94,11 @@ def test_single_stage_prediction_is_exact_in_world_mm(tmp_path: Path) -> None:
     runs = sorted(p for p in models.iterdir())
     assert len(runs) == 1  # the whole volume fits one patch: no cascade
     plan = read_run_record(runs[0]).plan
-    assert plan.reorient and plan.transpose_forward == [2, 0, 1]  # both moves on the way in and back
+    assert plan.reorient and plan.transpose_forward == [
+        2,
+        0,
+        1,
+    ]  # both moves on the way in and back
     predictor = Predictor.from_run(runs[0], network_factory=_identity_factory)
     for case, point in enumerate(points):
         prediction = predictor.predict(dataset / "images" / f"c{case}.nii.gz")
@@ -87,10 +110,14 @@ def test_cascade_refines_at_full_resolution_and_stays_exact(cascade_blobs) -> No
     dataset, models, points = cascade_blobs
     names = sorted(p.name for p in models.iterdir())
     assert any(n.endswith("_coarse") for n in names) and any(n.endswith("_fine") for n in names)
-    coarse_only = Predictor.from_run(models / next(n for n in names if n.endswith("_coarse")), network_factory=_identity_factory)
+    coarse_only = Predictor.from_run(
+        models / next(n for n in names if n.endswith("_coarse")), network_factory=_identity_factory
+    )
     for name in names:
         if not name.endswith(("_coarse", "_fine")):
-            (models / name / "run.json").rename(models / name / "run.json.off")  # keep the cascade alone
+            (models / name / "run.json").rename(
+                models / name / "run.json.off"
+            )  # keep the cascade alone
     cascade = Predictor.from_run(models, network_factory=_identity_factory)
     assert len(cascade.stages) == 2 and cascade.stages[0].configuration.stage == "coarse"
     for case, point in enumerate(points):
@@ -105,9 +132,14 @@ def test_absent_landmark_is_reported_missing_with_its_position_kept(tmp_path: Pa
     run = next(models.iterdir())
     geometry = read_image(dataset / "images" / "c0.nii.gz").geometry
     write_image(tmp_path / "empty.nii.gz", np.zeros(geometry.shape, np.float32) + 5.0, geometry)
-    prediction = Predictor.from_run(run, network_factory=_identity_factory).predict(tmp_path / "empty.nii.gz")
+    prediction = Predictor.from_run(run, network_factory=_identity_factory).predict(
+        tmp_path / "empty.nii.gz"
+    )
     assert not prediction.present[0]
-    assert np.isnan(prediction.landmarks.points_mm[0]).all() and not np.isnan(prediction.landmarks.recorded_mm[0]).any()
+    assert (
+        np.isnan(prediction.landmarks.points_mm[0]).all()
+        and not np.isnan(prediction.landmarks.recorded_mm[0]).any()
+    )
 
 
 def test_swap_channels_exchanges_pairs_only() -> None:
@@ -135,10 +167,15 @@ def trained(tmp_path_factory):
 @pytest.mark.parametrize("output_format", ["csv", "json", "mrk.json", "fcsv"])
 def test_every_output_format_reads_back(trained, tmp_path: Path, output_format: str) -> None:
     dataset, run = trained
-    rows = predict_files(run, [dataset / "images" / "case000.png"], tmp_path / "out", PredictOptions(output_format))
+    rows = predict_files(
+        run, [dataset / "images" / "case000.png"], tmp_path / "out", PredictOptions(output_format)
+    )
     assert rows[0]["status"] == "ok"
     written = tmp_path / "out" / rows[0]["landmark_file"]
-    back = read_landmarks(written, geometry=read_image(dataset / "images" / "case000.png", spacing_xy_mm=(1, 1)).geometry)
+    back = read_landmarks(
+        written,
+        geometry=read_image(dataset / "images" / "case000.png", spacing_xy_mm=(1, 1)).geometry,
+    )
     reference = Predictor.from_run(run).predict(dataset / "images" / "case000.png").landmarks
     assert back.names == reference.names
     np.testing.assert_allclose(back.points_mm, reference.points_mm, atol=1e-6)
@@ -150,9 +187,21 @@ def test_a_broken_image_fails_alone_and_the_exit_code_says_so(trained, tmp_path:
     broken.parent.mkdir()
     broken.write_bytes(b"\x89PNG\r\n\x1a\n not really")
     result = subprocess.run(
-        [sys.executable, "-m", "medlandmark", "predict", str(run), str(dataset / "images" / "case001.png"), str(broken), "-o", str(tmp_path / "out")],
-        capture_output=True, text=True, timeout=300,
-    )  # fmt: skip
+        [
+            sys.executable,
+            "-m",
+            "medlandmark",
+            "predict",
+            str(run),
+            str(dataset / "images" / "case001.png"),
+            str(broken),
+            "-o",
+            str(tmp_path / "out"),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert result.returncode == 1, result.stderr
     assert "broken.png" in result.stderr and "Traceback" not in result.stderr
     summary = (tmp_path / "out" / "summary.csv").read_text()
@@ -182,7 +231,11 @@ def test_end_to_end_on_real_isbi_train_predict_evaluate(small_isbi: Path, tmp_pa
 
     from .conftest import shared_path
 
-    train(small_isbi, tmp_path / "run", TrainOptions(configuration="2d_coarse", epochs=1, iterations_per_epoch=6, fold="all"))
+    train(
+        small_isbi,
+        tmp_path / "run",
+        TrainOptions(configuration="2d_coarse", epochs=1, iterations_per_epoch=6, fold="all"),
+    )
     truth = convert_isbi2015(shared_path("isbi2015"), tmp_path / "truth")
     images = [truth / "images" / f"{case}.jpg" for case in ("151", "152")]
     rows = predict_files(tmp_path / "run", images, tmp_path / "pred")
@@ -209,13 +262,19 @@ def test_predictor_runs_from_the_exported_onnx_file(trained, tmp_path: Path) -> 
 
 def test_spread_measures_the_heatmap_width_in_mm(tmp_path: Path) -> None:
     dataset, models, _ = _blob_model(tmp_path, gpu_memory_gb=24.0)
-    prediction = Predictor.from_run(next(models.iterdir()), network_factory=_identity_factory).predict(dataset / "images" / "c1.nii.gz")
-    assert 3.0 < prediction.spread_mm[0] < 5.0  # the blob's sigma is 4 mm (anisotropic voxels averaged)
+    prediction = Predictor.from_run(
+        next(models.iterdir()), network_factory=_identity_factory
+    ).predict(dataset / "images" / "c1.nii.gz")
+    assert (
+        3.0 < prediction.spread_mm[0] < 5.0
+    )  # the blob's sigma is 4 mm (anisotropic voxels averaged)
 
 
 def test_overlay_option_writes_a_png_per_case(trained, tmp_path: Path) -> None:
     dataset, run = trained
-    rows = predict_files(run, [dataset / "images" / "case004.png"], tmp_path / "out", PredictOptions(overlay=True))
+    rows = predict_files(
+        run, [dataset / "images" / "case004.png"], tmp_path / "out", PredictOptions(overlay=True)
+    )
     assert rows[0]["status"] == "ok"
     assert (tmp_path / "out" / "overlays" / "case004.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
@@ -234,7 +293,9 @@ class _CutsEverything:
         return None  # no fit: nothing to re-decode
 
 
-def test_the_shape_check_reports_cut_off_landmarks_missing_in_the_image_geometry(tmp_path: Path) -> None:
+def test_the_shape_check_reports_cut_off_landmarks_missing_in_the_image_geometry(
+    tmp_path: Path,
+) -> None:
     dataset, models, points = _blob_model(tmp_path, gpu_memory_gb=24.0)
     run = next(models.iterdir())
     image = read_image(dataset / "images" / "c0.nii.gz")
@@ -243,9 +304,14 @@ def test_the_shape_check_reports_cut_off_landmarks_missing_in_the_image_geometry
     assert predictor.stages[0].shape_model is None  # a run.json without one (older runs)
     predictor.stages[0].shape_model = shape
     prediction = predictor.predict(image)
-    assert not prediction.present[0] and np.linalg.norm(prediction.landmarks.recorded_mm[0] - points[0]) < 0.05
+    assert (
+        not prediction.present[0]
+        and np.linalg.norm(prediction.landmarks.recorded_mm[0] - points[0]) < 0.05
+    )
     found, usable, geometry = shape.calls[0]
-    assert geometry == image.geometry and usable.tolist() == [True]  # world mm of the image as given
+    assert geometry == image.geometry and usable.tolist() == [
+        True
+    ]  # world mm of the image as given
     assert np.linalg.norm(found[0] - points[0]) < 0.05
     unchecked = Predictor.from_run(run, network_factory=_identity_factory, shape_check=False)
     unchecked.stages[0].shape_model = shape
@@ -275,20 +341,26 @@ def _guided(predictor: Predictor, offset_mm: np.ndarray) -> Predictor:
     return predictor
 
 
-def test_a_landmark_far_from_its_expected_place_takes_the_peak_there(tmp_path: Path, cascade_blobs) -> None:
+def test_a_landmark_far_from_its_expected_place_takes_the_peak_there(
+    tmp_path: Path, cascade_blobs
+) -> None:
     """The blob is the only peak; expected 15 mm away, the landmark moves to the edge of the
     allowed neighbourhood nearest the blob (single stage: on its heatmaps; cascade: in a fine
     patch centred on the expected place)."""
     offset = np.array([9.0, -12.0, 0.0])
     dataset, models, points = _blob_model(tmp_path, gpu_memory_gb=24.0)
-    single = _guided(Predictor.from_run(next(models.iterdir()), network_factory=_identity_factory), offset)
+    single = _guided(
+        Predictor.from_run(next(models.iterdir()), network_factory=_identity_factory), offset
+    )
     geometry = single.stages[0].configuration.spacing_mm
     radius = max(3.0, 2 * max(geometry))
     found = single.predict(dataset / "images" / "c0.nii.gz").landmarks.points_mm[0]
     assert np.linalg.norm(found - (points[0] + offset)) <= radius + 0.5
     assert np.linalg.norm(found - points[0]) < 15.0 - radius + 2.0  # pulled toward the blob
     cascade_dataset, cascade_models, cascade_points = cascade_blobs
-    names = sorted(p.name for p in cascade_models.iterdir() if p.name.endswith(("_coarse", "_fine")))
+    names = sorted(
+        p.name for p in cascade_models.iterdir() if p.name.endswith(("_coarse", "_fine"))
+    )
     folder = tmp_path / "cascade"
     for name in names:
         (folder / name).mkdir(parents=True)
@@ -296,7 +368,18 @@ def test_a_landmark_far_from_its_expected_place_takes_the_peak_there(tmp_path: P
     cascade = _guided(Predictor.from_run(folder, network_factory=_identity_factory), offset)
     fine_spacing = cascade.stages[1].configuration.spacing_mm
     found = cascade.predict(cascade_dataset / "images" / "c0.nii.gz").landmarks.points_mm[0]
-    assert np.linalg.norm(found - (cascade_points[0] + offset)) <= max(3.0, 2 * max(fine_spacing)) + 0.5
+    assert (
+        np.linalg.norm(found - (cascade_points[0] + offset))
+        <= max(3.0, 2 * max(fine_spacing)) + 0.5
+    )
     unguided = Predictor.from_run(folder, network_factory=_identity_factory)
-    unguided.stages[0].shape_model = _PlacesItElsewhere(np.zeros(3))  # found where expected: untouched
-    assert np.linalg.norm(unguided.predict(cascade_dataset / "images" / "c0.nii.gz").landmarks.points_mm[0] - cascade_points[0]) < 0.05
+    unguided.stages[0].shape_model = _PlacesItElsewhere(
+        np.zeros(3)
+    )  # found where expected: untouched
+    assert (
+        np.linalg.norm(
+            unguided.predict(cascade_dataset / "images" / "c0.nii.gz").landmarks.points_mm[0]
+            - cascade_points[0]
+        )
+        < 0.05
+    )

@@ -32,14 +32,20 @@ def _blob_dataset(root: Path, cases: int = 3) -> Path:
         direction = Rotation.from_euler("xyz", rng.uniform(-0.4, 0.4, 3)).as_matrix()
         shape = (70, 64, 22)
         spacing = (1.0, 1.1, 3.5 + 0.5 * case)
-        geometry = Geometry(spacing, tuple(rng.uniform(-20, 20, 3)), tuple(map(tuple, direction)), shape)
-        index = np.array([[20.0, 20.0, 8.0], [48.0, 22.0, 13.0], [30.0, 44.0, 11.0]]) + rng.uniform(-2, 2, (3, 3))
+        geometry = Geometry(
+            spacing, tuple(rng.uniform(-20, 20, 3)), tuple(map(tuple, direction)), shape
+        )
+        index = np.array([[20.0, 20.0, 8.0], [48.0, 22.0, 13.0], [30.0, 44.0, 11.0]]) + rng.uniform(
+            -2, 2, (3, 3)
+        )
         world = index_to_world(index, geometry)
         grid = np.stack(np.meshgrid(*[np.arange(n) for n in shape], indexing="ij"), axis=-1)
         grid_world = index_to_world(grid.reshape(-1, 3), geometry).reshape(*shape, 3)
         image = np.zeros(shape, np.float32)
         for point in world:
-            image += 1000 * np.exp(-np.sum((grid_world - point) ** 2, axis=-1) / (2 * BLOB_SIGMA_MM**2))
+            image += 1000 * np.exp(
+                -np.sum((grid_world - point) ** 2, axis=-1) / (2 * BLOB_SIGMA_MM**2)
+            )
         write_image(root / "images" / f"case{case}.nii.gz", image, geometry)
         write_landmarks(root / "landmarks" / f"case{case}.mrk.json", LandmarkSet(NAMES, world))
     write_spec(root, DatasetSpec(name="blobs", spatial_dims=3, landmarks=NAMES, modalities=["mr"]))
@@ -53,7 +59,10 @@ def _weighted_centroid(image: np.ndarray, centre: np.ndarray, spacing_mm) -> np.
     high = np.minimum(np.round(centre).astype(int) + radius + 1, image.shape)
     window = image[tuple(slice(a, b) for a, b in zip(low, high, strict=True))].astype(np.float64)
     window = np.clip(window - window.min(), 0, None)
-    grid = np.stack(np.meshgrid(*[np.arange(a, b) for a, b in zip(low, high, strict=True)], indexing="ij"), axis=-1)
+    grid = np.stack(
+        np.meshgrid(*[np.arange(a, b) for a, b in zip(low, high, strict=True)], indexing="ij"),
+        axis=-1,
+    )
     return (grid * window[..., None]).reshape(-1, len(centre)).sum(0) / window.sum()
 
 
@@ -72,8 +81,12 @@ def test_blobs_sit_at_the_cached_landmark_indices(blobs: Path) -> None:
     for config in plan.configurations.values():
         for case in ("case0", "case1", "case2"):
             cached = load_cached_case(cache_folder(blobs / "preprocessed", config), case)
-            assert cached.image.dtype == np.float16 and cached.geometry.shape == cached.image.shape[1:]
-            assert np.argmax(np.abs(cached.geometry.direction_matrix[:, 0])) == 2  # first axis along world z
+            assert (
+                cached.image.dtype == np.float16 and cached.geometry.shape == cached.image.shape[1:]
+            )
+            assert (
+                np.argmax(np.abs(cached.geometry.direction_matrix[:, 0])) == 2
+            )  # first axis along world z
             for index in cached.landmarks_index:
                 image = np.asarray(cached.image[0], np.float32)
                 found = _weighted_centroid(image, index, cached.geometry.spacing_mm)
@@ -95,7 +108,10 @@ def test_rerun_skips_up_to_date_cases_and_redoes_changed_ones(tmp_path: Path) ->
     plan_dataset(root)
     first = preprocess_dataset(root, workers=1)
     assert all(counts["done"] == 2 for counts in first.values())
-    assert all(counts == {"done": 0, "skipped": 2} for counts in preprocess_dataset(root, workers=1).values())
+    assert all(
+        counts == {"done": 0, "skipped": 2}
+        for counts in preprocess_dataset(root, workers=1).values()
+    )
     landmark_file = root / "landmarks" / "case1.mrk.json"
     moved = read_landmarks(landmark_file)
     moved.points_mm[0] += 1.0
@@ -104,7 +120,10 @@ def test_rerun_skips_up_to_date_cases_and_redoes_changed_ones(tmp_path: Path) ->
     assert all(counts == {"done": 1, "skipped": 1} for counts in again.values())
     config = next(iter(load_plan(root / "preprocessed").configurations.values()))
     cached = load_cached_case(cache_folder(root / "preprocessed", config), "case1")
-    assert np.abs(index_to_world(cached.landmarks_index, cached.geometry) - moved.points_mm).max() < 1e-3
+    assert (
+        np.abs(index_to_world(cached.landmarks_index, cached.geometry) - moved.points_mm).max()
+        < 1e-3
+    )
 
 
 def test_case_without_completion_marker_is_absent_and_redone(tmp_path: Path) -> None:
@@ -141,19 +160,26 @@ def _assert_round_trip(root: Path, configurations: list[str] | None = None) -> i
     preprocess_dataset(root, workers=min(2, os.cpu_count() or 1), configurations=configurations)
     plan = load_plan(root / "preprocessed")
     checked = 0
-    folders = {cache_folder(root / "preprocessed", plan.configurations[n]) for n in configurations or plan.configurations}
+    folders = {
+        cache_folder(root / "preprocessed", plan.configurations[n])
+        for n in configurations or plan.configurations
+    }
     for folder in sorted(folders):
         for meta_path in sorted(folder.glob("*.json")):
             case_id = meta_path.stem
             cached = load_cached_case(folder, case_id)
             original = read_landmarks(
-                next((root / "landmarks").glob(f"{case_id}.*")), geometry=cached.source_geometry,
+                next((root / "landmarks").glob(f"{case_id}.*")),
+                geometry=cached.source_geometry,
                 names=json.loads(meta_path.read_text())["landmark_names"],
-            )  # fmt: skip
+            )
             present = original.present
             back = index_to_world(cached.landmarks_index[present], cached.geometry)
             assert np.abs(back - original.points_mm[present]).max() < 1e-3, case_id
-            assert np.allclose(world_to_index(original.points_mm[present], cached.geometry), cached.landmarks_index[present])
+            assert np.allclose(
+                world_to_index(original.points_mm[present], cached.geometry),
+                cached.landmarks_index[present],
+            )
             checked += 1
     return checked
 

@@ -13,14 +13,20 @@ HEAVY = ("torch", "matplotlib", "SimpleITK", "scipy")
 
 def _modules_after(code: str) -> dict[str, bool]:
     """Which heavy libraries a fresh interpreter has loaded after running ``code``."""
-    probe = f"{code}\nimport json, sys\nprint(json.dumps({{m: m in sys.modules for m in {HEAVY!r}}}))"
-    result = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True)
+    probe = (
+        f"{code}\nimport json, sys\nprint(json.dumps({{m: m in sys.modules for m in {HEAVY!r}}}))"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", probe], capture_output=True, text=True, check=True
+    )
     return json.loads(result.stdout.strip().splitlines()[-1])
 
 
 def test_import_and_help_load_neither_torch_nor_matplotlib() -> None:
     assert not any(_modules_after("import medlandmark").values())
-    help_text = "from medlandmark.cli import main\ntry:\n    main(['--help'])\nexcept SystemExit:\n    pass"
+    help_text = (
+        "from medlandmark.cli import main\ntry:\n    main(['--help'])\nexcept SystemExit:\n    pass"
+    )
     assert not any(_modules_after(help_text).values())
     train_help = help_text.replace("['--help']", "['train', '--help']")
     assert not any(_modules_after(train_help).values())
@@ -50,6 +56,8 @@ write_report({str(tmp_path)!r}, metrics, np.array([[0.5, 1.5]]), ["a", "b"])
 import sys
 print(matplotlib.get_backend(), "matplotlib.pyplot" in sys.modules)
 """
-    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    result = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, check=True
+    )
     assert result.stdout.split() == ["svg", "False"]
     assert (tmp_path / "sdr_curve.png").read_bytes()[:4] == b"\x89PNG"

@@ -25,8 +25,32 @@ import afids3d  # noqa: E402
 import isbi2015  # noqa: E402
 import recipes  # noqa: E402
 
-TINY = ["--minutes", "0.05", "--gpu-memory", "1", "--base-features", "8", "--device", "cpu", "--threads", "1"]
-SPLIT_KEYS = {"n_cases", "n_points", "mre_mm", "sd_mm", "sdr", "sdr_2mm", "sdr_2.5mm", "sdr_3mm", "sdr_4mm", "missing", "missing_recall", "missing_precision"}
+TINY = [
+    "--minutes",
+    "0.05",
+    "--gpu-memory",
+    "1",
+    "--base-features",
+    "8",
+    "--device",
+    "cpu",
+    "--threads",
+    "1",
+]
+SPLIT_KEYS = {
+    "n_cases",
+    "n_points",
+    "mre_mm",
+    "sd_mm",
+    "sdr",
+    "sdr_2mm",
+    "sdr_2.5mm",
+    "sdr_3mm",
+    "sdr_4mm",
+    "missing",
+    "missing_recall",
+    "missing_precision",
+}
 
 
 @pytest.fixture
@@ -40,10 +64,16 @@ def _link_isbi_case(folder: Path, split: str, number: int, as_number: int | None
     layout under ``folder`` (named ``as_number``: the shared data has no Test2Data)."""
     source, name = shared_path("isbi2015"), f"{as_number or number:03d}"
     (folder / "RawImage" / split).mkdir(parents=True, exist_ok=True)
-    os.symlink(next((source / "RawImage").glob(f"*/{number:03d}.jpg")), folder / "RawImage" / split / f"{name}.jpg")
+    os.symlink(
+        next((source / "RawImage").glob(f"*/{number:03d}.jpg")),
+        folder / "RawImage" / split / f"{name}.jpg",
+    )
     for annotator in ("400_senior", "400_junior"):
         (folder / "AnnotationsByMD" / annotator).mkdir(parents=True, exist_ok=True)
-        os.symlink(source / "AnnotationsByMD" / annotator / f"{number:03d}.txt", folder / "AnnotationsByMD" / annotator / f"{name}.txt")
+        os.symlink(
+            source / "AnnotationsByMD" / annotator / f"{number:03d}.txt",
+            folder / "AnnotationsByMD" / annotator / f"{name}.txt",
+        )
 
 
 def _check_results(results: dict, work: Path, splits: dict[str, int], stages: list[str]) -> None:
@@ -56,18 +86,28 @@ def _check_results(results: dict, work: Path, splits: dict[str, int], stages: li
         assert math.isfinite(figures["mre_mm"]) and math.isfinite(figures["sd_mm"])
     assert [s["configuration"] for s in written["stages"]] == stages
     for stage in written["stages"]:
-        assert stage["steps"] >= 1 and stage["probe"]["step_s"] > 0 and stage["within_budget"] in (True, False)
-    assert written["training_s"] == pytest.approx(sum(s["total_s"] for s in written["stages"]), abs=0.2)
+        assert (
+            stage["steps"] >= 1
+            and stage["probe"]["step_s"] > 0
+            and stage["within_budget"] in (True, False)
+        )
+    assert written["training_s"] == pytest.approx(
+        sum(s["total_s"] for s in written["stages"]), abs=0.2
+    )
     assert written["machine"]["cores"] >= 1 and written["command"] and written["date"]
 
 
-def test_isbi2015_recipe_trains_the_cascade_and_reports_every_test_split(tmp_path, short_probe, capsys):
+def test_isbi2015_recipe_trains_the_cascade_and_reports_every_test_split(
+    tmp_path, short_probe, capsys
+):
     source, work = tmp_path / "source", tmp_path / "work"
     for number in range(1, 7):
         _link_isbi_case(source, "TrainingData", number)
     for number in (151, 152):
         _link_isbi_case(source, "Test1Data", number)
-    results = isbi2015.main(["--budget", "cpu", "--source", str(source), "--work", str(work), *TINY])
+    results = isbi2015.main(
+        ["--budget", "cpu", "--source", str(source), "--work", str(work), *TINY]
+    )
     _check_results(results, work, {"test1": 2}, ["2d_coarse", "2d_fine"])
     assert results["splits"]["test1"]["n_points"] == 2 * 19
     assert [t["target"] for t in results["targets"]] == ["mre_mm <= 1.5"]
@@ -90,8 +130,12 @@ def test_afids3d_recipe_reports_missing_landmarks(tmp_path, short_probe, monkeyp
     monkeypatch.setattr(afids3d, "SYNTH_OPTIONS", SynthOptions(spacing_scale=3.0))
     work = tmp_path / "work"
     source = shared_path("afids_mni152")
-    results = afids3d.main(["--budget", "gpu", "--arch", "unet", "--source", str(source), "--work", str(work), *TINY])
-    _check_results(results, work, {"test": 2}, ["3d_fullres"])  # tiny volumes: one stage, no cascade
+    results = afids3d.main(
+        ["--budget", "gpu", "--arch", "unet", "--source", str(source), "--work", str(work), *TINY]
+    )
+    _check_results(
+        results, work, {"test": 2}, ["3d_fullres"]
+    )  # tiny volumes: one stage, no cascade
     figures = results["splits"]["test"]
     counts = figures["missing"]
     assert sum(counts.values()) == 2 * 32
@@ -103,10 +147,15 @@ def test_afids3d_recipe_reports_missing_landmarks(tmp_path, short_probe, monkeyp
 
 
 @given(
-    step_s=st.floats(0.01, 10.0), validation_s=st.floats(0.0, 30.0), rest_s=st.floats(0.0, 20.0),
-    probe_s=st.floats(1.0, 60.0), budget_s=st.floats(1.0, 3600.0),
-)  # fmt: skip
-def test_budgeted_steps_fit_the_budget_at_the_probed_rate(step_s, validation_s, rest_s, probe_s, budget_s):
+    step_s=st.floats(0.01, 10.0),
+    validation_s=st.floats(0.0, 30.0),
+    rest_s=st.floats(0.0, 20.0),
+    probe_s=st.floats(1.0, 60.0),
+    budget_s=st.floats(1.0, 3600.0),
+)
+def test_budgeted_steps_fit_the_budget_at_the_probed_rate(
+    step_s, validation_s, rest_s, probe_s, budget_s
+):
     probe = {"wall_s": probe_s, "step_s": step_s, "validation_s": validation_s, "rest_s": rest_s}
     options = recipes.budgeted_options(TrainOptions(), probe, budget_s)
     steps = options.epochs * options.iterations_per_epoch
@@ -119,5 +168,7 @@ def test_budgeted_steps_fit_the_budget_at_the_probed_rate(step_s, validation_s, 
         # and used: what is left is the safety margin, under one epoch and the unused validations
         spare_s = budget_s - expected_s
         margin_s = (1 - recipes.SAFETY) * (budget_s - probe_s)
-        unused_s = (options.iterations_per_epoch + 1) * step_s + (recipes.VALIDATIONS - validations) * validation_s
+        unused_s = (options.iterations_per_epoch + 1) * step_s + (
+            recipes.VALIDATIONS - validations
+        ) * validation_s
         assert spare_s <= margin_s + unused_s + 1e-6

@@ -125,9 +125,13 @@ def test_html_report_shows_the_numbers_of_metrics_json(report_2d):
     assert metrics["mre_mm"] == pytest.approx(np.mean(errors_mm), abs=1e-6)
     summary = table_after(page, "Summary", tables)
     assert summary[1] == [
-        str(metrics["n_cases"]), str(metrics["n_points"]), f"{metrics['mre_mm']:.3f}",
-        f"{metrics['sd_mm']:.3f}", f"{metrics['median_mm']:.3f}", f"{metrics['max_mm']:.3f}",
-    ]  # fmt: skip
+        str(metrics["n_cases"]),
+        str(metrics["n_points"]),
+        f"{metrics['mre_mm']:.3f}",
+        f"{metrics['sd_mm']:.3f}",
+        f"{metrics['median_mm']:.3f}",
+        f"{metrics['max_mm']:.3f}",
+    ]
     radii = [radius_key(r) for r in metrics["radii_mm"]]
     sdr = table_after(page, "Success detection rate", tables)
     assert sdr == [[f"SDR {r} mm" for r in radii], [f"{metrics['sdr'][r]:.2f}%" for r in radii]]
@@ -192,16 +196,27 @@ def test_plain_landmark_folder_renders_without_overlays_and_escapes_case_ids(tmp
 
 def test_report_html_escapes_every_user_text():
     metrics = {
-        "pred_dir": "<script>alert(1)</script>", "gt": "x&y", "ndim": 2, "n_cases": 1,
-        "n_points": 1, "mre_mm": 1.0, "sd_mm": 0.0, "median_mm": 1.0, "max_mm": 1.0,
-        "radii_mm": [2.0], "sdr": {"2.0": 100.0}, "sd_convention": "sd", "sdr_rule": "rule",
-        "missing_rule": "missing", "missing": {"tp": 0, "fp": 0, "fn": 0, "tn": 1},
+        "pred_dir": "<script>alert(1)</script>",
+        "gt": "x&y",
+        "ndim": 2,
+        "n_cases": 1,
+        "n_points": 1,
+        "mre_mm": 1.0,
+        "sd_mm": 0.0,
+        "median_mm": 1.0,
+        "max_mm": 1.0,
+        "radii_mm": [2.0],
+        "sdr": {"2.0": 100.0},
+        "sd_convention": "sd",
+        "sdr_rule": "rule",
+        "missing_rule": "missing",
+        "missing": {"tp": 0, "fp": 0, "fn": 0, "tn": 1},
         "per_landmark": {"<i>L</i>": {"n": 1, "mre_mm": 1.0, "sd_mm": 0.0, "sdr": {"2.0": 100.0}}},
         "worst_cases": [
             {"case_id": "c'1", "mre_mm": 1.0, "max_mm": 1.0, "worst_landmark": "<i>L</i>"}
         ],
-    }  # fmt: skip
-    overlays = CaseOverlays({"c'1": "worst_cases/c'1 \"x\".png"}, ["note <u>"])
+    }
+    overlays = CaseOverlays({"c'1": 'worst_cases/c\'1 "x".png'}, ["note <u>"])
     page = report_html(metrics, overlays)
     for raw in ("<script>", "<i>", "<u>", "x&y", "c'1", '"x"'):
         assert raw not in page
@@ -284,9 +299,16 @@ def chromium() -> str:
 
 def run_browser(args: list[str], profile: Path) -> subprocess.CompletedProcess:
     command = [
-        chromium(), "--headless", "--no-sandbox", "--disable-gpu", "--no-first-run",
-        "--disable-extensions", "--hide-scrollbars", f"--user-data-dir={profile}", *args,
-    ]  # fmt: skip
+        chromium(),
+        "--headless",
+        "--no-sandbox",
+        "--disable-gpu",
+        "--no-first-run",
+        "--disable-extensions",
+        "--hide-scrollbars",
+        f"--user-data-dir={profile}",
+        *args,
+    ]
     return subprocess.run(
         command, capture_output=True, text=True, timeout=BROWSER_TIMEOUT_S, check=False
     )

@@ -11,7 +11,9 @@ from medlandmark.preprocessing.resample import resample_image, resampling_matrix
 
 @pytest.mark.parametrize("cubic", [True, False])
 @pytest.mark.parametrize(("length_in", "length_out"), [(22, 19), (19, 22), (100, 37), (8, 40)])
-def test_rows_sum_to_one_and_linear_ramps_are_reproduced(cubic: bool, length_in: int, length_out: int) -> None:
+def test_rows_sum_to_one_and_linear_ramps_are_reproduced(
+    cubic: bool, length_in: int, length_out: int
+) -> None:
     matrix = resampling_matrix(length_in, length_out, cubic)
     np.testing.assert_allclose(np.asarray(matrix.sum(axis=1)).ravel(), 1.0, atol=1e-12)
     ramp = np.arange(length_in, dtype=np.float64)
@@ -22,7 +24,9 @@ def test_rows_sum_to_one_and_linear_ramps_are_reproduced(cubic: bool, length_in:
 
 
 def test_resampled_image_samples_where_the_resampled_geometry_says() -> None:
-    geometry = Geometry((3.0, 0.8, 1.1), (5.0, -3.0, 2.0), ((0, 0, 1), (0, 1, 0), (1, 0, 0)), (20, 50, 40))
+    geometry = Geometry(
+        (3.0, 0.8, 1.1), (5.0, -3.0, 2.0), ((0, 0, 1), (0, 1, 0), (1, 0, 0)), (20, 50, 40)
+    )
     grid = np.stack(np.meshgrid(*[np.arange(n) for n in geometry.shape], indexing="ij"), axis=-1)
     world = index_to_world(grid.reshape(-1, 3), geometry)
     plane = (0.3 * world[:, 0] - 0.2 * world[:, 1] + 0.1 * world[:, 2]).reshape(geometry.shape)
@@ -31,10 +35,14 @@ def test_resampled_image_samples_where_the_resampled_geometry_says() -> None:
     new = resampled_geometry(geometry, new_shape)
     new_grid = np.stack(np.meshgrid(*[np.arange(n) for n in new_shape], indexing="ij"), axis=-1)
     new_world = index_to_world(new_grid.reshape(-1, 3), new)
-    expected = (0.3 * new_world[:, 0] - 0.2 * new_world[:, 1] + 0.1 * new_world[:, 2]).reshape(new_shape)
+    expected = (0.3 * new_world[:, 0] - 0.2 * new_world[:, 1] + 0.1 * new_world[:, 2]).reshape(
+        new_shape
+    )
     old_index = world_to_index(new_world, geometry)
     margin = 5  # the stretched kernel's reach when shrinking 50 -> 33 samples, plus one
-    inside = np.all((old_index > margin) & (old_index < np.array(geometry.shape) - 1 - margin), axis=1)
+    inside = np.all(
+        (old_index > margin) & (old_index < np.array(geometry.shape) - 1 - margin), axis=1
+    )
     inside = inside.reshape(new_shape)
     np.testing.assert_allclose(out[inside], expected[inside], atol=1e-4)
 

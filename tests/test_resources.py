@@ -33,7 +33,9 @@ SIGMA_MM = 4.0
 OUT_OF_MEMORY = {
     "torch": lambda: torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB"),
     "old-backend": lambda: RuntimeError("CUDA error: out of memory"),
-    "cpu-allocator": lambda: RuntimeError("[enforce fail at alloc_cpu.cpp:127] DefaultCPUAllocator: can't allocate memory"),
+    "cpu-allocator": lambda: RuntimeError(
+        "[enforce fail at alloc_cpu.cpp:127] DefaultCPUAllocator: can't allocate memory"
+    ),
 }
 
 
@@ -57,21 +59,36 @@ def blob_run(tmp_path_factory) -> tuple[Path, list[Path]]:
     many sliding windows over them."""
     root = tmp_path_factory.mktemp("oom")
     geometry = Geometry((0.8, 0.9), (10.0, -5.0), ((1.0, 0.0), (0.0, 1.0)), (90, 100))
-    grid = index_to_world(np.stack(np.meshgrid(np.arange(90), np.arange(100), indexing="ij"), -1).reshape(-1, 2), geometry)
+    grid = index_to_world(
+        np.stack(np.meshgrid(np.arange(90), np.arange(100), indexing="ij"), -1).reshape(-1, 2),
+        geometry,
+    )
     images = []
     for case in range(2):
         point = index_to_world(np.array([30.0 + 25 * case, 62.0 - 20 * case]), geometry)
-        blob = 1000 * np.exp(-np.sum((grid - point) ** 2, axis=1) / (2 * SIGMA_MM**2)).reshape(geometry.shape)
+        blob = 1000 * np.exp(-np.sum((grid - point) ** 2, axis=1) / (2 * SIGMA_MM**2)).reshape(
+            geometry.shape
+        )
         images.append(root / "ds" / "images" / f"c{case}.mha")
         write_image(images[-1], blob.astype(np.float32), geometry)
-        write_landmarks(root / "ds" / "landmarks" / f"c{case}.json", LandmarkSet(["tip"], point[None]))
-    write_spec(root / "ds", DatasetSpec(name="blob2d", spatial_dims=2, landmarks=["tip"], modalities=["mr"]))
+        write_landmarks(
+            root / "ds" / "landmarks" / f"c{case}.json", LandmarkSet(["tip"], point[None])
+        )
+    write_spec(
+        root / "ds",
+        DatasetSpec(name="blob2d", spatial_dims=2, landmarks=["tip"], modalities=["mr"]),
+    )
     plan = plan_dataset(root / "ds", gpu_memory_gb=24.0)
     name = plan.default_configuration
     plan.configurations[name].patch_size, plan.configurations[name].batch_size = PATCH, 4
     run = root / "run"
     run.mkdir()
-    write_run_record(run, RunRecord(arch="unet", configuration=name, plan=plan, landmarks=["tip"], presence_threshold=0.2))
+    write_run_record(
+        run,
+        RunRecord(
+            arch="unet", configuration=name, plan=plan, landmarks=["tip"], presence_threshold=0.2
+        ),
+    )
     return run, images
 
 
@@ -93,7 +110,9 @@ def warnings(monkeypatch) -> list[str]:
 
 
 @pytest.mark.parametrize("error", sorted(OUT_OF_MEMORY))
-def test_out_of_memory_halves_the_windows_per_batch(blob_run, warnings: list[str], error: str) -> None:
+def test_out_of_memory_halves_the_windows_per_batch(
+    blob_run, warnings: list[str], error: str
+) -> None:
     run, images = blob_run
     plain = _predictor(run, HeatmapIsTheImage())
     assert plain.windows_per_batch == 4  # the plan's batch size
@@ -119,21 +138,32 @@ def test_out_of_memory_on_the_device_falls_back_to_the_cpu(blob_run, warnings: l
     prediction = on_device.predict(images[1], name="c1")
     _assert_same(prediction, _predictor(run, HeatmapIsTheImage()).predict(images[1]))
     assert on_device.device.type == "cpu" and {device for _, device in network.batches} == {"cpu"}
-    assert len(warnings) == 3 and warnings[-1].startswith("c1: out of memory on meta even with one sliding window per batch; falling back to the CPU")
+    assert len(warnings) == 3 and warnings[-1].startswith(
+        "c1: out of memory on meta even with one sliding window per batch; falling back to the CPU"
+    )
     assert all(w.startswith("c1: out of memory on meta") for w in warnings)
 
 
-def test_out_of_memory_on_the_cpu_with_one_window_fails_this_image_clearly(blob_run, warnings: list[str]) -> None:
+def test_out_of_memory_on_the_cpu_with_one_window_fails_this_image_clearly(
+    blob_run, warnings: list[str]
+) -> None:
     run, images = blob_run
     predictor = _predictor(run, HeatmapIsTheImage(lambda x: True, OUT_OF_MEMORY["cpu-allocator"]))
-    with pytest.raises(MedlandmarkError, match="out of memory on the CPU even with one sliding window per batch") as raised:
+    with pytest.raises(
+        MedlandmarkError, match="out of memory on the CPU even with one sliding window per batch"
+    ) as raised:
         predictor.predict(images[0])
     assert str(images[0]) in str(raised.value)
 
 
 def test_other_errors_are_not_taken_for_out_of_memory(blob_run, warnings: list[str]) -> None:
     run, images = blob_run
-    predictor = _predictor(run, HeatmapIsTheImage(lambda x: True, lambda: RuntimeError("mat1 and mat2 shapes cannot be multiplied")))
+    predictor = _predictor(
+        run,
+        HeatmapIsTheImage(
+            lambda x: True, lambda: RuntimeError("mat1 and mat2 shapes cannot be multiplied")
+        ),
+    )
     with pytest.raises(RuntimeError, match="shapes cannot be multiplied"):
         predictor.predict(images[0])
     assert warnings == [] and predictor.windows_per_batch == 4
@@ -169,13 +199,32 @@ def _text_on_a_full_disk(original, args):
 @pytest.mark.parametrize(
     ("module", "name", "number", "fill", "message"),
     [  # the second checkpoint; the second epoch's log.csv
-        (state, "save_checkpoint", 2, _checkpoint_on_a_full_disk, "checkpoint_latest.pt: could not write the checkpoint: .*MB free on its disk.*previous one is intact"),
-        (loop, "atomic_write_text", 2, _text_on_a_full_disk, "run: No space left on device; the last checkpoint is intact: free some space, then --resume"),
+        (
+            state,
+            "save_checkpoint",
+            2,
+            _checkpoint_on_a_full_disk,
+            "checkpoint_latest.pt: could not write the checkpoint: .*MB free on its disk.*previous one is intact",
+        ),
+        (
+            loop,
+            "atomic_write_text",
+            2,
+            _text_on_a_full_disk,
+            "run: No space left on device; the last checkpoint is intact: free some space, then --resume",
+        ),
     ],
     ids=["checkpoint", "log"],
 )
 def test_disk_full_during_training_keeps_the_previous_checkpoint(
-    dataset: Path, tmp_path: Path, monkeypatch, module, name: str, number: int, fill, message: str,
+    dataset: Path,
+    tmp_path: Path,
+    monkeypatch,
+    module,
+    name: str,
+    number: int,
+    fill,
+    message: str,
 ) -> None:
     run, options = tmp_path / "run", {"epochs": 3, "iterations_per_epoch": 2, "fold": "all"}
     calls = _full_at_call(monkeypatch, module, name, number, fill)

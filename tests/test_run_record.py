@@ -22,14 +22,20 @@ def record(tmp_path_factory) -> dict:
     root = make_synthetic_dataset(tmp_path_factory.mktemp("synth") / "ds", num_cases=4, size_px=32)
     plan = plan_dataset(root, gpu_memory_gb=1.0).model_dump(mode="json")
     return {
-        "arch": "unet", "configuration": plan["default_configuration"], "plan": plan,
-        "landmarks": plan["landmarks"], "symmetric_pairs": [["tip_left", "tip_right"]],
-        "spacing_mm": [0.5, 0.5], "presence_threshold": 0.3, "status": "finished",
+        "arch": "unet",
+        "configuration": plan["default_configuration"],
+        "plan": plan,
+        "landmarks": plan["landmarks"],
+        "symmetric_pairs": [["tip_left", "tip_right"]],
+        "spacing_mm": [0.5, 0.5],
+        "presence_threshold": 0.3,
+        "status": "finished",
         "shape_model": {
             "reference_mm": [[float(i), float(i % 3)] for i in range(len(plan["landmarks"]))],
-            "inlier_mm": 2.0, "singular_values": [0.8, 1.2],
+            "inlier_mm": 2.0,
+            "singular_values": [0.8, 1.2],
         },
-    }  # fmt: skip
+    }
 
 
 def _write(folder: Path, record: dict) -> Path:
@@ -41,7 +47,9 @@ def _write(folder: Path, record: dict) -> Path:
 def test_a_run_json_written_by_training_is_accepted(tmp_path, record):
     read = read_run_record(_write(tmp_path / "run", record))
     assert read.model_dump(mode="json", exclude_unset=True) == json.loads(json.dumps(record))
-    assert read.plan_configuration.name == record["configuration"] and read.presence_threshold == 0.3
+    assert (
+        read.plan_configuration.name == record["configuration"] and read.presence_threshold == 0.3
+    )
 
 
 def _configuration(r: dict) -> dict:
@@ -49,25 +57,58 @@ def _configuration(r: dict) -> dict:
 
 
 BROKEN = {
-    "cache folder as a path": (lambda r: _configuration(r).update(data_identifier="../../etc"), "data_identifier"),
-    "cache folder '..'": (lambda r: _configuration(r).update(data_identifier=".."), "data_identifier"),
+    "cache folder as a path": (
+        lambda r: _configuration(r).update(data_identifier="../../etc"),
+        "data_identifier",
+    ),
+    "cache folder '..'": (
+        lambda r: _configuration(r).update(data_identifier=".."),
+        "data_identifier",
+    ),
     "unknown configuration": (lambda r: r.update(configuration="3d_nowhere"), "not in its plan"),
     "negative patch": (lambda r: _configuration(r).update(patch_size=[-4, 32]), "patch_size"),
     "huge patch": (lambda r: _configuration(r).update(patch_size=[10**9, 32]), "patch_size"),
-    "NaN spacing": (lambda r: _configuration(r).update(spacing_mm=[float("nan"), 1.0]), "spacing_mm"),
-    "3D patch in a 2D plan": (lambda r: _configuration(r).update(patch_size=[32, 32, 32]), "is not 2D"),
+    "NaN spacing": (
+        lambda r: _configuration(r).update(spacing_mm=[float("nan"), 1.0]),
+        "spacing_mm",
+    ),
+    "3D patch in a 2D plan": (
+        lambda r: _configuration(r).update(patch_size=[32, 32, 32]),
+        "is not 2D",
+    ),
     "4D plan": (lambda r: r["plan"].update(spatial_dims=4), "spatial_dims"),
-    "infinite threshold": (lambda r: r.update(presence_threshold=float("inf")), "presence_threshold"),
+    "infinite threshold": (
+        lambda r: r.update(presence_threshold=float("inf")),
+        "presence_threshold",
+    ),
     "repeated landmarks": (lambda r: r.update(landmarks=["a", "a"]), "repeat"),
     "pair of unknown names": (lambda r: r.update(symmetric_pairs=[["tip_left", "ghost"]]), "ghost"),
     "arch as a path": (lambda r: r.update(arch="../evil"), "arch"),
     "no plan": (lambda r: r.pop("plan"), "plan"),
-    "transpose not a permutation": (lambda r: r["plan"].update(transpose_forward=[0, 0]), "permutation"),
-    "shape model of other landmarks": (lambda r: r["shape_model"]["reference_mm"].pop(), "shape_model does not match"),
-    "3D shape model in a 2D run": (lambda r: r["shape_model"].update(reference_mm=[[0.0, 1.0, 2.0]] * len(r["landmarks"])), "shape_model does not match"),
-    "NaN in the shape model": (lambda r: r["shape_model"]["reference_mm"][0].__setitem__(0, float("nan")), "finite"),
-    "shape model without a range": (lambda r: r["shape_model"].update(singular_values=[1.2, 0.8]), "singular_values"),
-    "shape model with a zero inlier distance": (lambda r: r["shape_model"].update(inlier_mm=0), "inlier_mm"),
+    "transpose not a permutation": (
+        lambda r: r["plan"].update(transpose_forward=[0, 0]),
+        "permutation",
+    ),
+    "shape model of other landmarks": (
+        lambda r: r["shape_model"]["reference_mm"].pop(),
+        "shape_model does not match",
+    ),
+    "3D shape model in a 2D run": (
+        lambda r: r["shape_model"].update(reference_mm=[[0.0, 1.0, 2.0]] * len(r["landmarks"])),
+        "shape_model does not match",
+    ),
+    "NaN in the shape model": (
+        lambda r: r["shape_model"]["reference_mm"][0].__setitem__(0, float("nan")),
+        "finite",
+    ),
+    "shape model without a range": (
+        lambda r: r["shape_model"].update(singular_values=[1.2, 0.8]),
+        "singular_values",
+    ),
+    "shape model with a zero inlier distance": (
+        lambda r: r["shape_model"].update(inlier_mm=0),
+        "inlier_mm",
+    ),
 }
 
 
@@ -95,9 +136,18 @@ def test_run_json_that_is_not_an_object_is_refused(tmp_path, text):
 
 PLAN_EDITS = {
     "a misspelt key": (lambda p: p["training"].update(learning_rat=0.1), "learning_rat"),
-    "a negative batch": (lambda p: next(iter(p["configurations"].values())).update(batch_size=-1), "batch_size"),
-    "an unknown default": (lambda p: p.update(default_configuration="3d_nowhere"), "default_configuration"),
-    "a cascade link to nowhere": (lambda p: next(iter(p["configurations"].values())).update(next_stage="ghost"), "ghost"),
+    "a negative batch": (
+        lambda p: next(iter(p["configurations"].values())).update(batch_size=-1),
+        "batch_size",
+    ),
+    "an unknown default": (
+        lambda p: p.update(default_configuration="3d_nowhere"),
+        "default_configuration",
+    ),
+    "a cascade link to nowhere": (
+        lambda p: next(iter(p["configurations"].values())).update(next_stage="ghost"),
+        "ghost",
+    ),
     "an unknown normalisation": (lambda p: p["normalization"][0].update(scheme="minmax"), "scheme"),
 }
 

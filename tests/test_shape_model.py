@@ -18,10 +18,15 @@ def _random_affine(rng: np.random.Generator, ndim: int) -> np.ndarray:
     return np.vstack([linear.T, rng.uniform(-10, 10, ndim)])
 
 
-def _training_shapes(ndim: int, cases: int = 12, seed: int = 0) -> tuple[np.ndarray, list[np.ndarray]]:
+def _training_shapes(
+    ndim: int, cases: int = 12, seed: int = 0
+) -> tuple[np.ndarray, list[np.ndarray]]:
     rng = np.random.default_rng(seed)
     base = rng.uniform(-40, 40, (14, ndim))
-    shapes = [apply_affine(_random_affine(rng, ndim), base) + rng.normal(0, 0.5, base.shape) for _ in range(cases)]
+    shapes = [
+        apply_affine(_random_affine(rng, ndim), base) + rng.normal(0, 0.5, base.shape)
+        for _ in range(cases)
+    ]
     shapes[3][5] = np.nan  # a missing landmark in training is allowed
     return base, shapes
 
@@ -38,7 +43,10 @@ def test_the_model_learns_the_shape_and_its_variation(ndim):
     low, high = model.singular_values
     assert 0.6 < low < 1.0 < high < 1.6
     again = ShapeModel.from_dict(json.loads(json.dumps(model.to_dict())))
-    assert np.array_equal(again.reference_mm, model.reference_mm) and again.inlier_mm == model.inlier_mm
+    assert (
+        np.array_equal(again.reference_mm, model.reference_mm)
+        and again.inlier_mm == model.inlier_mm
+    )
 
 
 def test_no_model_from_too_few_cases_or_landmarks():
@@ -55,7 +63,10 @@ def test_a_landmark_never_seen_in_training_has_no_reference_and_no_verdict():
     model = fit_shape_model(shapes)
     assert np.isnan(model.reference_mm[0]).all()
     assert model.to_dict()["reference_mm"][0] is None
-    points = apply_affine(_random_affine(np.random.default_rng(5), 2), np.nan_to_num(model.reference_mm)) + 1000.0
+    points = (
+        apply_affine(_random_affine(np.random.default_rng(5), 2), np.nan_to_num(model.reference_mm))
+        + 1000.0
+    )
     geometry = Geometry.identity((10, 10))  # every expected position far outside this image
     cut = model.cut_off(points, np.ones(14, bool), geometry)
     assert not cut[0] and cut[1:].all()
@@ -90,7 +101,10 @@ def test_too_few_agreeing_landmarks_give_no_fit_and_no_verdict():
     assert model.expected(scattered, np.ones(14, bool)) is None
     usable = np.zeros(14, bool)
     usable[:4] = True  # fewer than an affine fit plus one
-    assert model.expected(apply_affine(_random_affine(np.random.default_rng(1), 3), base), usable) is None
+    assert (
+        model.expected(apply_affine(_random_affine(np.random.default_rng(1), 3), base), usable)
+        is None
+    )
     assert not model.cut_off(scattered, np.ones(14, bool), Geometry.identity((5, 5, 5))).any()
 
 
@@ -128,7 +142,9 @@ def test_shape_outliers_and_the_peak_near_a_place():
     assert outliers.tolist() == [4]
     assert np.linalg.norm(expected[4] - (base[4] + 100.0)) < 2.0
     # two peaks: a strong one on the look-alike and a weaker one at the landmark
-    index = np.array([found[4][::-1], (base[4] + 100.0)[::-1]])  # world (x, y) -> array (row, column)
+    index = np.array(
+        [found[4][::-1], (base[4] + 100.0)[::-1]]
+    )  # world (x, y) -> array (row, column)
     strong, _ = gaussian_heatmaps(torch.tensor(index[None, :1]), (250, 250), 2.0)
     weak, _ = gaussian_heatmaps(torch.tensor(index[None, 1:]), (250, 250), 2.0)
     heatmap = strong[0, 0] + 0.4 * weak[0, 0]

@@ -32,12 +32,16 @@ def test_landmarks_lie_on_the_bright_shape() -> None:
 
 
 def test_dataset_reads_back_in_mm(tmp_path: Path) -> None:
-    root = make_synthetic_dataset(tmp_path / "synth", num_cases=4, size_px=64, spacing_mm=0.5, seed=3)
+    root = make_synthetic_dataset(
+        tmp_path / "synth", num_cases=4, size_px=64, spacing_mm=0.5, seed=3
+    )
     dataset = Dataset(root)
     assert dataset.case_ids == ["case000", "case001", "case002", "case003"]
     image = dataset.read_image("case001")
     landmarks = dataset.read_landmarks("case001", image)
     assert landmarks.names == SYNTHETIC_LANDMARKS
     _, expected_xy = synthetic_case(3 * 100_003 + 1, 64)
-    np.testing.assert_allclose(world_to_index(landmarks.points_mm, image.geometry), expected_xy[:, ::-1], atol=1e-9)
+    np.testing.assert_allclose(
+        world_to_index(landmarks.points_mm, image.geometry), expected_xy[:, ::-1], atol=1e-9
+    )
     assert image.geometry.spacing_mm == (0.5, 0.5)

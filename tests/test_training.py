@@ -36,9 +36,18 @@ def synthetic(tmp_path_factory) -> Path:
 
 def test_training_writes_a_complete_run_and_the_loss_falls(synthetic: Path, tmp_path: Path) -> None:
     run = tmp_path / "run"
-    record = train(synthetic, run, TrainOptions(epochs=4, iterations_per_epoch=10, validate_every=2, seed=1))
+    record = train(
+        synthetic, run, TrainOptions(epochs=4, iterations_per_epoch=10, validate_every=2, seed=1)
+    )
     assert record.status == "finished" and record.step == 40
-    for name in ("run.json", "checkpoint_latest.pt", "model_best.safetensors", "model_final.safetensors", "log.csv", "training_curve.png"):
+    for name in (
+        "run.json",
+        "checkpoint_latest.pt",
+        "model_best.safetensors",
+        "model_final.safetensors",
+        "log.csv",
+        "training_curve.png",
+    ):
         assert (run / name).is_file(), name
     losses = _log_losses(run)
     assert len(losses) == 4 and losses[-1] < 0.7 * losses[0], losses
@@ -46,11 +55,21 @@ def test_training_writes_a_complete_run_and_the_loss_falls(synthetic: Path, tmp_
     assert saved["best"]["val_mre_mm"] > 0 and 0 < saved["presence_threshold"] < 1
     assert set(saved["val_cases"]).isdisjoint(saved["train_cases"])
     shape = saved["shape_model"]  # the training landmarks' constellation, for the shape check
-    assert len(shape["reference_mm"]) == 9 and shape["inlier_mm"] > 0 and 0 < shape["singular_values"][0] < 1 < shape["singular_values"][1]
+    assert (
+        len(shape["reference_mm"]) == 9
+        and shape["inlier_mm"] > 0
+        and 0 < shape["singular_values"][0] < 1 < shape["singular_values"][1]
+    )
 
 
 def test_resume_after_a_stop_equals_an_uninterrupted_run(synthetic: Path, tmp_path: Path) -> None:
-    options = {"epochs": 2, "iterations_per_epoch": 5, "validate_every": 1, "deterministic": True, "seed": 3}
+    options = {
+        "epochs": 2,
+        "iterations_per_epoch": 5,
+        "validate_every": 1,
+        "deterministic": True,
+        "seed": 3,
+    }
     whole = train(synthetic, tmp_path / "whole", TrainOptions(**options))
     first = train(synthetic, tmp_path / "split", TrainOptions(**options, max_steps=5))
     assert first.status == "stopped" and first.step == 5
@@ -64,10 +83,26 @@ def test_resume_after_a_stop_equals_an_uninterrupted_run(synthetic: Path, tmp_pa
 
 def test_sigterm_saves_a_checkpoint_and_resume_continues(synthetic: Path, tmp_path: Path) -> None:
     run = tmp_path / "run"
-    command = [sys.executable, "-m", "medlandmark", "train", str(synthetic), "-o", str(run), "--epochs", "40", "--iterations", "3", "--fold", "all"]
+    command = [
+        sys.executable,
+        "-m",
+        "medlandmark",
+        "train",
+        str(synthetic),
+        "-o",
+        str(run),
+        "--epochs",
+        "40",
+        "--iterations",
+        "3",
+        "--fold",
+        "all",
+    ]
     process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
     deadline = time.monotonic() + 120
-    while not (run / "log.csv").is_file() and time.monotonic() < deadline and process.poll() is None:
+    while (
+        not (run / "log.csv").is_file() and time.monotonic() < deadline and process.poll() is None
+    ):
         time.sleep(0.2)
     process.send_signal(signal.SIGTERM)
     output = process.communicate(timeout=120)[0].decode()
@@ -76,7 +111,12 @@ def test_sigterm_saves_a_checkpoint_and_resume_continues(synthetic: Path, tmp_pa
     assert record["status"] == "interrupted", output
     stopped_at = load_checkpoint(run / "checkpoint_latest.pt")["step"]
     assert stopped_at == record["step"] >= 3
-    resumed = subprocess.run([*command, "--resume", "--max-steps", str(stopped_at + 3)], capture_output=True, text=True, timeout=300)
+    resumed = subprocess.run(
+        [*command, "--resume", "--max-steps", str(stopped_at + 3)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert resumed.returncode == 0, resumed.stdout + resumed.stderr
     assert json.loads((run / "run.json").read_text())["step"] == stopped_at + 3
 
@@ -85,11 +125,34 @@ def test_torchrun_two_processes_keep_identical_weights(synthetic: Path, tmp_path
     run = tmp_path / "ddp"
     environment = {**os.environ, "OMP_NUM_THREADS": "1"}
     command = [
-        sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "medlandmark",
-        "train", str(synthetic), "-o", str(run), "--epochs", "1", "--iterations", "4", "--fold", "all", "-q",
-    ]  # fmt: skip
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc_per_node=2",
+        "-m",
+        "medlandmark",
+        "train",
+        str(synthetic),
+        "-o",
+        str(run),
+        "--epochs",
+        "1",
+        "--iterations",
+        "4",
+        "--fold",
+        "all",
+        "-q",
+    ]
     # a process group of its own, so that a hang kills the workers too, not only the launcher
-    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=environment, start_new_session=True)
+    process = subprocess.Popen(
+        command,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=environment,
+        start_new_session=True,
+    )
     try:
         stdout, stderr = process.communicate(timeout=300)
     except subprocess.TimeoutExpired:
@@ -105,26 +168,53 @@ def test_torchrun_two_processes_keep_identical_weights(synthetic: Path, tmp_path
 
 def test_short_run_on_real_isbi_images_lowers_the_loss(small_isbi: Path, tmp_path: Path) -> None:
     run = tmp_path / "run"
-    train(small_isbi, run, TrainOptions(configuration="2d_coarse", epochs=3, iterations_per_epoch=8, fold="all", batch_size=2))
+    train(
+        small_isbi,
+        run,
+        TrainOptions(
+            configuration="2d_coarse", epochs=3, iterations_per_epoch=8, fold="all", batch_size=2
+        ),
+    )
     losses = _log_losses(run)
     assert losses[-1] < losses[0], losses
     assert np.isfinite(losses).all()
 
 
-def test_fine_stage_offsets_come_from_the_coarse_runs_measured_error(small_isbi: Path, tmp_path: Path) -> None:
+def test_fine_stage_offsets_come_from_the_coarse_runs_measured_error(
+    small_isbi: Path, tmp_path: Path
+) -> None:
     from medlandmark.training.loop import _fine_offset_sd
 
-    coarse = train(small_isbi, tmp_path / "coarse", TrainOptions(configuration="2d_coarse", epochs=1, iterations_per_epoch=4, fold=0))
+    coarse = train(
+        small_isbi,
+        tmp_path / "coarse",
+        TrainOptions(configuration="2d_coarse", epochs=1, iterations_per_epoch=4, fold=0),
+    )
     measured = coarse.best.error_sd_voxels
     assert len(measured) == 2 and all(v > 0 for v in measured)
     plan = load_plan(small_isbi / "preprocessed")
     fine = plan.configurations["2d_fine"]
     ratio = np.array(plan.configurations["2d_coarse"].spacing_mm) / np.array(fine.spacing_mm)
     limit = np.array(fine.patch_size) / 6  # a coarse error beyond half a patch cannot be refined
-    np.testing.assert_allclose(_fine_offset_sd(fine, plan, str(tmp_path / "coarse")), np.minimum(np.array(measured) * ratio, limit))
+    np.testing.assert_allclose(
+        _fine_offset_sd(fine, plan, str(tmp_path / "coarse")),
+        np.minimum(np.array(measured) * ratio, limit),
+    )
     record = json.loads((tmp_path / "coarse" / "run.json").read_text())
     record["best"]["error_sd_voxels"] = [0.5, 0.25]
     (tmp_path / "coarse" / "run.json").write_text(json.dumps(record))
-    np.testing.assert_allclose(_fine_offset_sd(fine, plan, str(tmp_path / "coarse")), np.array([0.5, 0.25]) * ratio)
-    record = train(small_isbi, tmp_path / "fine", TrainOptions(configuration="2d_fine", epochs=1, iterations_per_epoch=2, fold="all", coarse_run=str(tmp_path / "coarse")))
+    np.testing.assert_allclose(
+        _fine_offset_sd(fine, plan, str(tmp_path / "coarse")), np.array([0.5, 0.25]) * ratio
+    )
+    record = train(
+        small_isbi,
+        tmp_path / "fine",
+        TrainOptions(
+            configuration="2d_fine",
+            epochs=1,
+            iterations_per_epoch=2,
+            fold="all",
+            coarse_run=str(tmp_path / "coarse"),
+        ),
+    )
     assert record.status == "finished"

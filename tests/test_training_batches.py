@@ -42,9 +42,14 @@ def test_training_rotations_are_rigid_in_millimetres_on_an_anisotropic_cache() -
     configuration = plan.configurations["fine"]
     dataset = SimpleNamespace(spec=SimpleNamespace(landmarks=["a", "b", "c"], symmetric_pairs=[]))
     batches = loop._batches(
-        [_anisotropic_case()], plan, configuration, dataset, options, run_settings(plan, options),
+        [_anisotropic_case()],
+        plan,
+        configuration,
+        dataset,
+        options,
+        run_settings(plan, options),
         distributed.Context(),
-    )  # fmt: skip
+    )
     expected = _distances_mm(LANDMARKS_INDEX)
     whole = 0
     for step in range(6):
@@ -70,6 +75,8 @@ def test_folds_change_with_the_seed_and_seed_zero_keeps_the_earlier_folds() -> N
     assert folds[0] == sorted(f"case{i:02d}" for i in earlier[0::5])
     for seed in (0, 1, 2):
         training, validation = loop.fold_case_ids(dataset, 0, 5, seed)
-        assert sorted(training + validation) == dataset.case_ids and not set(training) & set(validation)
+        assert sorted(training + validation) == dataset.case_ids and not set(training) & set(
+            validation
+        )
     with pytest.raises(loop.TrainingError, match="no training or no validation"):
         loop.fold_case_ids(_Cases(case_ids=["only"], root=Path(".")), 0, 5, 3)

@@ -23,19 +23,29 @@ def tiny(tmp_path_factory) -> Path:
 
 
 def test_ema_weights_are_the_ones_saved(tiny: Path, tmp_path: Path) -> None:
-    train(tiny, tmp_path / "run", TrainOptions(epochs=1, iterations_per_epoch=4, fold="all", ema_decay=0.5))
+    train(
+        tiny,
+        tmp_path / "run",
+        TrainOptions(epochs=1, iterations_per_epoch=4, fold="all", ema_decay=0.5),
+    )
     record = read_run_record(tmp_path / "run")
     model = network_for("unet", record.plan_configuration, len(record.landmarks))
     load_weights(tmp_path / "run" / "model_final.safetensors", model)
     raw = load_checkpoint(tmp_path / "run" / "checkpoint_latest.pt")
     assert raw["ema"] is not None
     trained = raw["model"]
-    different = [n for n, p in model.state_dict().items() if n in trained and not torch.equal(p, trained[n])]
+    different = [
+        n for n, p in model.state_dict().items() if n in trained and not torch.equal(p, trained[n])
+    ]
     assert different, "the final weights should be the moving average, not the last step's"
 
 
 def test_bf16_autocast_trains_on_cpu(tiny: Path, tmp_path: Path) -> None:
-    record = train(tiny, tmp_path / "run", TrainOptions(epochs=1, iterations_per_epoch=3, fold="all", amp="bf16"))
+    record = train(
+        tiny,
+        tmp_path / "run",
+        TrainOptions(epochs=1, iterations_per_epoch=3, fold="all", amp="bf16"),
+    )
     assert record.status == "finished"
 
 
@@ -46,7 +56,9 @@ def test_sgd_with_poly_schedule(tiny: Path, tmp_path: Path) -> None:
     plan["training"].update(optimizer="sgd", schedule="poly", learning_rate=0.01)
     plan_path.write_text(json.dumps(plan))
     try:
-        record = train(tiny, tmp_path / "run", TrainOptions(epochs=1, iterations_per_epoch=3, fold="all"))
+        record = train(
+            tiny, tmp_path / "run", TrainOptions(epochs=1, iterations_per_epoch=3, fold="all")
+        )
     finally:
         plan_path.write_text(original)
     assert record.settings.optimizer == "sgd" and record.status == "finished"
@@ -68,10 +80,26 @@ def test_schedules_warm_up_then_decay() -> None:
 def test_augment_settings_from_the_command_line_reach_the_run(tiny: Path, tmp_path: Path) -> None:
     from medlandmark.cli import main
 
-    code = main([
-        "train", str(tiny), "-o", str(tmp_path / "run"), "--fold", "all", "--epochs", "1", "--iterations", "2",
-        "--missing-target", "zero", "--augment", "p_field_of_view_cut=0.5", "--augment", "scale=[0.8,1.2]",
-    ])  # fmt: skip
+    code = main(
+        [
+            "train",
+            str(tiny),
+            "-o",
+            str(tmp_path / "run"),
+            "--fold",
+            "all",
+            "--epochs",
+            "1",
+            "--iterations",
+            "2",
+            "--missing-target",
+            "zero",
+            "--augment",
+            "p_field_of_view_cut=0.5",
+            "--augment",
+            "scale=[0.8,1.2]",
+        ]
+    )
     assert code == 0
     record = json.loads((tmp_path / "run" / "run.json").read_text())
     assert record["options"]["augment"] == {"p_field_of_view_cut": 0.5, "scale": [0.8, 1.2]}
@@ -79,13 +107,22 @@ def test_augment_settings_from_the_command_line_reach_the_run(tiny: Path, tmp_pa
 
 @pytest.mark.parametrize(
     ("setting", "message"),
-    [("p_field_of_view_cut=2", "p_field_of_view_cut: Input should be less than or equal to 1"),
-     ("p_wobble=0.1", "p_wobble: Extra inputs are not permitted")],
-)  # fmt: skip
-def test_a_bad_augment_setting_is_refused_before_training(tiny: Path, tmp_path: Path, setting: str, message: str, capsys) -> None:
+    [
+        ("p_field_of_view_cut=2", "p_field_of_view_cut: Input should be less than or equal to 1"),
+        ("p_wobble=0.1", "p_wobble: Extra inputs are not permitted"),
+    ],
+)
+def test_a_bad_augment_setting_is_refused_before_training(
+    tiny: Path, tmp_path: Path, setting: str, message: str, capsys
+) -> None:
     from medlandmark.cli import main
 
-    assert main(["train", str(tiny), "-o", str(tmp_path / "run"), "--fold", "all", "--augment", setting]) != 0
+    assert (
+        main(
+            ["train", str(tiny), "-o", str(tmp_path / "run"), "--fold", "all", "--augment", setting]
+        )
+        != 0
+    )
     assert f"bad augmentation setting: {message}" in capsys.readouterr().err
     assert not (tmp_path / "run").exists()
 

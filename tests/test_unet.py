@@ -27,7 +27,9 @@ def _sizes(patch: list[int], spacing: list[float]) -> tuple[list[int], dict]:
     return topology.patch_size, sizes
 
 
-@pytest.mark.parametrize(("patch", "spacing"), [([64, 48], [1.0, 1.0]), ([16, 32, 32], [3.0, 0.8, 0.8])])
+@pytest.mark.parametrize(
+    ("patch", "spacing"), [([64, 48], [1.0, 1.0]), ([16, 32, 32], [3.0, 0.8, 0.8])]
+)
 def test_forward_backward_with_deep_supervision(patch: list[int], spacing: list[float]) -> None:
     torch.manual_seed(0)
     patch, sizes = _sizes(patch, spacing)
@@ -43,7 +45,9 @@ def test_forward_backward_with_deep_supervision(patch: list[int], spacing: list[
     assert model.output_weights == sorted(model.output_weights, reverse=True)  # 1/2^i
     levels = len(sizes["strides"]) - 1
     assert len(outputs) == levels - 1  # the lowest decoder stage is not supervised: no head
-    sum((w * o.square().mean()) for w, o in zip(model.output_weights, outputs, strict=True)).backward()
+    sum(
+        (w * o.square().mean()) for w, o in zip(model.output_weights, outputs, strict=True)
+    ).backward()
     for name, parameter in model.named_parameters():  # no unused parameters: DDP needs that
         assert parameter.grad is not None and torch.isfinite(parameter.grad).all(), name
 
@@ -58,7 +62,9 @@ def test_real_plan_sizes_and_flops_on_the_meta_device() -> None:
     plan = Plan.model_validate_json((GOLDEN / "plans_isbi2015.json").read_text())
     config = plan.configurations["2d_fine"]
     model = network_for("unet", config, num_landmarks=19)
-    assert model.encoder[0][0][0].out_channels == config.architectures["unet"]["features_per_stage"][0]
+    assert (
+        model.encoder[0][0][0].out_channels == config.architectures["unet"]["features_per_stage"][0]
+    )
     assert 10e6 < count_parameters(model) < 60e6
     small = forward_flops(network_for("unet", config, 19), (1, 1, 128, 128))
     large = forward_flops(network_for("unet", config, 19), (1, 1, 256, 256))

@@ -19,14 +19,18 @@ from medlandmark.metrics import DEFAULT_RADII_MM
 EXIT_PROBLEMS = 1
 EXIT_ERROR = 2
 EXIT_INTERRUPTED = 130  # 128 + SIGINT, as shells report it
-DEFAULT_ISBI2015 = Path("../shared/data/isbi2015")  # where the project's data lives, next to a clone
+DEFAULT_ISBI2015 = Path(
+    "../shared/data/isbi2015"
+)  # where the project's data lives, next to a clone
 
 
 def _radii(text: str) -> list[float]:
     try:
         radii = [float(r) for r in text.split(",") if r.strip()]
     except ValueError:
-        raise argparse.ArgumentTypeError(f"radii must be numbers in mm, e.g. 2,2.5,3,4; got {text!r}") from None
+        raise argparse.ArgumentTypeError(
+            f"radii must be numbers in mm, e.g. 2,2.5,3,4; got {text!r}"
+        ) from None
     if not radii or any(r <= 0 for r in radii):
         raise argparse.ArgumentTypeError("radii must be positive millimetres")
     return radii
@@ -34,7 +38,9 @@ def _radii(text: str) -> list[float]:
 
 _COMMON = argparse.ArgumentParser(add_help=False)
 _COMMON.add_argument("-q", "--quiet", action="store_true", help="print only results and errors")
-_COMMON.add_argument("-v", "--verbose", action="store_true", help="more detail; tracebacks on errors")
+_COMMON.add_argument(
+    "-v", "--verbose", action="store_true", help="more detail; tracebacks on errors"
+)
 
 
 def _positive(text: str) -> float:
@@ -58,7 +64,9 @@ def _setting(text: str) -> tuple[str, object]:
         return name.strip(), value
 
 
-def _dataset_arguments(verb: argparse.ArgumentParser, dataset_help: str, preprocessed_help: str) -> None:
+def _dataset_arguments(
+    verb: argparse.ArgumentParser, dataset_help: str, preprocessed_help: str
+) -> None:
     """The DATASET positional and --preprocessed, shared by the verbs that read the plan."""
     verb.add_argument("dataset", type=Path, help=dataset_help)
     verb.add_argument("--preprocessed", type=Path, default=None, help=preprocessed_help)
@@ -66,9 +74,12 @@ def _dataset_arguments(verb: argparse.ArgumentParser, dataset_help: str, preproc
 
 def _verb(sub, name: str, summary: str, description: str, example: str) -> argparse.ArgumentParser:
     return sub.add_parser(
-        name, help=summary, description=f"{summary}\n\n{description}\n\nexample:\n  {example}",
-        formatter_class=argparse.RawDescriptionHelpFormatter, parents=[_COMMON],
-    )  # fmt: skip
+        name,
+        help=summary,
+        description=f"{summary}\n\n{description}\n\nexample:\n  {example}",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        parents=[_COMMON],
+    )
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -87,16 +98,26 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"medlandmark {__version__}")
     sub = parser.add_subparsers(dest="verb", required=True, metavar="VERB")
     for add_verb in (
-        _add_convert, _add_check, _add_plan, _add_preprocess, _add_models, _add_train,
-        _add_predict, _add_export, _add_evaluate, _add_demo,
-    ):  # fmt: skip
+        _add_convert,
+        _add_check,
+        _add_plan,
+        _add_preprocess,
+        _add_models,
+        _add_train,
+        _add_predict,
+        _add_export,
+        _add_evaluate,
+        _add_demo,
+    ):
         add_verb(sub)
     return parser
 
 
 def _add_convert(sub) -> None:
     convert = _verb(
-        sub, "convert", "Convert a public dataset into a medlandmark dataset folder.",
+        sub,
+        "convert",
+        "Convert a public dataset into a medlandmark dataset folder.",
         "Writes OUT/dataset.json, OUT/images/ and OUT/landmarks/ (world mm), plus splits.",
         "medlandmark convert isbi2015 ../shared/data/isbi2015 data/isbi2015",
     )
@@ -107,7 +128,9 @@ def _add_convert(sub) -> None:
 
 def _add_isbi2015(kinds) -> None:
     isbi = _verb(
-        kinds, "isbi2015", "ISBI 2015 cephalometric X-rays (19 landmarks, 0.1 mm pixels).",
+        kinds,
+        "isbi2015",
+        "ISBI 2015 cephalometric X-rays (19 landmarks, 0.1 mm pixels).",
         "SRC is the official layout (RawImage/, AnnotationsByMD/). Splits: train 001-150,\n"
         "test1 151-300, test2 301-400 when present. Ground truth: the annotators' mean by default.",
         "medlandmark convert isbi2015 ../shared/data/isbi2015 data/isbi2015 --annotator senior",
@@ -120,7 +143,9 @@ def _add_isbi2015(kinds) -> None:
 
 def _add_hand_xray(kinds) -> None:
     hand = _verb(
-        kinds, "hand-xray", "Digital Hand Atlas radiographs (37 landmarks).",
+        kinds,
+        "hand-xray",
+        "Digital Hand Atlas radiographs (37 landmarks).",
         "SRC holds images/*.mha and landmarks_px.csv (id,x1,y1,...; pixels); spacing comes from\n"
         "each MHA header.",
         "medlandmark convert hand-xray ../shared/data/hand_xray data/hand",
@@ -132,7 +157,9 @@ def _add_hand_xray(kinds) -> None:
 
 def _add_afids(kinds) -> None:
     afids = _verb(
-        kinds, "afids", "One 3D case from an image and a 3D Slicer fiducial file (AFIDs).",
+        kinds,
+        "afids",
+        "One 3D case from an image and a 3D Slicer fiducial file (AFIDs).",
         "Writes the image and its 32 AFIDs landmarks (Slicer .mrk.json, LPS) as one case.",
         "medlandmark convert afids ../shared/data/afids_mni152/tpl-MNI152NLin2009cAsym_res-01_T1w.nii.gz "
         "../shared/data/afids_mni152/tpl-MNI152NLin2009cAsym_res-01_desc-groundtruth_afids.fcsv data/afids",
@@ -146,7 +173,9 @@ def _add_afids(kinds) -> None:
 
 def _add_afids_synth(kinds) -> None:
     afids_synth = _verb(
-        kinds, "afids-synth", "A 3D training set: random warps of one template with its 32 AFIDs.",
+        kinds,
+        "afids-synth",
+        "A 3D training set: random warps of one template with its 32 AFIDs.",
         "Each case is TEMPLATE seen through a random, exactly known warp (affine and smooth elastic),\n"
         "resampled to another spacing (1, 1.2, 1.5 mm or 3 mm slabs), orientation and field of view\n"
         "(30 % of cases are cut through the landmarks: those outside are written as missing), with\n"
@@ -162,13 +191,17 @@ def _add_afids_synth(kinds) -> None:
     afids_synth.add_argument("fcsv", type=Path, help="Slicer .fcsv or .mrk.json with its 32 AFIDs")
     afids_synth.add_argument("out", type=Path, help="dataset folder to create")
     afids_synth.add_argument("--cases", type=int, default=60, help="number of cases (default 60)")
-    afids_synth.add_argument("--seed", type=int, default=0, help="random seed, 0 or more (default 0)")
+    afids_synth.add_argument(
+        "--seed", type=int, default=0, help="random seed, 0 or more (default 0)"
+    )
     afids_synth.set_defaults(func=_convert_afids_synth)
 
 
 def _add_check(sub) -> None:
     check = _verb(
-        sub, "check", "Check a dataset folder and report every problem, each with its file.",
+        sub,
+        "check",
+        "Check a dataset folder and report every problem, each with its file.",
         "Reads every image and landmark file. Exit 0 when clean (warnings allowed), 1 with problems.",
         "medlandmark check data/isbi2015",
     )
@@ -178,20 +211,35 @@ def _add_check(sub) -> None:
 
 def _add_plan(sub) -> None:
     plan = _verb(
-        sub, "plan", "Fingerprint a dataset and decide every size: write plans.json.",
+        sub,
+        "plan",
+        "Fingerprint a dataset and decide every size: write plans.json.",
         "Computes (or reuses) PREPROCESSED/fingerprint.json, then writes PREPROCESSED/plans.json:\n"
         "target spacing, normalisation, patch sizes, networks and the coarse-to-fine cascade.\n"
         "PREPROCESSED defaults to DATASET/preprocessed.",
         "medlandmark plan data/isbi2015 --gpu-memory 8",
     )
     _dataset_arguments(plan, "dataset folder (with dataset.json)", "folder for plans and caches")
-    plan.add_argument("--gpu-memory", type=_positive, default=8.0, metavar="GB", help="GPU memory budget (default 8)")
     plan.add_argument(
-        "--base-features", type=int, default=32, metavar="N",
+        "--gpu-memory",
+        type=_positive,
+        default=8.0,
+        metavar="GB",
+        help="GPU memory budget (default 8)",
+    )
+    plan.add_argument(
+        "--base-features",
+        type=int,
+        default=32,
+        metavar="N",
         help="U-Net first-stage width, doubling per stage (default 32, nnU-Net's; 8-16 for CPU budgets)",
     )
     plan.add_argument(
-        "--target-spacing", type=_positive, nargs="+", default=None, metavar="MM",
+        "--target-spacing",
+        type=_positive,
+        nargs="+",
+        default=None,
+        metavar="MM",
         help="target spacing instead of the planned one (the median): one value, or one per image axis",
     )
     plan.add_argument("--workers", type=int, default=2, help="parallel readers (default 2)")
@@ -200,20 +248,26 @@ def _add_plan(sub) -> None:
 
 def _add_preprocess(sub) -> None:
     preprocess = _verb(
-        sub, "preprocess", "Resample and normalise every case into the cache, as plans.json says.",
+        sub,
+        "preprocess",
+        "Resample and normalise every case into the cache, as plans.json says.",
         "Writes PREPROCESSED/<data>/<case>.npy (float16, memory-mappable) and <case>.json (geometry,\n"
         "landmarks in cache voxels). Up-to-date cases are skipped; interrupted runs resume.",
         "medlandmark preprocess data/isbi2015 -c 2d_coarse 2d_fine --workers 2",
     )
     _dataset_arguments(preprocess, "dataset folder (with dataset.json)", "folder with plans.json")
-    preprocess.add_argument("-c", "--configurations", nargs="+", default=None, help="default: all in the plan")
+    preprocess.add_argument(
+        "-c", "--configurations", nargs="+", default=None, help="default: all in the plan"
+    )
     preprocess.add_argument("--workers", type=int, default=2, help="parallel processes (default 2)")
     preprocess.set_defaults(func=_preprocess)
 
 
 def _add_models(sub) -> None:
     models = _verb(
-        sub, "models", "Print each network's parameter count and forward FLOPs for a plan.",
+        sub,
+        "models",
+        "Print each network's parameter count and forward FLOPs for a plan.",
         "Builds every architecture that fits the plan (unet; hyatt in 2D; h3de in 3D) at the\n"
         "configuration's patch size, counting on the meta device (no memory, no compute).",
         "medlandmark models data/isbi2015 -c 2d_coarse",
@@ -225,26 +279,40 @@ def _add_models(sub) -> None:
 
 def _add_train(sub) -> None:
     train = _verb(
-        sub, "train", "Train a landmark network on the preprocessed cache.",
+        sub,
+        "train",
+        "Train a landmark network on the preprocessed cache.",
         "Writes RUN_DIR/run.json, checkpoint_latest.pt (resumable), model_best.safetensors,\n"
         "model_final.safetensors, log.csv and training_curve.png. Ctrl-C or SIGTERM saves and stops;\n"
         "--resume continues. Under torchrun every process trains on its own shard (DDP).",
         "medlandmark train data/isbi2015 -c 2d_coarse -a hyatt --fold 0 -o runs/isbi_coarse",
     )
-    _dataset_arguments(train, "dataset folder (planned and preprocessed)", "folder with plans.json and caches")
+    _dataset_arguments(
+        train, "dataset folder (planned and preprocessed)", "folder with plans.json and caches"
+    )
     train.add_argument("-o", "--out", type=Path, required=True, help="run folder")
-    train.add_argument("-c", "--configuration", default=None, help="plan configuration (default: the plan's)")
+    train.add_argument(
+        "-c", "--configuration", default=None, help="plan configuration (default: the plan's)"
+    )
     train.add_argument("-a", "--arch", default="unet", choices=["unet", "hyatt", "h3de"])
-    train.add_argument("--fold", default="0", help="cross-validation fold (0..4) or 'all' (no validation)")
+    train.add_argument(
+        "--fold", default="0", help="cross-validation fold (0..4) or 'all' (no validation)"
+    )
     train.add_argument("--epochs", type=int, default=None)
     train.add_argument("--iterations", type=int, default=None, help="iterations per epoch")
     train.add_argument("--batch-size", type=int, default=None)
     train.add_argument("--lr", type=_positive, default=None, help="base learning rate")
-    train.add_argument("--validate-every", type=int, default=None, help="epochs between validations")
-    train.add_argument("--max-steps", type=int, default=None, help="stop (resumably) after this many steps")
+    train.add_argument(
+        "--validate-every", type=int, default=None, help="epochs between validations"
+    )
+    train.add_argument(
+        "--max-steps", type=int, default=None, help="stop (resumably) after this many steps"
+    )
     train.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
     train.add_argument("--amp", default="auto", choices=["auto", "bf16", "fp16", "off"])
-    train.add_argument("--ema", type=float, default=None, metavar="DECAY", help="keep a weight moving average")
+    train.add_argument(
+        "--ema", type=float, default=None, metavar="DECAY", help="keep a weight moving average"
+    )
     _add_train_tuning(train)
     train.set_defaults(func=_train)
 
@@ -253,24 +321,39 @@ def _add_train_tuning(train: argparse.ArgumentParser) -> None:
     """train's options for the missing-landmark target, augmentation, loss, seeds and resumption."""
     train.add_argument("--missing-target", choices=["mask", "zero"], default=None)
     train.add_argument(
-        "--augment", type=_setting, action="append", default=[], metavar="NAME=VALUE",
+        "--augment",
+        type=_setting,
+        action="append",
+        default=[],
+        metavar="NAME=VALUE",
         help="change an augmentation setting (repeatable), e.g. p_field_of_view_cut=0.3 or scale=[0.8,1.2]; "
         "the names are AugmentConfig's (docs/training.md)",
     )
     train.add_argument(
-        "--loss", choices=["mse", "smooth_l1", "balanced_mse", "balanced_mse_centroid"], default=None,
+        "--loss",
+        choices=["mse", "smooth_l1", "balanced_mse", "balanced_mse_centroid"],
+        default=None,
         help="heatmap loss (default: the plan's, balanced_mse, which weighs each landmark's neighbourhood "
         "as much as the background and leaves the empty-map plateau far sooner than mse on large images)",
     )
     train.add_argument("--seed", type=int, default=0)
-    train.add_argument("--deterministic", action="store_true", help="deterministic algorithms (slower)")
+    train.add_argument(
+        "--deterministic", action="store_true", help="deterministic algorithms (slower)"
+    )
     train.add_argument("--resume", action="store_true", help="continue the run in --out")
-    train.add_argument("--coarse-run", type=Path, default=None, help="fine stage: the coarse stage's run (its error sets patch offsets)")
+    train.add_argument(
+        "--coarse-run",
+        type=Path,
+        default=None,
+        help="fine stage: the coarse stage's run (its error sets patch offsets)",
+    )
 
 
 def _add_predict(sub) -> None:
     predict = _verb(
-        sub, "predict", "Predict landmarks in new images, in world mm of each original image.",
+        sub,
+        "predict",
+        "Predict landmarks in new images, in world mm of each original image.",
         "MODEL_DIR is a run folder, or a folder of runs: runs of one configuration are averaged\n"
         "(folds), a coarse and a fine configuration form a cascade. INPUT: image files, folders of\n"
         "images, DICOM series folders, or a dataset folder. Writes OUT/<case>.<format> (confidence\n"
@@ -283,29 +366,54 @@ def _add_predict(sub) -> None:
     predict.add_argument("-o", "--out", type=Path, required=True, help="output folder")
     predict.add_argument("--format", default="json", choices=["csv", "json", "mrk.json", "fcsv"])
     predict.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
-    predict.add_argument("--tta", action="store_true", help="average with the mirrored image (symmetric pairs swapped)")
-    predict.add_argument("--overlay", action="store_true", help="also write OUT/overlays/<case>.png")
-    predict.add_argument("--spacing", type=_positive, nargs="+", default=None, metavar="MM", help="pixel spacing (x y) for PNG/JPEG/BMP/TIFF")
+    predict.add_argument(
+        "--tta",
+        action="store_true",
+        help="average with the mirrored image (symmetric pairs swapped)",
+    )
+    predict.add_argument(
+        "--overlay", action="store_true", help="also write OUT/overlays/<case>.png"
+    )
+    predict.add_argument(
+        "--spacing",
+        type=_positive,
+        nargs="+",
+        default=None,
+        metavar="MM",
+        help="pixel spacing (x y) for PNG/JPEG/BMP/TIFF",
+    )
     predict.add_argument("--weights", choices=["best", "final"], default="best")
     predict.add_argument(
-        "--no-shape-check", dest="shape_check", action="store_false",
+        "--no-shape-check",
+        dest="shape_check",
+        action="store_false",
         help="keep landmarks that the training constellation, fitted to the landmarks found, places outside the image",
     )
-    predict.add_argument("--onnx", nargs="?", const="run", default=None, metavar="MODEL.onnx",
-                         help="run with onnxruntime: this file, or each run's model.onnx when no file is given")
+    predict.add_argument(
+        "--onnx",
+        nargs="?",
+        const="run",
+        default=None,
+        metavar="MODEL.onnx",
+        help="run with onnxruntime: this file, or each run's model.onnx when no file is given",
+    )
     predict.set_defaults(func=_predict)
 
 
 def _add_export(sub) -> None:
     export = _verb(
-        sub, "export", "Export a run's network to ONNX and check it against PyTorch.",
+        sub,
+        "export",
+        "Export a run's network to ONNX and check it against PyTorch.",
         "Writes the network (full-resolution heatmaps of one patch, any batch size) and prints the\n"
         "largest heatmap difference between onnxruntime and PyTorch on the same input; fails if\n"
         "it exceeds the tolerance. 'predict --onnx' then runs without PyTorch's network code.",
         "medlandmark export runs/isbi_coarse --onnx runs/isbi_coarse/model.onnx",
     )
     export.add_argument("run_dir", type=Path, help="a training run folder")
-    export.add_argument("--onnx", type=Path, default=None, help="output file (default RUN_DIR/model.onnx)")
+    export.add_argument(
+        "--onnx", type=Path, default=None, help="output file (default RUN_DIR/model.onnx)"
+    )
     export.add_argument("--weights", choices=["best", "final"], default="best")
     export.add_argument("--opset", type=int, default=None)
     export.set_defaults(func=_export)
@@ -313,20 +421,32 @@ def _add_export(sub) -> None:
 
 def _add_evaluate(sub) -> None:
     evaluate = _verb(
-        sub, "evaluate", "Compare predicted landmarks with ground truth, in world mm.",
+        sub,
+        "evaluate",
+        "Compare predicted landmarks with ground truth, in world mm.",
         "Evaluates the cases in --pred; writes OUT/metrics.json, OUT/report.md and PNG plots.",
         "medlandmark evaluate --pred runs/isbi/pred --gt data/isbi2015 --out runs/isbi/eval",
     )
-    evaluate.add_argument("--pred", type=Path, required=True, help="folder of predicted landmark files")
-    evaluate.add_argument("--gt", type=Path, required=True, help="dataset folder or folder of landmark files")
-    evaluate.add_argument("--out", type=Path, required=True, help="folder for metrics.json, report.md, plots")
-    evaluate.add_argument("--radii", type=_radii, default=list(DEFAULT_RADII_MM), help="SDR radii in mm")
+    evaluate.add_argument(
+        "--pred", type=Path, required=True, help="folder of predicted landmark files"
+    )
+    evaluate.add_argument(
+        "--gt", type=Path, required=True, help="dataset folder or folder of landmark files"
+    )
+    evaluate.add_argument(
+        "--out", type=Path, required=True, help="folder for metrics.json, report.md, plots"
+    )
+    evaluate.add_argument(
+        "--radii", type=_radii, default=list(DEFAULT_RADII_MM), help="SDR radii in mm"
+    )
     evaluate.set_defaults(func=_evaluate)
 
 
 def _add_demo(sub) -> None:
     demo = _verb(
-        sub, "demo", "Run the whole pipeline end to end on a small dataset, in minutes on a CPU.",
+        sub,
+        "demo",
+        "Run the whole pipeline end to end on a small dataset, in minutes on a CPU.",
         "check -> plan -> preprocess -> train -> predict -> evaluate with a small configuration, on\n"
         "a procedural synthetic 2D dataset (hands), 3D with --3d (bodies), or ISBI 2015 cephalograms\n"
         "with --isbi2015 [PATH] (default ../shared/data/isbi2015). Writes OUT/dataset, OUT/run,\n"
@@ -335,9 +455,16 @@ def _add_demo(sub) -> None:
     )
     demo.add_argument("-o", "--out", type=Path, default=Path("demo_output"), help="output folder")
     demo_data = demo.add_mutually_exclusive_group()
-    demo_data.add_argument("--3d", dest="three_d", action="store_true", help="synthetic 3D volumes instead of 2D")
     demo_data.add_argument(
-        "--isbi2015", type=Path, nargs="?", const=DEFAULT_ISBI2015, default=None, metavar="PATH",
+        "--3d", dest="three_d", action="store_true", help="synthetic 3D volumes instead of 2D"
+    )
+    demo_data.add_argument(
+        "--isbi2015",
+        type=Path,
+        nargs="?",
+        const=DEFAULT_ISBI2015,
+        default=None,
+        metavar="PATH",
         help="ISBI 2015 challenge folder (official layout) instead of synthetic data",
     )
     demo.set_defaults(func=_demo)
@@ -383,9 +510,13 @@ def _plan(args: argparse.Namespace) -> int:
     from medlandmark.planning import plan_dataset
 
     plan_dataset(
-        args.dataset, args.preprocessed, gpu_memory_gb=args.gpu_memory, workers=args.workers,
-        base_features=args.base_features, spacing_override_mm=args.target_spacing,
-    )  # fmt: skip
+        args.dataset,
+        args.preprocessed,
+        gpu_memory_gb=args.gpu_memory,
+        workers=args.workers,
+        base_features=args.base_features,
+        spacing_override_mm=args.target_spacing,
+    )
     return 0
 
 
@@ -410,15 +541,26 @@ def _train(args: argparse.Namespace) -> int:
     from medlandmark.training.loop import TrainOptions, train
 
     options = TrainOptions(
-        configuration=args.configuration, arch=args.arch,
-        fold=args.fold if args.fold == "all" else int(args.fold), epochs=args.epochs,
-        iterations_per_epoch=args.iterations, batch_size=args.batch_size, learning_rate=args.lr,
-        validate_every=args.validate_every, max_steps=args.max_steps, device=args.device,
-        seed=args.seed, deterministic=args.deterministic, amp=args.amp, ema_decay=args.ema,
-        missing_target=args.missing_target, loss=args.loss, augment=dict(args.augment),
+        configuration=args.configuration,
+        arch=args.arch,
+        fold=args.fold if args.fold == "all" else int(args.fold),
+        epochs=args.epochs,
+        iterations_per_epoch=args.iterations,
+        batch_size=args.batch_size,
+        learning_rate=args.lr,
+        validate_every=args.validate_every,
+        max_steps=args.max_steps,
+        device=args.device,
+        seed=args.seed,
+        deterministic=args.deterministic,
+        amp=args.amp,
+        ema_decay=args.ema,
+        missing_target=args.missing_target,
+        loss=args.loss,
+        augment=dict(args.augment),
         preprocessed=None if args.preprocessed is None else str(args.preprocessed),
         coarse_run=None if args.coarse_run is None else str(args.coarse_run),
-    )  # fmt: skip
+    )
     record = train(args.dataset, args.out, options, resume=args.resume)
     return EXIT_INTERRUPTED if record.status == "interrupted" else 0
 
@@ -427,10 +569,15 @@ def _predict(args: argparse.Namespace) -> int:
     from medlandmark.inference.batch import PredictOptions, predict_files
 
     options = PredictOptions(
-        output_format=args.format, device=args.device, tta=args.tta, overlay=args.overlay,
-        spacing_xy_mm=args.spacing, weights=args.weights, onnx=args.onnx,
+        output_format=args.format,
+        device=args.device,
+        tta=args.tta,
+        overlay=args.overlay,
+        spacing_xy_mm=args.spacing,
+        weights=args.weights,
+        onnx=args.onnx,
         shape_check=args.shape_check,
-    )  # fmt: skip
+    )
     rows = predict_files(args.model_dir, args.inputs, args.out, options)
     return EXIT_PROBLEMS if any(r["status"] == "failed" for r in rows) else 0
 
@@ -483,15 +630,18 @@ def main(argv: list[str] | None = None) -> int:
         if args.verbose:
             traceback.print_exc()
         where = f"{error.filename}: " if error.filename else ""
-        console.print(f"[red]error:[/red] {escape(where + (error.strerror or str(error)))}", soft_wrap=True)
+        console.print(
+            f"[red]error:[/red] {escape(where + (error.strerror or str(error)))}", soft_wrap=True
+        )
         return EXIT_ERROR
     except Exception as error:  # the last resort: one line, the traceback with --verbose
         if args.verbose:
             traceback.print_exc()
         console.print(
             f"[red]internal error[/red] in '{args.verb}': {escape(f'{type(error).__name__}: {error}')}"
-            " (run again with --verbose for the traceback, and please report it)", soft_wrap=True,
-        )  # fmt: skip
+            " (run again with --verbose for the traceback, and please report it)",
+            soft_wrap=True,
+        )
         return EXIT_ERROR
 
 

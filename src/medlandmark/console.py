@@ -60,9 +60,13 @@ def progress(items: Iterable[T], total: int | None = None, description: str = ""
         return
     if console.is_terminal:
         columns = (
-            TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), RateColumn(),
-            TimeElapsedColumn(), TimeRemainingColumn(),
-        )  # fmt: skip
+            TextColumn("{task.description}"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            RateColumn(),
+            TimeElapsedColumn(),
+            TimeRemainingColumn(),
+        )
         with Progress(*columns, console=console, transient=False) as bar:
             task = bar.add_task(description, total=total)
             for item in items:
@@ -108,18 +112,26 @@ class ProgressBar:
     def __enter__(self) -> ProgressBar:
         if not _state["quiet"] and console.is_terminal:
             self._bar = Progress(
-                TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
-                TextColumn("{task.fields[status]}"), TimeElapsedColumn(), TimeRemainingColumn(),
+                TextColumn("{task.description}"),
+                BarColumn(),
+                MofNCompleteColumn(),
+                TextColumn("{task.fields[status]}"),
+                TimeElapsedColumn(),
+                TimeRemainingColumn(),
                 console=console,
-            )  # fmt: skip
+            )
             self._bar.__enter__()
-            self._task = self._bar.add_task(self.description, total=self.total, completed=self.completed, status="")
+            self._task = self._bar.add_task(
+                self.description, total=self.total, completed=self.completed, status=""
+            )
         return self
 
     def update(self, advance: int = 1, **fields: object) -> None:
         """Advance and show ``fields`` (numbers are formatted compactly)."""
         self.completed += advance
-        status = "  ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in fields.items())
+        status = "  ".join(
+            f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in fields.items()
+        )
         if self._bar is not None:
             self._bar.update(self._task, advance=advance, status=status)
         elif not _state["quiet"]:

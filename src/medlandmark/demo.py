@@ -63,23 +63,30 @@ def run_demo(out: str | Path, kind: str = "2d", isbi2015: str | Path | None = No
     recipe = RECIPES[kind]
     step = _Steps(7)
     step(f"dataset ({kind})", out / "dataset")
-    root = make_demo_dataset(kind, out / "dataset", Path(isbi2015) if isbi2015 is not None else None)
+    root = make_demo_dataset(
+        kind, out / "dataset", Path(isbi2015) if isbi2015 is not None else None
+    )
     step("check", root)
     report = check_dataset(root)
     print_check_report(report)
     if not report.ok:
         return 1
     step("plan", root / "preprocessed" / "plans.json")
-    plan = plan_dataset(root, gpu_memory_gb=recipe.gpu_memory_gb, base_features=recipe.base_features)
+    plan = plan_dataset(
+        root, gpu_memory_gb=recipe.gpu_memory_gb, base_features=recipe.base_features
+    )
     configuration = plan.default_configuration
     step("preprocess", root / "preprocessed")
     preprocess_dataset(root, configurations=[configuration])
     step(f"train a U-Net ({configuration}, fold 0)", out / "run")
     options = TrainOptions(
-        configuration=configuration, epochs=recipe.epochs,
-        iterations_per_epoch=recipe.iterations_per_epoch, batch_size=recipe.batch_size,
-        learning_rate=recipe.learning_rate, validate_every=recipe.epochs // 2,
-    )  # fmt: skip
+        configuration=configuration,
+        epochs=recipe.epochs,
+        iterations_per_epoch=recipe.iterations_per_epoch,
+        batch_size=recipe.batch_size,
+        learning_rate=recipe.learning_rate,
+        validate_every=recipe.epochs // 2,
+    )
     train(root, out / "run", options)
     test_images = _test_images(Dataset(root), recipe)
     step(f"predict {len(test_images)} {recipe.test_split} images", out / "predictions")

@@ -34,5 +34,6 @@ def validation_problems(error: ValidationError, top_level: str, limit: int | Non
     """A pydantic validation error as ``where: what`` parts joined by "; " (the first ``limit``
     of them), ``top_level`` naming a problem with the whole object."""
     return "; ".join(
-        f"{'.'.join(str(p) for p in item['loc']) or top_level}: {item['msg']}" for item in error.errors()[:limit]
+        f"{'.'.join(str(p) for p in item['loc']) or top_level}: {item['msg']}"
+        for item in error.errors()[:limit]
     )

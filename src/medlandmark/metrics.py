@@ -167,10 +167,15 @@ def worst_cases(
         if stats["n"] == 0:
             continue
         k = int(np.nanargmax(errors_mm[i]))
-        rows.append({
-            "case_id": case_id, "mre_mm": stats["mre_mm"], "max_mm": stats["max_mm"],
-            "worst_landmark": names[k], "n_points": stats["n"],
-        })  # fmt: skip
+        rows.append(
+            {
+                "case_id": case_id,
+                "mre_mm": stats["mre_mm"],
+                "max_mm": stats["max_mm"],
+                "worst_landmark": names[k],
+                "n_points": stats["n"],
+            }
+        )
     rows.sort(key=lambda row: (-row["mre_mm"], row["case_id"]))
     return rows[:count]
 

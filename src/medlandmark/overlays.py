@@ -37,25 +37,36 @@ PLANE_NAMES = ("sagittal", "coronal", "axial")
 
 
 def overlay_2d(
-    image: ImageData, landmarks: LandmarkSet, out_path: str | Path,
-    truth: LandmarkSet | None = None, title: str | None = None,
-) -> Path:  # fmt: skip
+    image: ImageData,
+    landmarks: LandmarkSet,
+    out_path: str | Path,
+    truth: LandmarkSet | None = None,
+    title: str | None = None,
+) -> Path:
     """Write :func:`figure_2d` as a PNG (atomically); returns ``out_path``."""
     return _save(figure_2d(image, landmarks, truth, title), out_path)
 
 
 def overlay_3d(
-    image: ImageData, landmarks: LandmarkSet, out_path: str | Path,
-    truth: LandmarkSet | None = None, max_landmarks: int | None = None, title: str | None = None,
-) -> Path:  # fmt: skip
+    image: ImageData,
+    landmarks: LandmarkSet,
+    out_path: str | Path,
+    truth: LandmarkSet | None = None,
+    max_landmarks: int | None = None,
+    title: str | None = None,
+) -> Path:
     """Write :func:`figure_3d` as a PNG (atomically); returns ``out_path``."""
     return _save(figure_3d(image, landmarks, truth, max_landmarks, title), out_path)
 
 
 def overlay_comparison(
-    image: ImageData, prediction: LandmarkSet, truth: LandmarkSet, out_path: str | Path,
-    focus: str | None = None, title: str | None = None,
-) -> Path:  # fmt: skip
+    image: ImageData,
+    prediction: LandmarkSet,
+    truth: LandmarkSet,
+    out_path: str | Path,
+    focus: str | None = None,
+    title: str | None = None,
+) -> Path:
     """PNG of predicted and true landmarks with a colour legend: the whole image in 2D; in 3D the
     three orthogonal slices through the predicted ``focus`` (default: the largest error)."""
     if image.ndim == 2:
@@ -67,9 +78,12 @@ def overlay_comparison(
         else:
             figure = figure_3d(image, _only(prediction, focus), _only(truth, focus), title=title)
     figure.legend(
-        handles=_legend_handles(), loc="lower right" if image.ndim == 2 else "upper right",
-        ncol=3, fontsize=8, framealpha=0.85,
-    )  # fmt: skip
+        handles=_legend_handles(),
+        loc="lower right" if image.ndim == 2 else "upper right",
+        ncol=3,
+        fontsize=8,
+        framealpha=0.85,
+    )
     return _save(figure, out_path)
 
 
@@ -85,9 +99,11 @@ def largest_error_landmark(prediction: LandmarkSet, truth: LandmarkSet) -> str |
 
 
 def figure_2d(
-    image: ImageData, landmarks: LandmarkSet, truth: LandmarkSet | None = None,
+    image: ImageData,
+    landmarks: LandmarkSet,
+    truth: LandmarkSet | None = None,
     title: str | None = None,
-) -> Figure:  # fmt: skip
+) -> Figure:
     """The (first channel of the) 2D image with the predicted points, named (with their
     confidence when known), the true points linked to them, and missing points listed."""
     geometry = image.geometry
@@ -98,9 +114,14 @@ def figure_2d(
     axes = figure.add_axes((0.0, 0.0, 1.0, 1.0))
     low, high = display_window(image.array[0])
     axes.imshow(
-        image.array[0], cmap="gray", vmin=low, vmax=high, interpolation="nearest",
-        aspect=geometry.spacing_mm[0] / geometry.spacing_mm[1], origin="upper",
-    )  # fmt: skip
+        image.array[0],
+        cmap="gray",
+        vmin=low,
+        vmax=high,
+        interpolation="nearest",
+        aspect=geometry.spacing_mm[0] / geometry.spacing_mm[1],
+        origin="upper",
+    )
     axes.set_xlim(-0.5, cols - 0.5)
     axes.set_ylim(rows - 0.5, -0.5)
     axes.set_axis_off()
@@ -128,9 +149,12 @@ def figure_2d(
 
 
 def figure_3d(
-    image: ImageData, landmarks: LandmarkSet, truth: LandmarkSet | None = None,
-    max_landmarks: int | None = None, title: str | None = None,
-) -> Figure:  # fmt: skip
+    image: ImageData,
+    landmarks: LandmarkSet,
+    truth: LandmarkSet | None = None,
+    max_landmarks: int | None = None,
+    title: str | None = None,
+) -> Figure:
     """One row per present landmark (at most ``max_landmarks``, the others listed): the three
     orthogonal slices through it with the point marked (and the true point, projected, linked)."""
     geometry = image.geometry
@@ -149,9 +173,15 @@ def figure_3d(
     height_in = n_rows * PANEL_SIZE_3D_IN + header_in
     figure = Figure(figsize=(3 * PANEL_SIZE_3D_IN, height_in), dpi=DPI)
     grid = figure.add_gridspec(
-        n_rows, 3, hspace=0.3, wspace=0.05, left=0.02, right=0.98, bottom=0.3 / height_in,
+        n_rows,
+        3,
+        hspace=0.3,
+        wspace=0.05,
+        left=0.02,
+        right=0.98,
+        bottom=0.3 / height_in,
         top=1.0 - (header_in + 0.2) / height_in,
-    )  # fmt: skip
+    )
     volume = image.array[0]
     window = display_window(volume)
     predicted = world_to_index(landmarks.points_mm, geometry)
@@ -192,18 +222,28 @@ def slice_axes(normal: int) -> tuple[int, int]:
 
 
 def _slice_panel(
-    axes, volume: np.ndarray, geometry: Geometry, normal: int, point: np.ndarray,
-    truth: np.ndarray | None, window: tuple[float, float],
-) -> None:  # fmt: skip
+    axes,
+    volume: np.ndarray,
+    geometry: Geometry,
+    normal: int,
+    point: np.ndarray,
+    truth: np.ndarray | None,
+    window: tuple[float, float],
+) -> None:
     """The slice through ``point`` (array index) normal to array axis ``normal``, point marked."""
     row_axis, col_axis = slice_axes(normal)
     position = int(np.clip(np.rint(point[normal]), 0, geometry.shape[normal] - 1))
     plane = np.take(volume, position, axis=normal)  # axes (row_axis, col_axis), in order
     spacing = geometry.spacing_mm
     axes.imshow(
-        plane, cmap="gray", vmin=window[0], vmax=window[1], interpolation="nearest",
-        aspect=spacing[row_axis] / spacing[col_axis], origin="upper",
-    )  # fmt: skip
+        plane,
+        cmap="gray",
+        vmin=window[0],
+        vmax=window[1],
+        interpolation="nearest",
+        aspect=spacing[row_axis] / spacing[col_axis],
+        origin="upper",
+    )
     rows, cols = plane.shape
     up_is_first_row, left_is_first_col = _orientation(geometry, row_axis, col_axis)
     axes.set_ylim((rows - 0.5, -0.5) if up_is_first_row else (-0.5, rows - 0.5))
@@ -256,19 +296,41 @@ def _mark_prediction(axes, x: float, y: float, label: str | None, fontsize: int 
     axes.scatter([x], [y], s=4, marker="o", color=PREDICTION_COLOUR)
     if label:
         axes.annotate(
-            label, (x, y), xytext=(5, 4), textcoords="offset points", color=TEXT_COLOUR,
-            fontsize=fontsize, bbox={"boxstyle": "round,pad=0.15", "fc": "black", "alpha": 0.5, "lw": 0},
-        )  # fmt: skip
+            label,
+            (x, y),
+            xytext=(5, 4),
+            textcoords="offset points",
+            color=TEXT_COLOUR,
+            fontsize=fontsize,
+            bbox={"boxstyle": "round,pad=0.15", "fc": "black", "alpha": 0.5, "lw": 0},
+        )
 
 
 def _legend_handles() -> list[Line2D]:
     return [
-        Line2D([], [], linestyle="none", marker="o", markersize=7, markerfacecolor="none",
-               markeredgecolor=PREDICTION_COLOUR, markeredgewidth=1.5, label="prediction"),
-        Line2D([], [], linestyle="none", marker="x", markersize=7, color=TRUTH_COLOUR,
-               markeredgewidth=1.5, label="ground truth"),
+        Line2D(
+            [],
+            [],
+            linestyle="none",
+            marker="o",
+            markersize=7,
+            markerfacecolor="none",
+            markeredgecolor=PREDICTION_COLOUR,
+            markeredgewidth=1.5,
+            label="prediction",
+        ),
+        Line2D(
+            [],
+            [],
+            linestyle="none",
+            marker="x",
+            markersize=7,
+            color=TRUTH_COLOUR,
+            markeredgewidth=1.5,
+            label="ground truth",
+        ),
         Line2D([], [], color=LINK_COLOUR, linewidth=1.2, label="error"),
-    ]  # fmt: skip
+    ]
 
 
 def _only(landmarks: LandmarkSet, name: str) -> LandmarkSet:
@@ -304,9 +366,17 @@ def _missing_note(landmarks: LandmarkSet) -> list[str]:
 
 def _corner_text(axes, text: str) -> None:
     axes.text(
-        0.01, 0.99, text, transform=axes.transAxes, va="top", ha="left", color=TEXT_COLOUR,
-        fontsize=8, wrap=True, bbox={"boxstyle": "round,pad=0.3", "fc": "black", "alpha": 0.6, "lw": 0},
-    )  # fmt: skip
+        0.01,
+        0.99,
+        text,
+        transform=axes.transAxes,
+        va="top",
+        ha="left",
+        color=TEXT_COLOUR,
+        fontsize=8,
+        wrap=True,
+        bbox={"boxstyle": "round,pad=0.3", "fc": "black", "alpha": 0.6, "lw": 0},
+    )
 
 
 def _check_dims(

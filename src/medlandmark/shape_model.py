@@ -61,14 +61,20 @@ class ShapeModel:
     @classmethod
     def from_dict(cls, data: dict) -> ShapeModel:
         ndim = len(next(p for p in data["reference_mm"] if p is not None))
-        reference = np.array([[np.nan] * ndim if p is None else p for p in data["reference_mm"]], dtype=np.float64)
+        reference = np.array(
+            [[np.nan] * ndim if p is None else p for p in data["reference_mm"]], dtype=np.float64
+        )
         low, high = data["singular_values"]
         return cls(reference, float(data["inlier_mm"]), (float(low), float(high)))
 
-    def expected(self, points_mm: np.ndarray, usable: np.ndarray, seed: int = 0) -> ExpectedFit | None:
+    def expected(
+        self, points_mm: np.ndarray, usable: np.ndarray, seed: int = 0
+    ) -> ExpectedFit | None:
         """Expected positions from the ``usable`` found ``points_mm`` ``(K, D)``, or None when
         fewer than :attr:`minimum_points` of them agree on one plausible affine map."""
-        candidates = np.flatnonzero(usable & np.isfinite(points_mm).all(axis=1) & np.isfinite(self.reference_mm).all(axis=1))
+        candidates = np.flatnonzero(
+            usable & np.isfinite(points_mm).all(axis=1) & np.isfinite(self.reference_mm).all(axis=1)
+        )
         if len(candidates) < self.minimum_points:
             return None
         inliers = self._consensus(points_mm, candidates, np.random.default_rng(seed))
@@ -76,15 +82,21 @@ class ShapeModel:
             return None
         for _ in range(3):  # refit on the agreeing landmarks until the set settles
             matrix = affine_fit(self.reference_mm[inliers], points_mm[inliers])
-            residual = np.linalg.norm(apply_affine(matrix, self.reference_mm[candidates]) - points_mm[candidates], axis=1)
+            residual = np.linalg.norm(
+                apply_affine(matrix, self.reference_mm[candidates]) - points_mm[candidates], axis=1
+            )
             agreeing = candidates[residual < self.inlier_mm]
             if len(agreeing) < self.minimum_points:
                 return None
             if np.array_equal(agreeing, inliers):
                 break
             inliers = agreeing
-        residual = np.linalg.norm(apply_affine(matrix, self.reference_mm[inliers]) - points_mm[inliers], axis=1)
-        return ExpectedFit(apply_affine(matrix, self.reference_mm), inliers, float(np.sqrt(np.mean(residual**2))))
+        residual = np.linalg.norm(
+            apply_affine(matrix, self.reference_mm[inliers]) - points_mm[inliers], axis=1
+        )
+        return ExpectedFit(
+            apply_affine(matrix, self.reference_mm), inliers, float(np.sqrt(np.mean(residual**2)))
+        )
 
     def cut_off(self, points_mm: np.ndarray, usable: np.ndarray, geometry: Geometry) -> np.ndarray:
         """``(K,)`` True for landmarks the image's field of view has cut off: expected outside
@@ -95,7 +107,9 @@ class ShapeModel:
         depth = geometry.depth_inside_mm(fit.expected_mm)
         return np.isfinite(depth) & (depth < fit.rms_mm)
 
-    def _consensus(self, points_mm: np.ndarray, candidates: np.ndarray, rng: np.random.Generator) -> np.ndarray | None:
+    def _consensus(
+        self, points_mm: np.ndarray, candidates: np.ndarray, rng: np.random.Generator
+    ) -> np.ndarray | None:
         """The largest set of candidates that one plausible affine map (from a minimal sample)
         puts within :attr:`inlier_mm`; ties go to the smaller summed residual."""
         ndim = self.reference_mm.shape[1]
@@ -109,7 +123,9 @@ class ShapeModel:
             values = np.linalg.svd(matrix[:ndim], compute_uv=False)
             if values.min() < low or values.max() > high:
                 continue
-            residual = np.linalg.norm(apply_affine(matrix, self.reference_mm[candidates]) - points_mm[candidates], axis=1)
+            residual = np.linalg.norm(
+                apply_affine(matrix, self.reference_mm[candidates]) - points_mm[candidates], axis=1
+            )
             agreeing = residual < self.inlier_mm
             score = (int(agreeing.sum()), -float(np.minimum(residual, self.inlier_mm).sum()))
             if best_score is None or score > best_score:
@@ -152,9 +168,15 @@ def fit_shape_model(shapes_mm: Sequence[np.ndarray]) -> ShapeModel | None:
                 aligned[i, seen] = apply_affine(matrix, shape[seen])
         with np.errstate(invalid="ignore"):
             seen_count = np.isfinite(aligned).all(axis=2).sum(axis=0)
-            mean = np.where(seen_count[:, None] > 0, np.nansum(aligned, axis=0) / np.maximum(seen_count, 1)[:, None], np.nan)
+            mean = np.where(
+                seen_count[:, None] > 0,
+                np.nansum(aligned, axis=0) / np.maximum(seen_count, 1)[:, None],
+                np.nan,
+            )
         common = np.isfinite(mean).all(axis=1) & np.isfinite(first).all(axis=1)
-        gauge = affine_fit(mean[common], first[common])  # kept in the first case's frame: no drift or collapse
+        gauge = affine_fit(
+            mean[common], first[common]
+        )  # kept in the first case's frame: no drift or collapse
         reference = mean if gauge is None else apply_affine(gauge, mean)
     residuals, values = [], []
     for shape in usable:
@@ -162,13 +184,16 @@ def fit_shape_model(shapes_mm: Sequence[np.ndarray]) -> ShapeModel | None:
         matrix = affine_fit(reference[common], shape[common])
         if matrix is None:
             continue
-        residuals.append(np.linalg.norm(apply_affine(matrix, reference[common]) - shape[common], axis=1))
+        residuals.append(
+            np.linalg.norm(apply_affine(matrix, reference[common]) - shape[common], axis=1)
+        )
         values.append(np.linalg.svd(matrix[:ndim], compute_uv=False))
     if not residuals:
         return None
     rms = float(np.sqrt(np.mean(np.concatenate(residuals) ** 2)))
     values = np.concatenate(values)
     return ShapeModel(
-        reference, max(INLIER_RMS_FACTOR * rms, 1e-6),
+        reference,
+        max(INLIER_RMS_FACTOR * rms, 1e-6),
         (float(values.min() / SINGULAR_VALUE_SLACK), float(values.max() * SINGULAR_VALUE_SLACK)),
-    )  # fmt: skip
+    )

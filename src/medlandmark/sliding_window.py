@@ -43,8 +43,12 @@ def _importance(patch: tuple[int, ...], device: str) -> torch.Tensor:
 
 @torch.no_grad()
 def sliding_window_heatmaps(
-    model: nn.Module, image: torch.Tensor, patch_size: Sequence[int], step: float = 0.5,
-    batch_size: int = 1, amp_dtype: torch.dtype | None = None,
+    model: nn.Module,
+    image: torch.Tensor,
+    patch_size: Sequence[int],
+    step: float = 0.5,
+    batch_size: int = 1,
+    amp_dtype: torch.dtype | None = None,
 ) -> torch.Tensor:
     """Heatmaps ``(K, *spatial)`` of an image ``(C, *spatial)`` (on the model's device), from the
     first (full-resolution) output of ``model`` on Gaussian-weighted windows."""
@@ -55,13 +59,17 @@ def sliding_window_heatmaps(
         pad = [v for amount in reversed(padding) for v in (0, amount)]
         image = F.pad(image, pad)
     padded = tuple(image.shape[1:])
-    grid = np.meshgrid(*[window_starts(s, p, step) for s, p in zip(padded, patch, strict=True)], indexing="ij")
+    grid = np.meshgrid(
+        *[window_starts(s, p, step) for s, p in zip(padded, patch, strict=True)], indexing="ij"
+    )
     starts = np.stack([g.ravel() for g in grid], axis=1)
     weight = _importance(patch, str(image.device))
     total, norm = None, torch.zeros(padded, device=image.device)
     for first in range(0, len(starts), batch_size):
         chunk = starts[first : first + batch_size]
-        windows = channels_last(torch.stack([image[(slice(None), *_box(s, patch))] for s in chunk]), len(patch))
+        windows = channels_last(
+            torch.stack([image[(slice(None), *_box(s, patch))] for s in chunk]), len(patch)
+        )
         with _autocast(image.device, amp_dtype):
             heatmaps = model(windows)[0].float()
         if total is None:
@@ -76,7 +84,11 @@ def sliding_window_heatmaps(
 
 def _autocast(device: torch.device, amp_dtype: torch.dtype | None):
     """Autocast to ``amp_dtype``; nothing at all without one (so any device type works)."""
-    return contextlib.nullcontext() if amp_dtype is None else torch.autocast(device.type, dtype=amp_dtype)
+    return (
+        contextlib.nullcontext()
+        if amp_dtype is None
+        else torch.autocast(device.type, dtype=amp_dtype)
+    )
 
 
 def _box(start: Sequence[int], patch: Sequence[int]) -> tuple[slice, ...]:

@@ -177,7 +177,9 @@ def augment_batch(
         moved = swap_pairs(moved, pairs, transform.mirrored)
     patches = augment_intensity(patches, config, generator)
     if moved is not None:
-        patches, moved = random_field_of_view_cut(patches, moved, config.p_field_of_view_cut, generator)
+        patches, moved = random_field_of_view_cut(
+            patches, moved, config.p_field_of_view_cut, generator
+        )
     return patches, moved
 
 

@@ -18,7 +18,11 @@ from medlandmark.augment.spatial import chance, uniform
 
 
 def random_field_of_view_cut(
-    images: Tensor, points: Tensor, p: float, generator: torch.Generator | None = None, fill: float = 0.0,
+    images: Tensor,
+    points: Tensor,
+    p: float,
+    generator: torch.Generator | None = None,
+    fill: float = 0.0,
 ) -> tuple[Tensor, Tensor]:
     """Cut each sample with probability ``p``: a random array axis, side, and position between the
     lowest and highest present landmark along that axis; returns new images and points.
@@ -33,7 +37,9 @@ def random_field_of_view_cut(
         return images, points
     device = images.device
     chosen = chance(generator, batch, p, device)
-    axes = (uniform(generator, (batch,), 0.0, float(ndim), device).floor().long()).clamp_max(ndim - 1)
+    axes = (uniform(generator, (batch,), 0.0, float(ndim), device).floor().long()).clamp_max(
+        ndim - 1
+    )
     keep_low = chance(generator, batch, 0.5, device)
     fraction = uniform(generator, (batch,), 0.0, 1.0, device)
     if not bool(chosen.any()):

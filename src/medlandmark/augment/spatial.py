@@ -329,7 +329,9 @@ def random_spatial_transform(
         )
     if mirror_axis is not None and not -ndim <= mirror_axis < ndim:
         raise ValueError(f"mirror_axis {mirror_axis} is not an axis of a {ndim}D patch")
-    draw = _Draws(generator, batch, ndim, device)  # the draws below keep their order: seeds reproduce
+    draw = _Draws(
+        generator, batch, ndim, device
+    )  # the draws below keep their order: seeds reproduce
     rotation, shear = _random_rotation_and_shear(draw, config, spacing_mm)
     zoom = _random_zoom(draw, config)
     mirror, flip = _random_mirror(draw, config, mirror_axis)

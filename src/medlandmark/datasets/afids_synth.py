@@ -47,9 +47,13 @@ from medlandmark.io.landmarks import LandmarkSet, write_landmarks
 
 # Output spacings (array order: the first is the slowest axis), drawn uniformly.
 OUTPUT_SPACINGS_MM = (
-    (1.0, 1.0, 1.0), (1.2, 1.2, 1.2), (1.5, 1.5, 1.5), (3.0, 1.0, 1.0), (1.0, 1.0, 3.0),
+    (1.0, 1.0, 1.0),
+    (1.2, 1.2, 1.2),
+    (1.5, 1.5, 1.5),
+    (3.0, 1.0, 1.0),
+    (1.0, 1.0, 3.0),
     (1.0, 3.0, 1.0),
-)  # fmt: skip
+)
 TRAIN_CASES, TEST_CASES = 40, 20
 FOREGROUND_FRACTION = 0.05  # of the template's 99.5th percentile
 FIELD_SPACING_MM = 6.0  # the elastic field's grid (linear between its points)
@@ -234,8 +238,9 @@ def load_template(image: Path, fcsv: Path) -> Template:
     if data.geometry.ndim != 3 or data.channels != 1:
         raise ImageError(
             f"the template must be a 3D single-channel image, got {data.geometry.ndim}D with "
-            f"{data.channels} channels", image,
-        )  # fmt: skip
+            f"{data.channels} channels",
+            image,
+        )
     landmarks = read_afids_landmarks(Path(fcsv))
     warn_landmarks_outside(landmarks, data.geometry, Path(fcsv))
     return make_template(data.array[0], data.geometry, landmarks)
@@ -280,7 +285,7 @@ def draw_case(rng: np.random.Generator, options: SynthOptions) -> CaseDraw:
         noise_fraction=float(rng.uniform(*options.noise_range)),
         bright_level=float(rng.uniform(*options.bright_level_range)),
         noise_seed=int(rng.integers(2**31)),
-    )  # fmt: skip
+    )
 
 
 def synth_case(template: Template, draw: CaseDraw, options: SynthOptions) -> SynthCase:
@@ -304,9 +309,11 @@ def make_warp(template: Template, draw: CaseDraw, options: SynthOptions) -> Warp
         matrix.ravel().tolist(), draw.translation_mm.tolist(), template.centre_mm.tolist()
     )
     elastic = elastic_field(
-        template.geometry, options.elastic_rms_mm, options.elastic_control_spacing_mm,
+        template.geometry,
+        options.elastic_rms_mm,
+        options.elastic_control_spacing_mm,
         np.random.default_rng(draw.elastic_seed),
-    )  # fmt: skip
+    )
     return Warp(affine, elastic)
 
 
@@ -373,9 +380,16 @@ def warped_voxels(template: Template, warp: Warp, geometry: Geometry) -> np.ndar
     """The template resampled (linear, 0 outside) on ``geometry`` through the warp, float32."""
     spacing, origin, direction = geometry.to_itk()
     image = sitk.Resample(
-        template.image, geometry.shape[::-1], warp.transform(), sitk.sitkLinear, origin,
-        spacing, direction, 0.0, sitk.sitkFloat32,
-    )  # fmt: skip
+        template.image,
+        geometry.shape[::-1],
+        warp.transform(),
+        sitk.sitkLinear,
+        origin,
+        spacing,
+        direction,
+        0.0,
+        sitk.sitkFloat32,
+    )
     return sitk.GetArrayFromImage(image)
 
 

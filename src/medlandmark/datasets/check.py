@@ -119,9 +119,11 @@ def split_problems(root: Path, spec: DatasetSpec, case_ids: set[str]) -> list[Pr
     splits_path = root / SPLITS_FILE
     if splits_path.is_file():
         if spec.splits:
-            problems.append(Problem(
-                splits_path, "splits are given in both dataset.json and splits.json; keep one"
-            ))  # fmt: skip
+            problems.append(
+                Problem(
+                    splits_path, "splits are given in both dataset.json and splits.json; keep one"
+                )
+            )
         try:
             sources.append((splits_path, read_splits_file(splits_path)))
         except DatasetError as error:
@@ -140,14 +142,16 @@ def _split_id_problems(path: Path, name: str, ids: list[str], case_ids: set[str]
         problems.append(Problem(path, f"split '{name}' has {INVALID_CASE_IDS}: {_listed(invalid)}"))
     unknown = [i for i in ids if valid_case_id(i) and i not in case_ids]
     if unknown:
-        problems.append(Problem(
-            path, f"split '{name}' names cases that do not exist: {_listed(unknown)}"
-        ))  # fmt: skip
+        problems.append(
+            Problem(path, f"split '{name}' names cases that do not exist: {_listed(unknown)}")
+        )
     repeated = sorted(i for i, n in Counter(ids).items() if n > 1)
     if repeated:
-        problems.append(Problem(
-            path, f"split '{name}' lists cases more than once: {_listed(repeated)}", "warning"
-        ))  # fmt: skip
+        problems.append(
+            Problem(
+                path, f"split '{name}' lists cases more than once: {_listed(repeated)}", "warning"
+            )
+        )
     return problems
 
 
@@ -160,10 +164,14 @@ def _split_overlap_problems(path: Path, splits: dict[str, list[str]]) -> list[Pr
                 continue
             shared = sorted(set(splits[first]) & set(splits[second]))
             if shared:
-                problems.append(Problem(
-                    path, f"splits '{first}' and '{second}' share {_count(len(shared), 'case')}: "
-                    f"{_listed(shared)}", "warning",
-                ))  # fmt: skip
+                problems.append(
+                    Problem(
+                        path,
+                        f"splits '{first}' and '{second}' share {_count(len(shared), 'case')}: "
+                        f"{_listed(shared)}",
+                        "warning",
+                    )
+                )
     return problems
 
 
@@ -190,9 +198,9 @@ def case_problems(case: Case, spec: DatasetSpec) -> list[Problem]:
     problems: list[Problem] = []
     geometry = _image_geometry(case, spec, problems)
     if case.landmarks_path is None:
-        problems.append(Problem(
-            case.image_path, f"case '{case.case_id}' has no landmark file in landmarks/"
-        ))  # fmt: skip
+        problems.append(
+            Problem(case.image_path, f"case '{case.case_id}' has no landmark file in landmarks/")
+        )
         return problems
     usable = geometry is not None and geometry.ndim == spec.spatial_dims
     try:

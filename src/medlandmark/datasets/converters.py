@@ -36,11 +36,26 @@ from medlandmark.io.landmarks import (
 )
 
 ISBI_LANDMARKS = [
-    "sella", "nasion", "orbitale", "porion", "subspinale", "supramentale", "pogonion", "menton",
-    "gnathion", "gonion", "lower_incisal_incision", "upper_incisal_incision", "upper_lip",
-    "lower_lip", "subnasale", "soft_tissue_pogonion", "posterior_nasal_spine",
-    "anterior_nasal_spine", "articulare",
-]  # fmt: skip
+    "sella",
+    "nasion",
+    "orbitale",
+    "porion",
+    "subspinale",
+    "supramentale",
+    "pogonion",
+    "menton",
+    "gnathion",
+    "gonion",
+    "lower_incisal_incision",
+    "upper_incisal_incision",
+    "upper_lip",
+    "lower_lip",
+    "subnasale",
+    "soft_tissue_pogonion",
+    "posterior_nasal_spine",
+    "anterior_nasal_spine",
+    "articulare",
+]
 ISBI_SPACING_MM = [0.1, 0.1]
 ISBI_SPLIT_FOLDERS = {"train": "TrainingData", "test1": "Test1Data", "test2": "Test2Data"}
 ISBI_IMAGE_SUFFIXES = (".jpg", ".jpeg", ".bmp")
@@ -54,15 +69,52 @@ ISBI_GROUND_TRUTH = {
 HAND_LANDMARKS = [f"p{k:02d}" for k in range(1, 38)]
 
 AFIDS_LANDMARKS = [
-    "AC", "PC", "ICS", "PMJ", "SIPF", "RSLMS", "LSLMS", "RILMS", "LILMS", "CUL", "IMS", "RMB",
-    "LMB", "PG", "RLVAC", "LLVAC", "RLVPC", "LLVPC", "GENU", "SPLE", "RALTH", "LALTH", "RSAMTH",
-    "LSAMTH", "RIAMTH", "LIAMTH", "RIGO", "LIGO", "RVOH", "LVOH", "ROSF", "LOSF",
-]  # fmt: skip
+    "AC",
+    "PC",
+    "ICS",
+    "PMJ",
+    "SIPF",
+    "RSLMS",
+    "LSLMS",
+    "RILMS",
+    "LILMS",
+    "CUL",
+    "IMS",
+    "RMB",
+    "LMB",
+    "PG",
+    "RLVAC",
+    "LLVAC",
+    "RLVPC",
+    "LLVPC",
+    "GENU",
+    "SPLE",
+    "RALTH",
+    "LALTH",
+    "RSAMTH",
+    "LSAMTH",
+    "RIAMTH",
+    "LIAMTH",
+    "RIGO",
+    "LIGO",
+    "RVOH",
+    "LVOH",
+    "ROSF",
+    "LOSF",
+]
 AFIDS_SYMMETRIC_PAIRS = [
-    ("RSLMS", "LSLMS"), ("RILMS", "LILMS"), ("RMB", "LMB"), ("RLVAC", "LLVAC"),
-    ("RLVPC", "LLVPC"), ("RALTH", "LALTH"), ("RSAMTH", "LSAMTH"), ("RIAMTH", "LIAMTH"),
-    ("RIGO", "LIGO"), ("RVOH", "LVOH"), ("ROSF", "LOSF"),
-]  # fmt: skip
+    ("RSLMS", "LSLMS"),
+    ("RILMS", "LILMS"),
+    ("RMB", "LMB"),
+    ("RLVAC", "LLVAC"),
+    ("RLVPC", "LLVPC"),
+    ("RALTH", "LALTH"),
+    ("RSAMTH", "LSAMTH"),
+    ("RIAMTH", "LIAMTH"),
+    ("RIGO", "LIGO"),
+    ("RVOH", "LVOH"),
+    ("ROSF", "LOSF"),
+]
 
 # Entries a dataset folder may hold before its dataset.json is written (an unfinished conversion).
 DATASET_ENTRIES = {"images", "landmarks", DATASET_FILE, "splits.json"}
@@ -121,8 +173,9 @@ def _isbi_images_by_split(src: Path) -> dict[str, list[Path]]:
     if not raw.is_dir():
         raise DatasetError(
             "not the ISBI 2015 layout: no RawImage/ folder (expected RawImage/TrainingData, "
-            "RawImage/Test1Data[, RawImage/Test2Data] and AnnotationsByMD/)", src,
-        )  # fmt: skip
+            "RawImage/Test1Data[, RawImage/Test2Data] and AnnotationsByMD/)",
+            src,
+        )
     splits: dict[str, list[Path]] = {}
     seen: dict[str, Path] = {}
     for split, folder_name in ISBI_SPLIT_FOLDERS.items():
@@ -130,9 +183,10 @@ def _isbi_images_by_split(src: Path) -> dict[str, list[Path]]:
         if not folder.is_dir():
             continue
         images = sorted(
-            p for p in folder.iterdir()
+            p
+            for p in folder.iterdir()
             if p.is_file() and full_suffix(p) in ISBI_IMAGE_SUFFIXES and not p.name.startswith(".")
-        )  # fmt: skip
+        )
         for image in images:
             case_id = _isbi_case_id(image)
             if case_id in seen:
@@ -160,8 +214,9 @@ def _isbi_annotation_dirs(src: Path, annotator: str) -> list[Path]:
         if not folder.is_dir():
             raise DatasetError(
                 f"not the ISBI 2015 layout: annotation folder {folder.name}/ is missing "
-                f"(needed for annotator '{annotator}')", folder,
-            )  # fmt: skip
+                f"(needed for annotator '{annotator}')",
+                folder,
+            )
     return folders
 
 
@@ -283,8 +338,9 @@ def convert_afids(image: Path, fcsv: Path, out: Path, case_id: str | None = None
     if info.geometry.ndim != 3 or info.channels != 1:
         raise ImageError(
             f"AFIDs need a 3D single-channel image, got {info.geometry.ndim}D with "
-            f"{info.channels} channels", image,
-        )  # fmt: skip
+            f"{info.channels} channels",
+            image,
+        )
     landmarks = read_afids_landmarks(fcsv)
     warn_landmarks_outside(landmarks, info.geometry, fcsv)
     spec = _afids_spec(out)
@@ -308,8 +364,9 @@ def read_afids_landmarks(path: Path) -> LandmarkSet:
     if len(points.names) != len(AFIDS_LANDMARKS):
         raise LandmarkFileError(
             f"file holds {len(points.names)} points; AFIDs have {len(AFIDS_LANDMARKS)} "
-            f"({', '.join(AFIDS_LANDMARKS)}), in this order", path,
-        )  # fmt: skip
+            f"({', '.join(AFIDS_LANDMARKS)}), in this order",
+            path,
+        )
     return LandmarkSet(AFIDS_LANDMARKS, points.points_mm)
 
 
@@ -322,7 +379,7 @@ def _afids_spec(out: Path) -> DatasetSpec:
                 f"{out} holds a different dataset ({spec.spatial_dims}D, landmarks "
                 f"{', '.join(spec.landmarks[:5])}...); choose another output folder",
                 out / DATASET_FILE,
-            )  # fmt: skip
+            )
         return spec
     _refuse_foreign_folder(out)
     return DatasetSpec(
@@ -355,8 +412,9 @@ def refuse_other_files_of_case(out: Path, case_id: str) -> None:
             ):
                 raise DatasetError(
                     f"case '{case_id}' is already stored as {entry.name}; remove it or choose "
-                    "another --case-id", entry,
-                )  # fmt: skip
+                    "another --case-id",
+                    entry,
+                )
 
 
 # --- shared steps --------------------------------------------------------------------------------
@@ -369,8 +427,9 @@ def check_output_dataset(out: Path, landmark_names: Sequence[str]) -> None:
         if spec.landmarks != list(landmark_names):
             raise DatasetError(
                 f"{out} holds a different dataset (landmarks {', '.join(spec.landmarks[:5])}...); "
-                "choose an empty or new output folder", out / DATASET_FILE,
-            )  # fmt: skip
+                "choose an empty or new output folder",
+                out / DATASET_FILE,
+            )
         return
     _refuse_foreign_folder(out)
 
@@ -386,8 +445,9 @@ def _refuse_foreign_folder(out: Path) -> None:
         listed = ", ".join(foreign[:5]) + (" ..." if len(foreign) > 5 else "")
         raise DatasetError(
             f"output folder is not empty and is not a medlandmark dataset (holds {listed}); "
-            "choose an empty or new folder", out,
-        )  # fmt: skip
+            "choose an empty or new folder",
+            out,
+        )
 
 
 def _write_dataset(

@@ -41,9 +41,10 @@ class DatasetSpec(BaseModel):
     spatial_dims: Literal[2, 3]
     landmarks: list[str] = Field(min_length=1, description="landmark names, in channel order")
     modalities: list[str] = Field(
-        default_factory=lambda: ["other"], min_length=1,
+        default_factory=lambda: ["other"],
+        min_length=1,
         description=f"one per image channel: {', '.join(MODALITIES)}",
-    )  # fmt: skip
+    )
     spacing_mm: list[float] | None = Field(
         default=None,
         description="pixel spacing (x, y) for formats that store none (PNG, JPEG, BMP, TIFF)",
@@ -70,7 +71,10 @@ class DatasetSpec(BaseModel):
     @classmethod
     def _known_modalities(cls, modalities: list[str]) -> list[str]:
         normalised = [m.strip().lower().replace("-", "").replace(" ", "") for m in modalities]
-        normalised = [{"mri": "mr", "radiograph": "xray", "cr": "xray", "dx": "xray"}.get(m, m) for m in normalised]
+        normalised = [
+            {"mri": "mr", "radiograph": "xray", "cr": "xray", "dx": "xray"}.get(m, m)
+            for m in normalised
+        ]
         unknown = [m for m, n in zip(modalities, normalised, strict=True) if n not in MODALITIES]
         if unknown:
             raise ValueError(f"unknown modality {unknown} (use {', '.join(MODALITIES)})")
@@ -164,7 +168,9 @@ def discover_cases(root: str | Path) -> tuple[list[Case], list[Problem]]:
     if not (root / "images").is_dir():
         problems.append(Problem(root / "images", "missing images/ folder"))
     for case_id in sorted(set(landmarks) - set(images)):
-        problems.append(Problem(landmarks[case_id], f"landmarks for case '{case_id}' have no image"))
+        problems.append(
+            Problem(landmarks[case_id], f"landmarks for case '{case_id}' have no image")
+        )
     cases = [Case(c, images[c], landmarks.get(c)) for c in sorted(images)]
     if not cases and (root / "images").is_dir():
         problems.append(Problem(root / "images", "dataset holds no images"))
@@ -182,7 +188,9 @@ class Dataset:
         if errors:
             listed = "; ".join(f"{p.path}: {p.message}" for p in errors[:10])
             more = f" (and {len(errors) - 10} more)" if len(errors) > 10 else ""
-            raise DatasetError(f"dataset folder has problems (run 'medlandmark check'): {listed}{more}", self.root)
+            raise DatasetError(
+                f"dataset folder has problems (run 'medlandmark check'): {listed}{more}", self.root
+            )
         self._by_id = {case.case_id: case for case in self.cases}
 
     @property
@@ -226,7 +234,9 @@ class Dataset:
         path = self.root / SPLITS_FILE
         if path.is_file():
             if self.spec.splits:
-                raise DatasetError("splits are given in both dataset.json and splits.json", self.root)
+                raise DatasetError(
+                    "splits are given in both dataset.json and splits.json", self.root
+                )
             splits = read_splits_file(path)
         else:
             path, splits = self.root / DATASET_FILE, dict(self.spec.splits or {})
@@ -297,9 +307,13 @@ def _entries_by_case(folder: Path, accept, problems: list[Problem]) -> dict[str,
             continue
         case_id = entry.name if entry.is_dir() else stem(entry)
         if not valid_case_id(case_id):
-            problems.append(Problem(entry, f"invalid case id '{case_id}' (letters, digits, '.', '_', '-' only)"))
+            problems.append(
+                Problem(entry, f"invalid case id '{case_id}' (letters, digits, '.', '_', '-' only)")
+            )
         elif case_id in found:
-            problems.append(Problem(entry, f"duplicate case id '{case_id}' (also {found[case_id].name})"))
+            problems.append(
+                Problem(entry, f"duplicate case id '{case_id}' (also {found[case_id].name})")
+            )
         else:
             found[case_id] = entry
     return found

@@ -27,9 +27,16 @@ _FINGERS = [  # (base, tip, half width)
     (np.array([0.38, 0.05]), np.array([0.78, -0.62]), 0.10),
 ]
 SYNTHETIC_LANDMARKS = [
-    "tip_left", "tip_middle", "tip_right", "base_left", "base_middle", "base_right",
-    "palm_left", "palm_right", "palm_bottom",
-]  # fmt: skip
+    "tip_left",
+    "tip_middle",
+    "tip_right",
+    "base_left",
+    "base_middle",
+    "base_right",
+    "palm_left",
+    "palm_right",
+    "palm_bottom",
+]
 
 
 def template_landmarks() -> np.ndarray:
@@ -44,7 +51,9 @@ def template_landmarks() -> np.ndarray:
     return np.array(tips + bases + palm)
 
 
-def _capsule_distance(points: np.ndarray, start: np.ndarray, end: np.ndarray, radius: float) -> np.ndarray:
+def _capsule_distance(
+    points: np.ndarray, start: np.ndarray, end: np.ndarray, radius: float
+) -> np.ndarray:
     segment = end - start
     t = np.clip(((points - start) @ segment) / (segment @ segment), 0.0, 1.0)
     return np.linalg.norm(points - (start + t[..., None] * segment), axis=-1) - radius
@@ -52,7 +61,9 @@ def _capsule_distance(points: np.ndarray, start: np.ndarray, end: np.ndarray, ra
 
 def _shape_distance(points: np.ndarray) -> np.ndarray:
     """Approximate signed distance (negative inside) to the palm-and-fingers shape."""
-    palm = (np.linalg.norm((points - _PALM_CENTRE) / _PALM_RADII, axis=-1) - 1.0) * _PALM_RADII.min()
+    palm = (
+        np.linalg.norm((points - _PALM_CENTRE) / _PALM_RADII, axis=-1) - 1.0
+    ) * _PALM_RADII.min()
     fingers = [_capsule_distance(points, b, t, r) for b, t, r in _FINGERS]
     return np.minimum.reduce([palm, *fingers])
 
@@ -88,8 +99,13 @@ def synthetic_case(seed: int, size_px: int = 128) -> tuple[np.ndarray, np.ndarra
 
 
 def write_synthetic_cases(
-    out: Path, make_case: Callable[[int], tuple[np.ndarray, np.ndarray]], names: list[str],
-    geometry: Geometry, suffixes: tuple[str, str], num_cases: int, seed: int,
+    out: Path,
+    make_case: Callable[[int], tuple[np.ndarray, np.ndarray]],
+    names: list[str],
+    geometry: Geometry,
+    suffixes: tuple[str, str],
+    num_cases: int,
+    seed: int,
 ) -> dict[str, list[str]]:
     """Write ``num_cases`` cases from ``make_case(case_seed) -> (array, landmarks as x, y[, z]
     indices)`` as ``images/caseNNN<suffix>`` and ``landmarks/caseNNN<suffix>``; returns the
@@ -101,7 +117,9 @@ def write_synthetic_cases(
         array, landmarks_itk = make_case(seed * 100_003 + index)
         write_image(out / "images" / f"{case_id}{image_suffix}", array, geometry)
         points_mm = index_to_world(landmarks_itk[:, ::-1], geometry)
-        write_landmarks(out / "landmarks" / f"{case_id}{landmark_suffix}", LandmarkSet(names, points_mm))
+        write_landmarks(
+            out / "landmarks" / f"{case_id}{landmark_suffix}", LandmarkSet(names, points_mm)
+        )
     split = int(round(num_cases * 0.75))
     return {"train": case_ids[:split], "test": case_ids[split:]}
 
@@ -113,17 +131,29 @@ def make_synthetic_dataset(
     out = Path(out)
     geometry = Geometry.identity((size_px, size_px), (spacing_mm, spacing_mm))
     splits = write_synthetic_cases(
-        out, lambda case_seed: synthetic_case(case_seed, size_px), SYNTHETIC_LANDMARKS, geometry,
-        (".png", ".csv"), num_cases, seed,
-    )  # fmt: skip
+        out,
+        lambda case_seed: synthetic_case(case_seed, size_px),
+        SYNTHETIC_LANDMARKS,
+        geometry,
+        (".png", ".csv"),
+        num_cases,
+        seed,
+    )
     spec = DatasetSpec(
-        name="synthetic-hands-2d", spatial_dims=2, landmarks=SYNTHETIC_LANDMARKS,
-        modalities=["xray"], spacing_mm=[spacing_mm, spacing_mm],
-        symmetric_pairs=[("tip_left", "tip_right"), ("base_left", "base_right"), ("palm_left", "palm_right")],
+        name="synthetic-hands-2d",
+        spatial_dims=2,
+        landmarks=SYNTHETIC_LANDMARKS,
+        modalities=["xray"],
+        spacing_mm=[spacing_mm, spacing_mm],
+        symmetric_pairs=[
+            ("tip_left", "tip_right"),
+            ("base_left", "base_right"),
+            ("palm_left", "palm_right"),
+        ],
         splits=splits,
         description="Procedural palm-and-fingers images with exact landmarks (medlandmark demo).",
         license="CC0-1.0",
-    )  # fmt: skip
+    )
     write_spec(out, spec)
     return out
 
@@ -139,9 +169,14 @@ _LIMBS_3D = [  # (base, tip, radius)
 ]
 _ORGAN_CENTRE, _ORGAN_RADIUS = np.array([0.18, 0.02, 0.12]), 0.16
 SYNTHETIC_LANDMARKS_3D = [
-    "tip_upper_left", "tip_upper_right", "tip_lower_left", "tip_lower_right",
-    "organ_centre", "body_top", "body_bottom",
-]  # fmt: skip
+    "tip_upper_left",
+    "tip_upper_right",
+    "tip_lower_left",
+    "tip_lower_right",
+    "organ_centre",
+    "body_top",
+    "body_bottom",
+]
 
 
 def template_landmarks_3d() -> np.ndarray:
@@ -153,7 +188,9 @@ def template_landmarks_3d() -> np.ndarray:
 
 def _body_distance(points: np.ndarray) -> np.ndarray:
     """Approximate signed distance (negative inside) to the body-and-limbs shape."""
-    body = (np.linalg.norm((points - _BODY_CENTRE) / _BODY_RADII, axis=-1) - 1.0) * _BODY_RADII.min()
+    body = (
+        np.linalg.norm((points - _BODY_CENTRE) / _BODY_RADII, axis=-1) - 1.0
+    ) * _BODY_RADII.min()
     limbs = [_capsule_distance(points, b, t, r) for b, t, r in _LIMBS_3D]
     return np.minimum.reduce([body, *limbs])
 
@@ -200,14 +237,22 @@ def make_synthetic_volume_dataset(
     out = Path(out)
     geometry = Geometry.identity((size_vox,) * 3, (spacing_mm,) * 3)
     splits = write_synthetic_cases(
-        out, lambda case_seed: synthetic_volume_case(case_seed, size_vox), SYNTHETIC_LANDMARKS_3D,
-        geometry, (".nii.gz", ".mrk.json"), num_cases, seed,
-    )  # fmt: skip
+        out,
+        lambda case_seed: synthetic_volume_case(case_seed, size_vox),
+        SYNTHETIC_LANDMARKS_3D,
+        geometry,
+        (".nii.gz", ".mrk.json"),
+        num_cases,
+        seed,
+    )
     spec = DatasetSpec(
-        name="synthetic-body-3d", spatial_dims=3, landmarks=SYNTHETIC_LANDMARKS_3D, modalities=["ct"],
+        name="synthetic-body-3d",
+        spatial_dims=3,
+        landmarks=SYNTHETIC_LANDMARKS_3D,
+        modalities=["ct"],
         splits=splits,
         description="Procedural body-with-limbs volumes with exact landmarks (medlandmark demo --3d).",
         license="CC0-1.0",
-    )  # fmt: skip
+    )
     write_spec(out, spec)
     return out

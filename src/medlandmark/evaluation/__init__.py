@@ -90,9 +90,11 @@ def evaluate(
     }
     worst = metrics["worst_cases"][:WORST_CASES_SHOWN]
     overlays = write_worst_case_overlays(
-        out_dir, worst, {row["case_id"]: pairs.landmark_sets(row["case_id"]) for row in worst},
+        out_dir,
+        worst,
+        {row["case_id"]: pairs.landmark_sets(row["case_id"]) for row in worst},
         pairs.dataset,
-    )  # fmt: skip
+    )
     metrics["files"]["html_report"] = write_html_report(out_dir, metrics, overlays)
     metrics["files"]["overlays"] = list(overlays.files.values())
     atomic_write_text(out_dir / METRICS_FILE, json.dumps(metrics, indent=2, allow_nan=False) + "\n")
@@ -107,8 +109,9 @@ def load_pairs(pred_dir: Path, gt: Path) -> Pairs:
         if case_id not in truth.files:
             raise DatasetError(
                 f"prediction for case '{case_id}' has no ground truth in {gt} "
-                "(remove it or add the case's landmarks)", path,
-            )  # fmt: skip
+                "(remove it or add the case's landmarks)",
+                path,
+            )
     names: list[str] | None = None
     pred_sets, gt_sets = [], []
     for case_id, path in progress(
@@ -127,9 +130,13 @@ def load_pairs(pred_dir: Path, gt: Path) -> Pairs:
     if unpredicted:
         info(f"{unpredicted} ground-truth cases have no prediction and are not evaluated")
     return Pairs(
-        list(predictions), names or [], np.stack(pred_sets), np.stack(gt_sets), unpredicted,
+        list(predictions),
+        names or [],
+        np.stack(pred_sets),
+        np.stack(gt_sets),
+        unpredicted,
         truth.dataset,
-    )  # fmt: skip
+    )
 
 
 def prediction_files(pred_dir: Path) -> dict[str, Path]:
@@ -140,8 +147,9 @@ def prediction_files(pred_dir: Path) -> dict[str, Path]:
     if not files:
         raise DatasetError(
             f"no prediction files here (one landmark file per case: <case_id>"
-            f"{'|'.join(FORMAT_BY_SUFFIX)})", pred_dir,
-        )  # fmt: skip
+            f"{'|'.join(FORMAT_BY_SUFFIX)})",
+            pred_dir,
+        )
     return files
 
 
@@ -191,8 +199,9 @@ class _GroundTruth:
         if not files:
             raise DatasetError(
                 "no ground truth here: give a dataset folder (with dataset.json) or a folder of "
-                "landmark files named <case_id>.<ext>", gt,
-            )  # fmt: skip
+                "landmark files named <case_id>.<ext>",
+                gt,
+            )
         return cls(files)
 
     def read_pair(

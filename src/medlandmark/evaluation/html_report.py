@@ -64,9 +64,11 @@ class CaseOverlays:
 
 
 def write_worst_case_overlays(
-    out_dir: Path, worst_cases: Sequence[dict],
-    landmarks: Mapping[str, tuple[LandmarkSet, LandmarkSet]], dataset: Dataset | None,
-) -> CaseOverlays:  # fmt: skip
+    out_dir: Path,
+    worst_cases: Sequence[dict],
+    landmarks: Mapping[str, tuple[LandmarkSet, LandmarkSet]],
+    dataset: Dataset | None,
+) -> CaseOverlays:
     """Draw prediction and ground truth on the image of each of ``worst_cases`` (rows of
     ``metrics["worst_cases"]``; ``landmarks``: case id -> (prediction, truth)) into
     ``out_dir/worst_cases/<case_id>.png``; without a dataset there are no images to draw on."""
@@ -123,35 +125,41 @@ def report_html(metrics: dict, overlays: CaseOverlays) -> str:
         f"<li>Missing landmarks: {_text(metrics['missing_rule'])}.</li>",
         "</ul>",
     ]
-    return "\n".join([
-        "<!DOCTYPE html>",
-        '<html lang="en">',
-        '<head>\n<meta charset="utf-8">',
-        '<meta name="viewport" content="width=device-width, initial-scale=1">',
-        "<title>Landmark evaluation report</title>",
-        f"<style>{CSS}</style>",
-        "</head>",
-        "<body>",
-        *body,
-        "</body>",
-        "</html>",
-        "",
-    ])  # fmt: skip
+    return "\n".join(
+        [
+            "<!DOCTYPE html>",
+            '<html lang="en">',
+            '<head>\n<meta charset="utf-8">',
+            '<meta name="viewport" content="width=device-width, initial-scale=1">',
+            "<title>Landmark evaluation report</title>",
+            f"<style>{CSS}</style>",
+            "</head>",
+            "<body>",
+            *body,
+            "</body>",
+            "</html>",
+            "",
+        ]
+    )
 
 
 def _summary(metrics: dict) -> list[str]:
     radii = [radius_key(r) for r in metrics["radii_mm"]]
     overall = [
-        str(metrics["n_cases"]), str(metrics["n_points"]), format_mm(metrics["mre_mm"]),
-        format_mm(metrics["sd_mm"]), format_mm(metrics["median_mm"]),
+        str(metrics["n_cases"]),
+        str(metrics["n_points"]),
+        format_mm(metrics["mre_mm"]),
+        format_mm(metrics["sd_mm"]),
+        format_mm(metrics["median_mm"]),
         format_mm(metrics.get("max_mm")),
-    ]  # fmt: skip
+    ]
     parts = [
         "<h2>Summary</h2>",
         _table(
             ["cases", "points", "MRE (mm)", "SD (mm)", "median (mm)", "max (mm)"],
-            [overall], text_columns=(),
-        ),  # fmt: skip
+            [overall],
+            text_columns=(),
+        ),
     ]
     unpredicted = metrics.get("n_gt_cases_without_prediction", 0)
     if unpredicted:
@@ -162,9 +170,10 @@ def _summary(metrics: dict) -> list[str]:
     parts += [
         "<h2>Success detection rate</h2>",
         _table(
-            [f"SDR {r} mm" for r in radii], [[format_percent(metrics["sdr"][r]) for r in radii]],
+            [f"SDR {r} mm" for r in radii],
+            [[format_percent(metrics["sdr"][r]) for r in radii]],
             text_columns=(),
-        ),  # fmt: skip
+        ),
     ]
     return parts
 
@@ -172,10 +181,15 @@ def _summary(metrics: dict) -> list[str]:
 def _per_landmark(metrics: dict) -> list[str]:
     radii = [radius_key(r) for r in metrics["radii_mm"]]
     rows = [
-        [name, str(row["n"]), format_mm(row["mre_mm"]), format_mm(row["sd_mm"]),
-         *(format_percent(row["sdr"][r]) for r in radii)]
+        [
+            name,
+            str(row["n"]),
+            format_mm(row["mre_mm"]),
+            format_mm(row["sd_mm"]),
+            *(format_percent(row["sdr"][r]) for r in radii),
+        ]
         for name, row in metrics["per_landmark"].items()
-    ]  # fmt: skip
+    ]
     header = ["landmark", "n", "MRE (mm)", "SD (mm)", *(f"SDR {r}" for r in radii)]
     return ["<h2>Per landmark</h2>", _table(header, rows)]
 

@@ -20,7 +20,16 @@ from medlandmark.io.images import IMAGE_SUFFIXES, read_image
 from medlandmark.io.landmarks import SUFFIX_BY_FORMAT, write_landmarks
 from medlandmark.records.run import PREDICTION_SUMMARY_FILE as SUMMARY_FILE
 
-SUMMARY_COLUMNS = ["case_id", "status", "landmark_file", "present", "missing", "mean_confidence", "seconds", "message"]
+SUMMARY_COLUMNS = [
+    "case_id",
+    "status",
+    "landmark_file",
+    "present",
+    "missing",
+    "mean_confidence",
+    "seconds",
+    "message",
+]
 OUTPUT_FORMATS = ("csv", "json", "mrk.json", "fcsv")
 
 
@@ -33,7 +42,11 @@ def collect_inputs(inputs: Sequence[str | Path]) -> list[tuple[str, Path]]:
             given = given / "images"
         if given.is_dir():
             entries = sorted(p for p in given.iterdir() if not p.name.startswith("."))
-            images = [p for p in entries if p.is_file() and full_suffix(p) in IMAGE_SUFFIXES and full_suffix(p) != ".dcm"]
+            images = [
+                p
+                for p in entries
+                if p.is_file() and full_suffix(p) in IMAGE_SUFFIXES and full_suffix(p) != ".dcm"
+            ]
             series = [p for p in entries if p.is_dir()]
             if images or series:
                 cases += [(stem(p), p) for p in images] + [(p.name, p) for p in series]
@@ -46,7 +59,9 @@ def collect_inputs(inputs: Sequence[str | Path]) -> list[tuple[str, Path]]:
     ids = [case_id for case_id, _ in cases]
     duplicates = sorted({i for i in ids if ids.count(i) > 1})
     if duplicates:
-        raise MedlandmarkError(f"several inputs share the case id(s) {', '.join(duplicates)}: outputs would collide")
+        raise MedlandmarkError(
+            f"several inputs share the case id(s) {', '.join(duplicates)}: outputs would collide"
+        )
     return cases
 
 
@@ -67,9 +82,11 @@ class PredictOptions:
 
 
 def predict_files(
-    model_dir: str | Path, inputs: Sequence[str | Path], out: str | Path,
+    model_dir: str | Path,
+    inputs: Sequence[str | Path],
+    out: str | Path,
     options: PredictOptions | None = None,
-) -> list[dict]:  # fmt: skip
+) -> list[dict]:
     """Predict every input into ``out/<case_id>.<format>`` and ``out/summary.csv``; returns the
     summary rows (``status`` is ``ok`` or ``failed``, with the reason)."""
     options = options or PredictOptions()
@@ -80,9 +97,13 @@ def predict_files(
     out = Path(out)
     cases = collect_inputs(inputs)
     predictor = Predictor.from_run(
-        model_dir, device=options.device, weights=options.weights, tta=options.tta,
-        onnx=options.onnx, shape_check=options.shape_check,
-    )  # fmt: skip
+        model_dir,
+        device=options.device,
+        weights=options.weights,
+        tta=options.tta,
+        onnx=options.onnx,
+        shape_check=options.shape_check,
+    )
     spacing = options.spacing_xy_mm or predictor.stages[0].spacing_mm
     rows = []
     for case_id, path in progress(cases, description="predicting"):

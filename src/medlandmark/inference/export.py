@@ -66,20 +66,27 @@ def export_onnx(
         except MedlandmarkError as error:  # name the file asked for, not the temporary one
             raise MedlandmarkError(
                 f"the {record.arch} network was exported but ONNX Runtime cannot run the graph; "
-                f"the file was not written ({error.detail})", out_path,
-            ) from None  # fmt: skip
+                f"the file was not written ({error.detail})",
+                out_path,
+            ) from None
         tolerance = PARITY_TOLERANCE * max(1.0, peak)
         if not difference <= tolerance:  # also catches NaN
             raise MedlandmarkError(
                 f"ONNX export of the {record.arch} network does not reproduce PyTorch: largest "
                 f"heatmap difference {difference:.3g} exceeds {tolerance:.3g} (largest heatmap "
-                f"value {peak:.3g}); the file was not written", out_path,
-            )  # fmt: skip
+                f"value {peak:.3g}); the file was not written",
+                out_path,
+            )
     return {
-        "onnx_path": str(out_path), "opset": opset, "input_shape": ["batch", channels, *patch],
-        "architecture": record.arch, "weights": weights,
-        "max_abs_heatmap_difference": difference, "max_abs_heatmap": peak, "tolerance": tolerance,
-    }  # fmt: skip
+        "onnx_path": str(out_path),
+        "opset": opset,
+        "input_shape": ["batch", channels, *patch],
+        "architecture": record.arch,
+        "weights": weights,
+        "max_abs_heatmap_difference": difference,
+        "max_abs_heatmap": peak,
+        "tolerance": tolerance,
+    }
 
 
 def run_network(run_dir: Path, record: RunRecord, weights: str = "best") -> nn.Module:
@@ -102,9 +109,15 @@ def _export(
             # traced shapes are the patch's, and the parity check below runs a different batch
             warnings.simplefilter("ignore")
             torch.onnx.export(
-                wrapper, (example,), str(path), dynamo=False, opset_version=opset,
-                input_names=[INPUT_NAME], output_names=[OUTPUT_NAME], dynamic_axes=axes,
-            )  # fmt: skip
+                wrapper,
+                (example,),
+                str(path),
+                dynamo=False,
+                opset_version=opset,
+                input_names=[INPUT_NAME],
+                output_names=[OUTPUT_NAME],
+                dynamic_axes=axes,
+            )
     except Exception as error:  # the exporter raises many types, with the whole graph attached
         reason = (
             str(error).strip().splitlines()[0][:300] if str(error).strip() else type(error).__name__
@@ -165,8 +178,9 @@ class OnnxNetwork:
         except Exception as error:
             raise MedlandmarkError(
                 f"ONNX Runtime failed on an input of shape {list(array.shape)} (the model takes "
-                f"{self.input_shape}): {str(error).strip()[:300]}", self.path,
-            ) from None  # fmt: skip
+                f"{self.input_shape}): {str(error).strip()[:300]}",
+                self.path,
+            ) from None
         return [torch.from_numpy(heatmaps).to(x.device)]
 
     def eval(self) -> OnnxNetwork:
@@ -246,9 +260,12 @@ def _corrected_translations(opset: int) -> Iterator[None]:
     shapes (translated as truncation).
     """
     symbolics = {
-        "aten::contiguous": _contiguous, "aten::kron": _kron, "aten::movedim": _movedim_symbolic(),
-        "aten::floordiv": _floor_divide, "aten::floor_divide": _floor_divide,
-    }  # fmt: skip
+        "aten::contiguous": _contiguous,
+        "aten::kron": _kron,
+        "aten::movedim": _movedim_symbolic(),
+        "aten::floordiv": _floor_divide,
+        "aten::floor_divide": _floor_divide,
+    }
     registered = []
     try:
         for name, symbolic in symbolics.items():

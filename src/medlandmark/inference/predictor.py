@@ -67,7 +67,12 @@ class Stage:
     shape_model: ShapeModel | None = None
 
     def heatmaps(
-        self, array: np.ndarray, geometry: Geometry, device: torch.device, mirror: bool, batch_size: int = 1,
+        self,
+        array: np.ndarray,
+        geometry: Geometry,
+        device: torch.device,
+        mirror: bool,
+        batch_size: int = 1,
     ) -> torch.Tensor:
         """Mean heatmaps ``(K, *spatial)`` of the ensemble over a preprocessed image, averaged
         with the left-right mirrored prediction (pairs swapped back) when ``mirror``;
@@ -79,14 +84,18 @@ class Stage:
             heatmaps = sliding_window_heatmaps(network, image, patch, batch_size=batch_size)
             if mirror:
                 axis = left_right_axis(geometry) + 1
-                flipped = sliding_window_heatmaps(network, image.flip(axis), patch, batch_size=batch_size).flip(axis)
+                flipped = sliding_window_heatmaps(
+                    network, image.flip(axis), patch, batch_size=batch_size
+                ).flip(axis)
                 heatmaps = 0.5 * (heatmaps + swap_channels(flipped, self.pairs))
             total = heatmaps if total is None else total + heatmaps
         return total / len(self.networks)
 
     def to(self, device: torch.device) -> None:
         """Move the (PyTorch) networks to ``device``."""
-        self.networks = [n.to(device) if isinstance(n, torch.nn.Module) else n for n in self.networks]
+        self.networks = [
+            n.to(device) if isinstance(n, torch.nn.Module) else n for n in self.networks
+        ]
 
 
 def spread_in_mm(spread_per_axis_voxels: torch.Tensor, geometry: Geometry) -> np.ndarray:
@@ -111,9 +120,14 @@ class Predictor:
     """
 
     def __init__(
-        self, stages: list[Stage], names: list[str], device: torch.device, tta: bool = False,
-        windows_per_batch: int | None = None, shape_check: bool = True,
-    ):  # fmt: skip
+        self,
+        stages: list[Stage],
+        names: list[str],
+        device: torch.device,
+        tta: bool = False,
+        windows_per_batch: int | None = None,
+        shape_check: bool = True,
+    ):
         self.stages, self.names, self.device, self.tta = stages, names, torch.device(device), tta
         self.shape_check = shape_check
         planned = min(s.configuration.batch_size for s in stages)
@@ -121,8 +135,13 @@ class Predictor:
 
     @classmethod
     def from_run(
-        cls, model_dir: str | Path, device: str = "auto", weights: str = "best", tta: bool = False,
-        network_factory: NetworkFactory | None = None, onnx: str | Path | None = None,
+        cls,
+        model_dir: str | Path,
+        device: str = "auto",
+        weights: str = "best",
+        tta: bool = False,
+        network_factory: NetworkFactory | None = None,
+        onnx: str | Path | None = None,
         shape_check: bool = True,
     ) -> Predictor:
         """Load a run folder, or a folder of runs (ensembles per configuration, a cascade when a
@@ -145,7 +164,10 @@ class Predictor:
         return cls(stages, names, device, tta, shape_check=shape_check)
 
     def predict(
-        self, image: str | Path | ImageData, spacing_xy_mm: Sequence[float] | None = None, name: str | None = None,
+        self,
+        image: str | Path | ImageData,
+        spacing_xy_mm: Sequence[float] | None = None,
+        name: str | None = None,
     ) -> Prediction:
         """Landmarks of one image (a path, or voxels with their geometry; ``name`` says which in
         warnings). Out of memory, it is retried with fewer windows per batch, then on the CPU."""
@@ -167,14 +189,20 @@ class Predictor:
         release_cached_memory(self.device)
         if self.windows_per_batch > 1:
             self.windows_per_batch //= 2
-            warn(f"{name}: out of memory on {self.device}; retrying with {self.windows_per_batch} sliding window(s) per batch")
+            warn(
+                f"{name}: out of memory on {self.device}; retrying with {self.windows_per_batch} sliding window(s) per batch"
+            )
         elif self.device.type != "cpu":
-            warn(f"{name}: out of memory on {self.device} even with one sliding window per batch; falling back to the CPU (slower) from now on")
+            warn(
+                f"{name}: out of memory on {self.device} even with one sliding window per batch; falling back to the CPU (slower) from now on"
+            )
             self.device = torch.device("cpu")
             for stage in self.stages:
                 stage.to(self.device)
         else:
-            raise MedlandmarkError(f"out of memory on the CPU even with one sliding window per batch ({reason})", name)
+            raise MedlandmarkError(
+                f"out of memory on the CPU even with one sliding window per batch ({reason})", name
+            )
 
     def _predict(self, image: ImageData) -> Prediction:
         first = self.stages[0]
@@ -193,13 +221,24 @@ class Predictor:
             self._follow_the_shape(image, heatmaps, geometry, points, peak, spread_mm, present)
         kept = points.copy()
         points[~present] = np.nan
-        landmarks = LandmarkSet(self.names, points, recorded_mm=np.where(present[:, None], np.nan, kept), confidence=peak)
+        landmarks = LandmarkSet(
+            self.names,
+            points,
+            recorded_mm=np.where(present[:, None], np.nan, kept),
+            confidence=peak,
+        )
         return Prediction(landmarks, peak, spread_mm)
 
     def _follow_the_shape(
-        self, image: ImageData, heatmaps: torch.Tensor, geometry: Geometry, points_mm: np.ndarray,
-        peak: np.ndarray, spread_mm: np.ndarray, present: np.ndarray,
-    ) -> None:  # fmt: skip
+        self,
+        image: ImageData,
+        heatmaps: torch.Tensor,
+        geometry: Geometry,
+        points_mm: np.ndarray,
+        peak: np.ndarray,
+        spread_mm: np.ndarray,
+        present: np.ndarray,
+    ) -> None:
         """In place: each present landmark found far from where the others place it (a peak on a
         look-alike, e.g. the other side's twin) takes its heatmap's peak near that place instead:
         the fine stage's, in a patch centred there, or the single stage's ``heatmaps``."""
@@ -209,14 +248,25 @@ class Predictor:
             return
         if len(self.stages) > 1:
             chosen = np.isin(np.arange(len(points_mm)), outliers)
-            again, again_spread = self._refine(image, expected_mm, chosen, spread_mm, guided=shape_model)
+            again, again_spread = self._refine(
+                image, expected_mm, chosen, spread_mm, guided=shape_model
+            )
             points_mm[outliers], spread_mm[outliers] = again[outliers], again_spread[outliers]
             return
         radius_mm = guided_radius_mm(shape_model, geometry)
         for k in outliers:
-            points_mm[k], peak[k], spread_mm[k] = decode_near(heatmaps[k], geometry, expected_mm[k], radius_mm)
+            points_mm[k], peak[k], spread_mm[k] = decode_near(
+                heatmaps[k], geometry, expected_mm[k], radius_mm
+            )
 
-    def _refine(self, image: ImageData, points_mm: np.ndarray, present: np.ndarray, spread_mm: np.ndarray, guided: ShapeModel | None = None):
+    def _refine(
+        self,
+        image: ImageData,
+        points_mm: np.ndarray,
+        present: np.ndarray,
+        spread_mm: np.ndarray,
+        guided: ShapeModel | None = None,
+    ):
         """The cascade's fine stage: a patch of the fine configuration centred on each coarse
         estimate, at full resolution; the landmark's own channel refines its position (when
         ``guided``, its peak near the patch centre, within :func:`guided_radius_mm`)."""
@@ -230,10 +280,16 @@ class Predictor:
             start = np.round(centre - (patch - 1) / 2).astype(int)
             window = crop_with_zeros(array, start, patch)
             mirror = self.tta and bool(fine.pairs)
-            window_geometry = cropped_geometry(geometry, [int(v) for v in start], [int(v) for v in patch])
-            heatmaps = fine.heatmaps(window, window_geometry, self.device, mirror, self.windows_per_batch)
+            window_geometry = cropped_geometry(
+                geometry, [int(v) for v in start], [int(v) for v in patch]
+            )
+            heatmaps = fine.heatmaps(
+                window, window_geometry, self.device, mirror, self.windows_per_batch
+            )
             if radius_mm is not None:
-                refined[k], _, refined_spread[k] = decode_near(heatmaps[k], window_geometry, points_mm[k], radius_mm)
+                refined[k], _, refined_spread[k] = decode_near(
+                    heatmaps[k], window_geometry, points_mm[k], radius_mm
+                )
                 continue
             decoded = decode_heatmaps(heatmaps[k : k + 1][None])
             index = decoded.points[0, 0].double().cpu().numpy() + start
@@ -242,7 +298,9 @@ class Predictor:
         return refined, refined_spread
 
 
-def shape_outliers(shape_model: ShapeModel, points_mm: np.ndarray, present: np.ndarray, geometry: Geometry) -> tuple[np.ndarray, np.ndarray]:
+def shape_outliers(
+    shape_model: ShapeModel, points_mm: np.ndarray, present: np.ndarray, geometry: Geometry
+) -> tuple[np.ndarray, np.ndarray]:
     """Present landmarks found farther than the shape model's inlier distance from where the
     other landmarks place them, that place being inside ``geometry``; their indices and the
     expected positions ``(K, D)`` (none when no fit is possible)."""
@@ -254,16 +312,29 @@ def shape_outliers(shape_model: ShapeModel, points_mm: np.ndarray, present: np.n
     return np.flatnonzero(present & inside & (distance > shape_model.inlier_mm)), fit.expected_mm
 
 
-def decode_near(heatmap: torch.Tensor, geometry: Geometry, centre_mm: np.ndarray, radius_mm: float) -> tuple[np.ndarray, float, float]:
+def decode_near(
+    heatmap: torch.Tensor, geometry: Geometry, centre_mm: np.ndarray, radius_mm: float
+) -> tuple[np.ndarray, float, float]:
     """The peak of one heatmap ``(*spatial)`` within ``radius_mm`` of ``centre_mm``: its world
     position, height and spread in mm."""
     spacing = torch.tensor(geometry.spacing_mm, dtype=torch.float32, device=heatmap.device)
-    grid = torch.stack(torch.meshgrid(*[torch.arange(n, device=heatmap.device) for n in geometry.shape], indexing="ij"), dim=-1)
-    centre = torch.tensor(world_to_index(centre_mm, geometry), dtype=torch.float32, device=heatmap.device)
+    grid = torch.stack(
+        torch.meshgrid(
+            *[torch.arange(n, device=heatmap.device) for n in geometry.shape], indexing="ij"
+        ),
+        dim=-1,
+    )
+    centre = torch.tensor(
+        world_to_index(centre_mm, geometry), dtype=torch.float32, device=heatmap.device
+    )
     near = (((grid - centre) * spacing).norm(dim=-1) <= radius_mm).to(heatmap.dtype)
     decoded = decode_heatmaps((heatmap * near)[None, None])
     point = index_to_world(decoded.points[0, 0].double().cpu().numpy(), geometry)
-    return point, float(decoded.peak[0, 0]), float(spread_in_mm(decoded.spread_per_axis[0], geometry)[0])
+    return (
+        point,
+        float(decoded.peak[0, 0]),
+        float(spread_in_mm(decoded.spread_per_axis[0], geometry)[0]),
+    )
 
 
 def guided_radius_mm(shape_model: ShapeModel, geometry: Geometry) -> float:
@@ -276,7 +347,8 @@ def is_out_of_memory(error: BaseException) -> bool:
     """Whether ``error`` is a device (or CPU) allocation failure, also as older backends say it."""
     text = str(error)
     return isinstance(error, torch.OutOfMemoryError) or (
-        isinstance(error, RuntimeError) and ("out of memory" in text or "can't allocate memory" in text)
+        isinstance(error, RuntimeError)
+        and ("out of memory" in text or "can't allocate memory" in text)
     )
 
 
@@ -301,7 +373,9 @@ def _run_records(model_dir: Path) -> list[tuple[Path, RunRecord]]:
     else:
         folders = sorted(p.parent for p in model_dir.glob(f"*/{RUN_FILE}"))
     if not folders:
-        raise MedlandmarkError("no trained run here (no run.json, nor sub-folders with one)", model_dir)
+        raise MedlandmarkError(
+            "no trained run here (no run.json, nor sub-folders with one)", model_dir
+        )
     return [(folder, read_run_record(folder)) for folder in folders]
 
 
@@ -325,9 +399,11 @@ def _stage_order(by_configuration: dict[str, list], model_dir: Path) -> list[lis
 
 
 def _stage(
-    runs: list[tuple[Path, RunRecord]], device: torch.device, weights: str,
+    runs: list[tuple[Path, RunRecord]],
+    device: torch.device,
+    weights: str,
     network_factory: NetworkFactory | None,
-) -> Stage:  # fmt: skip
+) -> Stage:
     """The networks of one configuration's runs (an ensemble) and what their runs learnt."""
     networks, thresholds = [], []
     for folder, record in runs:

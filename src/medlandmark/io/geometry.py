@@ -226,9 +226,11 @@ def transposed_geometry(geometry: Geometry, axes: Sequence[int]) -> Geometry:
     axes = list(axes)
     direction = geometry.direction_matrix[:, axes]
     return Geometry(
-        tuple(geometry.spacing_mm[a] for a in axes), geometry.origin_mm,
-        tuple(map(tuple, direction)), tuple(geometry.shape[a] for a in axes),
-    )  # fmt: skip
+        tuple(geometry.spacing_mm[a] for a in axes),
+        geometry.origin_mm,
+        tuple(map(tuple, direction)),
+        tuple(geometry.shape[a] for a in axes),
+    )
 
 
 def canonical_axes(geometry: Geometry) -> tuple[list[int], list[bool]]:
@@ -236,7 +238,10 @@ def canonical_axes(geometry: Geometry) -> tuple[list[int], list[bool]]:
     of an ITK image with identity direction: array axis ``i`` along +world axis ``ndim - 1 - i``
     (``(z, y, x)`` running to S, P, L; a 2D image's rows to P and columns to L)."""
     ndim, direction = geometry.ndim, geometry.direction_matrix
-    axes = max(itertools.permutations(range(ndim)), key=lambda order: sum(abs(direction[ndim - 1 - j, a]) for j, a in enumerate(order)))
+    axes = max(
+        itertools.permutations(range(ndim)),
+        key=lambda order: sum(abs(direction[ndim - 1 - j, a]) for j, a in enumerate(order)),
+    )
     flips = [bool(direction[ndim - 1 - j, a] < 0) for j, a in enumerate(axes)]
     return list(axes), flips
 
@@ -244,10 +249,15 @@ def canonical_axes(geometry: Geometry) -> tuple[list[int], list[bool]]:
 def reoriented_geometry(geometry: Geometry, axes: Sequence[int], flips: Sequence[bool]) -> Geometry:
     """Geometry of ``array.transpose(axes)`` flipped along each axis ``j`` with ``flips[j]``."""
     transposed = transposed_geometry(geometry, axes)
-    last = np.array([n - 1 if flip else 0 for n, flip in zip(transposed.shape, flips, strict=True)], dtype=np.float64)
+    last = np.array(
+        [n - 1 if flip else 0 for n, flip in zip(transposed.shape, flips, strict=True)],
+        dtype=np.float64,
+    )
     direction = transposed.direction_matrix * np.where(flips, -1.0, 1.0)[None, :]
     origin = index_to_world(last, transposed)
-    return Geometry(transposed.spacing_mm, tuple(origin), tuple(map(tuple, direction)), transposed.shape)
+    return Geometry(
+        transposed.spacing_mm, tuple(origin), tuple(map(tuple, direction)), transposed.shape
+    )
 
 
 def cropped_geometry(geometry: Geometry, start: Sequence[int], shape: Sequence[int]) -> Geometry:

@@ -25,8 +25,14 @@ from medlandmark.io.geometry import Geometry
 # Formats whose files carry no trustworthy physical spacing: it comes from dataset.json or the CLI.
 FORMATS_WITHOUT_SPACING = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
 IMAGE_SUFFIXES = (
-    ".nii", ".nii.gz", ".nrrd", ".mha", ".mhd", ".dcm", *FORMATS_WITHOUT_SPACING,
-)  # fmt: skip
+    ".nii",
+    ".nii.gz",
+    ".nrrd",
+    ".mha",
+    ".mhd",
+    ".dcm",
+    *FORMATS_WITHOUT_SPACING,
+)
 MAX_VOXELS = int(os.environ.get("MEDLANDMARK_MAX_VOXELS", 1_500_000_000))
 
 sitk.ProcessObject.SetGlobalWarningDisplay(False)
@@ -72,7 +78,9 @@ def read_image_info(
     """Geometry, channel count and pixel type from the header alone (no voxels are read)."""
     path = Path(path)
     if path.is_dir():
-        return _info_from_image(path, _read_dicom_series(path), spacing_xy_mm, allow_missing_spacing)
+        return _info_from_image(
+            path, _read_dicom_series(path), spacing_xy_mm, allow_missing_spacing
+        )
     reader = _file_reader(path)
     try:
         reader.ReadImageInformation()
@@ -82,9 +90,14 @@ def read_image_info(
     _refuse_too_large(path, size, reader.GetNumberOfComponents())
     _refuse_bad_nifti_spacing(path)
     geometry, from_file = _geometry(
-        path, size, reader.GetSpacing(), reader.GetOrigin(), reader.GetDirection(),
-        spacing_xy_mm, allow_missing_spacing,
-    )  # fmt: skip
+        path,
+        size,
+        reader.GetSpacing(),
+        reader.GetOrigin(),
+        reader.GetDirection(),
+        spacing_xy_mm,
+        allow_missing_spacing,
+    )
     channels = _channels_after_conversion(reader.GetNumberOfComponents())
     pixel_type = sitk.GetPixelIDValueAsString(reader.GetPixelID())
     return ImageInfo(geometry, channels, pixel_type, from_file)
@@ -115,8 +128,9 @@ def read_image(
         except RuntimeError as error:
             raise ImageError(
                 f"image data cannot be read, the file may be truncated or corrupt "
-                f"({_itk_reason(error)})", path,
-            ) from None  # fmt: skip
+                f"({_itk_reason(error)})",
+                path,
+            ) from None
     array = _channels_first(sitk.GetArrayFromImage(image), image.GetNumberOfComponentsPerPixel())
     array = array.reshape((array.shape[0], *geometry.shape))
     if require_finite and np.issubdtype(array.dtype, np.floating):
@@ -138,7 +152,9 @@ def write_image(path: str | Path, array: np.ndarray, geometry: Geometry) -> None
     if array.ndim == geometry.ndim:
         array = array[None]
     if array.shape[1:] != geometry.shape:
-        raise ImageError(f"array shape {array.shape} does not match geometry {geometry.shape}", path)
+        raise ImageError(
+            f"array shape {array.shape} does not match geometry {geometry.shape}", path
+        )
     if array.dtype == np.bool_:
         array = array.astype(np.uint8)
     channels = array.shape[0]
@@ -173,8 +189,9 @@ def _read_dicom_series(folder: Path) -> sitk.Image:
     if len(series_ids) > 1:
         raise ImageError(
             f"folder holds {len(series_ids)} DICOM series ({', '.join(series_ids)}); "
-            "put each series in a folder of its own", folder,
-        )  # fmt: skip
+            "put each series in a folder of its own",
+            folder,
+        )
     files = sitk.ImageSeriesReader.GetGDCMSeriesFileNames(str(folder), series_ids[0])
     reader = sitk.ImageSeriesReader()
     reader.SetFileNames(files)
@@ -188,9 +205,14 @@ def _info_from_image(
     path: Path, image: sitk.Image, spacing_xy_mm: Sequence[float] | None, allow_missing: bool
 ) -> ImageInfo:
     geometry, from_file = _geometry(
-        path, image.GetSize(), image.GetSpacing(), image.GetOrigin(), image.GetDirection(),
-        spacing_xy_mm, allow_missing,
-    )  # fmt: skip
+        path,
+        image.GetSize(),
+        image.GetSpacing(),
+        image.GetOrigin(),
+        image.GetDirection(),
+        spacing_xy_mm,
+        allow_missing,
+    )
     channels = _channels_after_conversion(image.GetNumberOfComponentsPerPixel())
     return ImageInfo(geometry, channels, image.GetPixelIDTypeAsString(), from_file)
 
@@ -225,8 +247,9 @@ def _geometry(
         elif not allow_missing_spacing:
             raise ImageError(
                 f"{full_suffix(path)} files store no pixel spacing: give it as 'spacing_mm' in "
-                "dataset.json or with --spacing MM", path,
-            )  # fmt: skip
+                "dataset.json or with --spacing MM",
+                path,
+            )
         else:
             spacing = (1.0,) * ndim
         origin, direction = (0.0,) * ndim, np.eye(ndim)
@@ -258,8 +281,9 @@ def _refuse_too_large(path: Path, size: Sequence[int], components: int) -> None:
         raise ImageError(
             f"image header declares {' x '.join(map(str, size))} pixels ({voxels:,} values), "
             f"more than the limit of {MAX_VOXELS:,}; refusing to allocate it "
-            "(raise MEDLANDMARK_MAX_VOXELS if it is genuine)", path,
-        )  # fmt: skip
+            "(raise MEDLANDMARK_MAX_VOXELS if it is genuine)",
+            path,
+        )
 
 
 def check_image_complete(path: str | Path) -> None:
@@ -355,14 +379,23 @@ def _refuse_bad_nifti_spacing(path: Path) -> None:
         spacing = " x ".join(f"{pixdim[a]:g}" for a in axes)
         raise ImageError(
             f"header spacing (NIfTI pixdim) is {spacing} mm; voxel spacing must be positive and "
-            "finite", path,
-        )  # fmt: skip
+            "finite",
+            path,
+        )
 
 
 _METAIMAGE_TYPE_BYTES = {
-    "MET_CHAR": 1, "MET_UCHAR": 1, "MET_SHORT": 2, "MET_USHORT": 2, "MET_INT": 4, "MET_UINT": 4,
-    "MET_LONG_LONG": 8, "MET_ULONG_LONG": 8, "MET_FLOAT": 4, "MET_DOUBLE": 8,
-}  # fmt: skip
+    "MET_CHAR": 1,
+    "MET_UCHAR": 1,
+    "MET_SHORT": 2,
+    "MET_USHORT": 2,
+    "MET_INT": 4,
+    "MET_UINT": 4,
+    "MET_LONG_LONG": 8,
+    "MET_ULONG_LONG": 8,
+    "MET_FLOAT": 4,
+    "MET_DOUBLE": 8,
+}
 
 
 def _check_metaimage_data(path: Path) -> None:
@@ -403,8 +436,9 @@ def _check_metaimage_data(path: Path) -> None:
         where = "image file" if data_file.upper() == "LOCAL" else f"voxel data file '{data_file}'"
         raise ImageError(
             f"{where} is truncated ({actual:,} bytes of voxel data, its header declares "
-            f"{expected:,})", path,
-        )  # fmt: skip
+            f"{expected:,})",
+            path,
+        )
 
 
 _NIFTI_FLOAT_TYPES = {16: np.float32, 32: np.float32, 64: np.float64, 1792: np.float64}

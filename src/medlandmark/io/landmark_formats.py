@@ -24,7 +24,22 @@ SLICER_SCHEMA = (
     "https://raw.githubusercontent.com/slicer/slicer/master/Modules/Loadable/Markups/"
     "Resources/Schema/markups-schema-v1.0.3.json#"
 )
-FCSV_COLUMNS = ["id", "x", "y", "z", "ow", "ox", "oy", "oz", "vis", "sel", "lock", "label", "desc", "associatedNodeID"]
+FCSV_COLUMNS = [
+    "id",
+    "x",
+    "y",
+    "z",
+    "ow",
+    "ox",
+    "oy",
+    "oz",
+    "vis",
+    "sel",
+    "lock",
+    "label",
+    "desc",
+    "associatedNodeID",
+]
 
 
 @dataclass
@@ -106,8 +121,9 @@ def parse_csv(text: str, path: Path) -> RawLandmarks:
     if space is None:
         raise LandmarkFileError(
             "CSV landmarks must declare their space in a first line such as "
-            "'# coordinate_space: LPS' (LPS or RAS world mm, or index)", path,
-        )  # fmt: skip
+            "'# coordinate_space: LPS' (LPS or RAS world mm, or index)",
+            path,
+        )
     rows = _csv_rows(body, path)
     if not rows:
         raise LandmarkFileError("file holds no landmarks", path)
@@ -119,15 +135,19 @@ def parse_csv(text: str, path: Path) -> RawLandmarks:
     names, points, confidence = [], [], []
     for number, row in enumerate(rows[1:], start=2):
         if len(row) != len(header):
-            raise LandmarkFileError(f"row {number} has {len(row)} fields, header has {len(header)}", path)
+            raise LandmarkFileError(
+                f"row {number} has {len(row)} fields, header has {len(header)}", path
+            )
         names.append(row[0].strip())
         points.append([_number(v, path, f"row {number}") for v in row[1 : 1 + ndim]])
         if has_confidence:
             confidence.append(_number(row[header.index("confidence")], path, f"row {number}"))
     return RawLandmarks(
-        names, _check_points(points, path), space,
+        names,
+        _check_points(points, path),
+        space,
         confidence=np.asarray(confidence) if has_confidence else None,
-    )  # fmt: skip
+    )
 
 
 def format_csv(raw: RawLandmarks) -> str:
@@ -151,7 +171,9 @@ def format_csv(raw: RawLandmarks) -> str:
 def parse_json(text: str, path: Path) -> RawLandmarks:
     data = _load_json(text, path)
     if not isinstance(data, dict) or data.get("format") != JSON_FORMAT_ID:
-        raise LandmarkFileError(f"not a medlandmark landmark file (no \"format\": \"{JSON_FORMAT_ID}\")", path)
+        raise LandmarkFileError(
+            f'not a medlandmark landmark file (no "format": "{JSON_FORMAT_ID}")', path
+        )
     if data.get("units", "mm") != "mm":
         raise LandmarkFileError(f"units must be mm, got {data.get('units')!r}", path)
     space = _space(data.get("coordinate_space", ""), path)
@@ -182,10 +204,12 @@ def parse_json(text: str, path: Path) -> RawLandmarks:
     recorded_array = np.asarray([r or [math.nan] * ndim for r in recorded], dtype=np.float64)
     has_confidence = any(not math.isnan(c) for c in confidence)
     return RawLandmarks(
-        names, point_array, space,
+        names,
+        point_array,
+        space,
         recorded=recorded_array if not np.isnan(recorded_array).all() else None,
         confidence=np.asarray(confidence) if has_confidence else None,
-    )  # fmt: skip
+    )
 
 
 def format_json(raw: RawLandmarks) -> str:
@@ -198,15 +222,20 @@ def format_json(raw: RawLandmarks) -> str:
             entry["present"] = True
         else:
             kept = raw.recorded[k] if raw.recorded is not None else None
-            entry["position"] = None if kept is None or np.isnan(kept).any() else [float(v) for v in kept]
+            entry["position"] = (
+                None if kept is None or np.isnan(kept).any() else [float(v) for v in kept]
+            )
             entry["present"] = False
         if raw.confidence is not None and not math.isnan(raw.confidence[k]):
             entry["confidence"] = float(raw.confidence[k])
         entries.append(entry)
     document = {
-        "format": JSON_FORMAT_ID, "version": 1, "coordinate_space": raw.space, "units": "mm",
+        "format": JSON_FORMAT_ID,
+        "version": 1,
+        "coordinate_space": raw.space,
+        "units": "mm",
         "landmarks": entries,
-    }  # fmt: skip
+    }
     return json.dumps(document, indent=2) + "\n"
 
 
@@ -219,9 +248,10 @@ def parse_slicer_json(text: str, path: Path) -> RawLandmarks:
     if not isinstance(markups, list) or not markups:
         raise LandmarkFileError("not a Slicer markups file (no 'markups' list)", path)
     points_markups = [
-        m for m in markups
+        m
+        for m in markups
         if isinstance(m, dict) and m.get("type", "Fiducial") in ("Fiducial", "PointList")
-    ]  # fmt: skip
+    ]
     if len(points_markups) != 1:
         raise LandmarkFileError(
             f"expected one point list (type Fiducial), found {len(points_markups)}", path
@@ -248,10 +278,14 @@ def parse_slicer_json(text: str, path: Path) -> RawLandmarks:
         if status == "undefined" or position is None:
             points.append(None)
             continue
-        if not isinstance(position, list) or len(position) != 3 or not all(
-            _is_number(v) for v in position
+        if (
+            not isinstance(position, list)
+            or len(position) != 3
+            or not all(_is_number(v) for v in position)
         ):
-            raise LandmarkFileError(f"control point {number} ('{label}'): position must be 3 numbers", path)
+            raise LandmarkFileError(
+                f"control point {number} ('{label}'): position must be 3 numbers", path
+            )
         points.append([float(v) * scale for v in position])
     return RawLandmarks(names, _check_points([p or [math.nan] * 3 for p in points], path), space)
 
@@ -261,20 +295,33 @@ def format_slicer_json(raw: RawLandmarks) -> str:
     control_points = []
     for k, name in enumerate(_names(raw)):
         defined = not np.isnan(points3[k]).any()
-        control_points.append({
-            "id": str(k + 1), "label": name, "description": "", "associatedNodeID": "",
-            "position": [float(v) for v in points3[k]] if defined else [0.0, 0.0, 0.0],
-            "orientation": [-1.0, -0.0, -0.0, -0.0, -1.0, -0.0, 0.0, 0.0, 1.0],
-            "selected": True, "locked": False, "visibility": True,
-            "positionStatus": "defined" if defined else "undefined",
-        })  # fmt: skip
+        control_points.append(
+            {
+                "id": str(k + 1),
+                "label": name,
+                "description": "",
+                "associatedNodeID": "",
+                "position": [float(v) for v in points3[k]] if defined else [0.0, 0.0, 0.0],
+                "orientation": [-1.0, -0.0, -0.0, -0.0, -1.0, -0.0, 0.0, 0.0, 1.0],
+                "selected": True,
+                "locked": False,
+                "visibility": True,
+                "positionStatus": "defined" if defined else "undefined",
+            }
+        )
     document = {
         "@schema": SLICER_SCHEMA,
-        "markups": [{
-            "type": "Fiducial", "coordinateSystem": raw.space, "coordinateUnits": "mm",
-            "locked": False, "labelFormat": "%N-%d", "controlPoints": control_points,
-        }],
-    }  # fmt: skip
+        "markups": [
+            {
+                "type": "Fiducial",
+                "coordinateSystem": raw.space,
+                "coordinateUnits": "mm",
+                "locked": False,
+                "labelFormat": "%N-%d",
+                "controlPoints": control_points,
+            }
+        ],
+    }
     return json.dumps(document, indent=2) + "\n"
 
 
@@ -301,14 +348,18 @@ def parse_fcsv(text: str, path: Path) -> RawLandmarks:
         elif stripped:
             rows.append(line)
     if not version_seen:
-        raise LandmarkFileError("not an .fcsv file (no '# Markups fiducial file version' line)", path)
+        raise LandmarkFileError(
+            "not an .fcsv file (no '# Markups fiducial file version' line)", path
+        )
     for needed in ("x", "y", "z", "label"):
         if needed not in columns:
             raise LandmarkFileError(f"'# columns' lacks '{needed}'", path)
     names, points = [], []
     for number, row in enumerate(_csv_rows(rows, path), start=1):
         if len(row) < len(columns):
-            raise LandmarkFileError(f"point {number} has {len(row)} fields, expected {len(columns)}", path)
+            raise LandmarkFileError(
+                f"point {number} has {len(row)} fields, expected {len(columns)}", path
+            )
         names.append(row[columns.index("label")].strip())
         points.append([_number(row[columns.index(a)], path, f"point {number}") for a in "xyz"])
     return RawLandmarks(names, _check_points(points, path), space)
@@ -323,7 +374,9 @@ def format_fcsv(raw: RawLandmarks) -> str:
     writer = csv.writer(out, lineterminator="\n")
     for k, name in enumerate(_names(raw)):
         coords = [_format_number(v) or "nan" for v in points3[k]]
-        writer.writerow([f"vtkMRMLMarkupsFiducialNode_{k + 1}", *coords, 0, 0, 0, 1, 1, 1, 0, name, "", ""])
+        writer.writerow(
+            [f"vtkMRMLMarkupsFiducialNode_{k + 1}", *coords, 0, 0, 0, 1, 1, 1, 0, name, "", ""]
+        )
     return out.getvalue()
 
 
@@ -377,7 +430,9 @@ def parse_table(text: str, path: Path, ndim: int) -> dict[str, np.ndarray]:
         raise LandmarkFileError("table holds no cases", path)
     counts = {len(points) for points in table.values()}
     if len(counts) != 1:
-        raise LandmarkFileError(f"cases hold different numbers of landmarks: {sorted(counts)}", path)
+        raise LandmarkFileError(
+            f"cases hold different numbers of landmarks: {sorted(counts)}", path
+        )
     return table
 
 

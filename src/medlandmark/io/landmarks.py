@@ -25,16 +25,28 @@ from medlandmark.io.geometry import (
     world_to_itk_index,
 )
 
-FORMAT_BY_SUFFIX = {".csv": "csv", ".json": "json", ".mrk.json": "mrk.json", ".fcsv": "fcsv", ".txt": "isbi"}
+FORMAT_BY_SUFFIX = {
+    ".csv": "csv",
+    ".json": "json",
+    ".mrk.json": "mrk.json",
+    ".fcsv": "fcsv",
+    ".txt": "isbi",
+}
 SUFFIX_BY_FORMAT = {name: suffix for suffix, name in FORMAT_BY_SUFFIX.items()}
 PARSERS = {
-    "csv": fmt.parse_csv, "json": fmt.parse_json, "mrk.json": fmt.parse_slicer_json,
-    "fcsv": fmt.parse_fcsv, "isbi": fmt.parse_isbi_txt,
-}  # fmt: skip
+    "csv": fmt.parse_csv,
+    "json": fmt.parse_json,
+    "mrk.json": fmt.parse_slicer_json,
+    "fcsv": fmt.parse_fcsv,
+    "isbi": fmt.parse_isbi_txt,
+}
 FORMATTERS = {
-    "csv": fmt.format_csv, "json": fmt.format_json, "mrk.json": fmt.format_slicer_json,
-    "fcsv": fmt.format_fcsv, "isbi": fmt.format_isbi_txt,
-}  # fmt: skip
+    "csv": fmt.format_csv,
+    "json": fmt.format_json,
+    "mrk.json": fmt.format_slicer_json,
+    "fcsv": fmt.format_fcsv,
+    "isbi": fmt.format_isbi_txt,
+}
 MAX_LANDMARK_FILE_BYTES = 64 * 1024 * 1024
 
 
@@ -80,10 +92,11 @@ class LandmarkSet:
             raise LandmarkFileError("; ".join(parts), path)
         order = [self.names.index(n) for n in names]
         return LandmarkSet(
-            list(names), self.points_mm[order],
+            list(names),
+            self.points_mm[order],
             None if self.recorded_mm is None else self.recorded_mm[order],
             None if self.confidence is None else self.confidence[order],
-        )  # fmt: skip
+        )
 
 
 def symmetric_pair_indices(
@@ -112,7 +125,8 @@ def landmark_format(path: str | Path) -> str:
     suffix = full_suffix(path)
     if suffix not in FORMAT_BY_SUFFIX:
         raise LandmarkFileError(
-            f"unknown landmark file type '{suffix}' (supported: {', '.join(FORMAT_BY_SUFFIX)})", path
+            f"unknown landmark file type '{suffix}' (supported: {', '.join(FORMAT_BY_SUFFIX)})",
+            path,
         )
     return FORMAT_BY_SUFFIX[suffix]
 
@@ -139,7 +153,9 @@ def read_landmarks(
         raise LandmarkFileError("coordinates too large to be positions in mm", path)
     if raw.names is None:
         if names is not None and len(names) != len(points):
-            raise LandmarkFileError(f"file holds {len(points)} landmarks, expected {len(names)}", path)
+            raise LandmarkFileError(
+                f"file holds {len(points)} landmarks, expected {len(names)}", path
+            )
         file_names = list(names) if names is not None else [f"L{k + 1}" for k in range(len(points))]
     else:
         file_names = raw.names
@@ -161,12 +177,16 @@ def write_landmarks(
     format_name = landmark_format(path)
     space = "index" if format_name == "isbi" else space
     if format_name in ("mrk.json", "fcsv") and space == "index":
-        raise LandmarkFileError("Slicer files hold world coordinates (LPS or RAS), not indices", path)
+        raise LandmarkFileError(
+            "Slicer files hold world coordinates (LPS or RAS), not indices", path
+        )
     raw = fmt.RawLandmarks(
         landmarks.names,
         _from_world(landmarks.points_mm, space, geometry, path),
         space,
-        None if landmarks.recorded_mm is None else _from_world(landmarks.recorded_mm, space, geometry, path),
+        None
+        if landmarks.recorded_mm is None
+        else _from_world(landmarks.recorded_mm, space, geometry, path),
         landmarks.confidence,
     )
     try:
@@ -210,7 +230,9 @@ def _points_in_ndim(points: np.ndarray, ndim: int | None, path: Path) -> np.ndar
         z = points[:, 2][~np.isnan(points[:, 2])]
         if np.allclose(z, 0.0, atol=1e-6):
             return points[:, :2]
-    raise LandmarkFileError(f"file holds {points.shape[1]}D points (z not 0) where {ndim}D ones are expected", path)
+    raise LandmarkFileError(
+        f"file holds {points.shape[1]}D points (z not 0) where {ndim}D ones are expected", path
+    )
 
 
 def _to_world(points: np.ndarray | None, space: str, geometry: Geometry | None, path: Path):
@@ -221,11 +243,15 @@ def _to_world(points: np.ndarray | None, space: str, geometry: Geometry | None, 
     if space == "RAS":
         return ras_to_lps(points)
     if geometry is None:
-        raise LandmarkFileError("landmarks are in pixel/voxel indices: the image geometry is needed", path)
+        raise LandmarkFileError(
+            "landmarks are in pixel/voxel indices: the image geometry is needed", path
+        )
     return itk_index_to_world(points, geometry)
 
 
-def _from_world(points: np.ndarray, space: str, geometry: Geometry | None, path: Path) -> np.ndarray:
+def _from_world(
+    points: np.ndarray, space: str, geometry: Geometry | None, path: Path
+) -> np.ndarray:
     if space == "LPS":
         return points
     if space == "RAS":

@@ -76,13 +76,21 @@ class BiFormerBlock(nn.Module):
     attention -> residual -> LayerNorm -> MLP -> residual, with stochastic depth."""
 
     def __init__(
-        self, channels: int, num_heads: int, spatial_dims: int, routing: Routing,
+        self,
+        channels: int,
+        num_heads: int,
+        spatial_dims: int,
+        routing: Routing,
         drop_path: float = 0.0,
-    ):  # fmt: skip
+    ):
         super().__init__()
         n_win, topk, kv_pool, mlp_ratio, lepe_kernel = (
-            routing.n_win, routing.topk, routing.kv_pool, routing.mlp_ratio, routing.lepe_kernel
-        )  # fmt: skip
+            routing.n_win,
+            routing.topk,
+            routing.kv_pool,
+            routing.mlp_ratio,
+            routing.lepe_kernel,
+        )
         conv = CONV[spatial_dims]
         self.position = conv(channels, channels, 3, padding=1, groups=channels)
         self.norm1 = ChannelLayerNorm(channels)
@@ -103,9 +111,13 @@ class ConvNormAct(nn.Sequential):
     """Convolution -> instance norm -> LeakyReLU (nnU-Net's basic unit)."""
 
     def __init__(
-        self, in_channels: int, out_channels: int, kernel: int | list[int], spatial_dims: int,
+        self,
+        in_channels: int,
+        out_channels: int,
+        kernel: int | list[int],
+        spatial_dims: int,
         stride: int | list[int] = 1,
-    ):  # fmt: skip
+    ):
         kernel = [kernel] * spatial_dims if isinstance(kernel, int) else list(kernel)
         padding = [k // 2 for k in kernel]
         super().__init__(

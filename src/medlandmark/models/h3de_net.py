@@ -88,9 +88,13 @@ class Stage(nn.Module):
     """
 
     def __init__(
-        self, in_channels: int, channels: int, routing: Routing, drop_paths: Sequence[float],
+        self,
+        in_channels: int,
+        channels: int,
+        routing: Routing,
+        drop_paths: Sequence[float],
         downsample: bool,
-    ):  # fmt: skip
+    ):
         super().__init__()
         self.downsample = (
             nn.Sequential(
@@ -155,7 +159,12 @@ class H3DENet(nn.Module):
     def __init__(self, in_channels: int, num_landmarks: int, sizes: H3DESizes | None = None):
         super().__init__()
         sizes = sizes or H3DESizes()
-        depths, topk, mlp_ratio, lepe_kernel = sizes.depths, sizes.topk, sizes.mlp_ratio, sizes.lepe_kernel
+        depths, topk, mlp_ratio, lepe_kernel = (
+            sizes.depths,
+            sizes.topk,
+            sizes.mlp_ratio,
+            sizes.lepe_kernel,
+        )
         deep_supervision, drop_path, n_win = sizes.deep_supervision, sizes.drop_path, sizes.n_win
         widths = tuple(int(w) for w in sizes.widths)
         if len(widths) != 4 or len(depths) != 4 or len(topk) != 4:
@@ -174,13 +183,15 @@ class H3DENet(nn.Module):
             self.stages.append(stage)
         self.input_full = ConvNormAct(in_channels, fine[1], 3, SPATIAL_DIMS)
         self.input_half = ConvNormAct(in_channels, fine[1], 3, SPATIAL_DIMS)
-        self.up = nn.ModuleList([
-            UpBlock(widths[3], widths[2], widths[2]),  # stride 16
-            UpBlock(widths[2], widths[1], widths[1]),  # stride 8
-            UpBlock(widths[1], widths[0], widths[0]),  # stride 4
-            UpBlock(widths[0], fine[0] + fine[1], fine[0]),  # stride 2: stem + x0.5 input
-            UpBlock(fine[0], fine[1], fine[1]),  # stride 1: input
-        ])  # fmt: skip
+        self.up = nn.ModuleList(
+            [
+                UpBlock(widths[3], widths[2], widths[2]),  # stride 16
+                UpBlock(widths[2], widths[1], widths[1]),  # stride 8
+                UpBlock(widths[1], widths[0], widths[0]),  # stride 4
+                UpBlock(widths[0], fine[0] + fine[1], fine[0]),  # stride 2: stem + x0.5 input
+                UpBlock(fine[0], fine[1], fine[1]),  # stride 1: input
+            ]
+        )
         head_channels = (fine[1], fine[0], widths[0], widths[1])  # strides 1, 2, 4, 8
         self.heads = nn.ModuleList(nn.Conv3d(c, num_landmarks, 1) for c in head_channels)
         self.apply(_init_weights)
@@ -265,16 +276,20 @@ def build_h3de(num_landmarks: int, in_channels: int = 1, **sizes: object) -> H3D
     multiplier = float(sizes.get("width_multiplier", 1.0))
     network_sizes = H3DESizes(
         widths=[scaled_width(w, multiplier) for w in sizes.get("widths", FULL_WIDTHS)],
-        depths=sizes.get("depths", FULL_DEPTHS), n_win=sizes.get("n_win", REFERENCE_N_WIN),
-        topk=sizes.get("topk", FULL_TOPK), mlp_ratio=float(sizes.get("mlp_ratio", 4)),
+        depths=sizes.get("depths", FULL_DEPTHS),
+        n_win=sizes.get("n_win", REFERENCE_N_WIN),
+        topk=sizes.get("topk", FULL_TOPK),
+        mlp_ratio=float(sizes.get("mlp_ratio", 4)),
         drop_path=float(sizes.get("drop_path", 0.0)),
         deep_supervision=bool(sizes.get("deep_supervision", True)),
-    )  # fmt: skip
+    )
     return H3DENet(in_channels, num_landmarks, network_sizes)
 
 
 def h3de_sizes(
-    width_multiplier: float = CPU_WIDTH_MULTIPLIER, n_win: Sequence = REFERENCE_N_WIN, **overrides: object
+    width_multiplier: float = CPU_WIDTH_MULTIPLIER,
+    n_win: Sequence = REFERENCE_N_WIN,
+    **overrides: object,
 ) -> dict:
     """H3DE-Net's builder arguments (CPU-sized by default), for tests and demos."""
     sizes = {

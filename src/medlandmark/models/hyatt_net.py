@@ -34,7 +34,6 @@ FFCM_BASE_CHANNELS = 64
 DIVISOR = 32
 
 
-
 @dataclass(frozen=True)
 class HyattSizes:
     """HYATT-Net's width multiplier, blocks per stage, region grid, routed regions (-1: all),
@@ -50,7 +49,9 @@ class HyattSizes:
     drop_path: float = 0.1
 
 
-DEFAULT_HYATT = {name: list(v) if isinstance(v, tuple) else v for name, v in asdict(HyattSizes()).items()}
+DEFAULT_HYATT = {
+    name: list(v) if isinstance(v, tuple) else v for name, v in asdict(HyattSizes()).items()
+}
 
 
 def round_width(channels: float, multiple: int) -> int:
@@ -130,9 +131,13 @@ class HyattStage(nn.Module):
     """4x4 stride-2 patch embedding (conv + BN) -> BiFormer block(s) -> ARM."""
 
     def __init__(
-        self, in_channels: int, width: int, num_heads: int, routing: Routing,
+        self,
+        in_channels: int,
+        width: int,
+        num_heads: int,
+        routing: Routing,
         drop_paths: Sequence[float],
-    ):  # fmt: skip
+    ):
         super().__init__()
         self.embed = nn.Sequential(
             nn.Conv2d(in_channels, width, 4, stride=2, padding=1, bias=False),
@@ -202,8 +207,18 @@ class HyattNet(nn.Module):
     def __init__(self, in_channels: int, num_landmarks: int, sizes: HyattSizes | None = None):
         super().__init__()
         sizes = sizes or HyattSizes()
-        width_multiplier, depths, n_win, topk = sizes.width_multiplier, sizes.depths, sizes.n_win, sizes.topk
-        kv_pool, mlp_ratios, head_dim, drop_path = sizes.kv_pool, sizes.mlp_ratios, sizes.head_dim, sizes.drop_path
+        width_multiplier, depths, n_win, topk = (
+            sizes.width_multiplier,
+            sizes.depths,
+            sizes.n_win,
+            sizes.topk,
+        )
+        kv_pool, mlp_ratios, head_dim, drop_path = (
+            sizes.kv_pool,
+            sizes.mlp_ratios,
+            sizes.head_dim,
+            sizes.drop_path,
+        )
         lists = {"depths": depths, "n_win": n_win, "topk": topk, "mlp_ratios": mlp_ratios}
         for name, value in lists.items():
             if len(value) != len(BASE_WIDTHS):

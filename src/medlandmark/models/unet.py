@@ -53,7 +53,9 @@ class DecoderStage(nn.Module):
         self.convs = nn.Sequential(*units)
         self.head = None if num_landmarks is None else CONV[spatial_dims](skip, num_landmarks, 1)
 
-    def forward(self, deep: torch.Tensor, skip: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+    def forward(
+        self, deep: torch.Tensor, skip: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
         features = self.convs(torch.cat([self.upsample(deep), skip], dim=1))
         return features, None if self.head is None else self.head(features)
 
@@ -62,10 +64,15 @@ class UNet(nn.Module):
     """Plain U-Net: ``forward`` returns heatmaps from full resolution down (deep supervision)."""
 
     def __init__(
-        self, in_channels: int, num_landmarks: int, features_per_stage: list[int],
-        strides: list[list[int]], kernel_sizes: list[list[int]], n_conv_per_stage: int = 2,
+        self,
+        in_channels: int,
+        num_landmarks: int,
+        features_per_stage: list[int],
+        strides: list[list[int]],
+        kernel_sizes: list[list[int]],
+        n_conv_per_stage: int = 2,
         deep_supervision: bool = True,
-    ):  # fmt: skip
+    ):
         super().__init__()
         spatial_dims = len(strides[0])
         self.encoder = nn.ModuleList()
@@ -79,9 +86,14 @@ class UNet(nn.Module):
         supervised = max(1, levels - 1) if deep_supervision else 1
         self.decoder = nn.ModuleList(
             DecoderStage(
-                features_per_stage[s + 1], features_per_stage[s], kernel_sizes[s], strides[s + 1],
-                n_conv_per_stage, spatial_dims, num_landmarks if s < supervised else None,
-            )  # fmt: skip
+                features_per_stage[s + 1],
+                features_per_stage[s],
+                kernel_sizes[s],
+                strides[s + 1],
+                n_conv_per_stage,
+                spatial_dims,
+                num_landmarks if s < supervised else None,
+            )
             for s in reversed(range(levels))
         )
         cumulative = np.cumprod(np.asarray(strides), axis=0)

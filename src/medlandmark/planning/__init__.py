@@ -20,7 +20,14 @@ from medlandmark.records.plan import PLANS_FILE, Plan, load_plan, write_plan
 
 FINGERPRINT_FILE = "fingerprint.json"
 
-__all__ = ["PLANS_FILE", "load_plan", "make_plan", "plan_dataset", "plan_summary", "preprocessed_folder"]
+__all__ = [
+    "PLANS_FILE",
+    "load_plan",
+    "make_plan",
+    "plan_dataset",
+    "plan_summary",
+    "preprocessed_folder",
+]
 
 
 def preprocessed_folder(dataset_root: str | Path, preprocessed: str | Path | None = None) -> Path:
@@ -29,8 +36,12 @@ def preprocessed_folder(dataset_root: str | Path, preprocessed: str | Path | Non
 
 
 def plan_dataset(
-    dataset_root: str | Path, preprocessed: str | Path | None = None, gpu_memory_gb: float = 8.0,
-    workers: int = 4, base_features: int = BASE_FEATURES, spacing_override_mm: Sequence[float] | None = None,
+    dataset_root: str | Path,
+    preprocessed: str | Path | None = None,
+    gpu_memory_gb: float = 8.0,
+    workers: int = 4,
+    base_features: int = BASE_FEATURES,
+    spacing_override_mm: Sequence[float] | None = None,
 ) -> Plan:
     """Fingerprint the dataset (reusing an up-to-date ``fingerprint.json``), plan, write
     ``plans.json`` and print the plan's summary (``spacing_override_mm``: see ``make_plan``)."""

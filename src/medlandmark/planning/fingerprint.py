@@ -61,8 +61,12 @@ def _case_fingerprint(dataset: Dataset, case_id: str, seed: int) -> CaseFingerpr
     image = dataset.read_image(case_id)
     landmarks_path = dataset.case(case_id).landmarks_path
     if landmarks_path is None:
-        raise LandmarkFileError(f"case '{case_id}' has no landmark file", dataset.root / "landmarks")
-    landmarks = read_landmarks(landmarks_path, geometry=image.geometry, names=dataset.spec.landmarks)
+        raise LandmarkFileError(
+            f"case '{case_id}' has no landmark file", dataset.root / "landmarks"
+        )
+    landmarks = read_landmarks(
+        landmarks_path, geometry=image.geometry, names=dataset.spec.landmarks
+    )
     check_landmarks_inside(landmarks_path, landmarks, image.geometry)
     rng = np.random.default_rng(seed)
     samples = []
@@ -70,7 +74,9 @@ def _case_fingerprint(dataset: Dataset, case_id: str, seed: int) -> CaseFingerpr
         values = _body_voxels(channel.ravel(), modality)
         take = min(VOXELS_SAMPLED_PER_CASE, values.size)
         samples.append(values[rng.choice(values.size, take, replace=False)].astype(np.float64))
-    geometry = reoriented_geometry(image.geometry, *canonical_axes(image.geometry))  # as preprocessing sees it
+    geometry = reoriented_geometry(
+        image.geometry, *canonical_axes(image.geometry)
+    )  # as preprocessing sees it
     return CaseFingerprint(
         case_id=case_id,
         shape=list(geometry.shape),
@@ -84,11 +90,14 @@ def _case_fingerprint(dataset: Dataset, case_id: str, seed: int) -> CaseFingerpr
 
 def _intensity_statistics(samples: np.ndarray) -> dict[str, float]:
     return {
-        "mean": float(samples.mean()), "std": float(samples.std()), "median": float(np.median(samples)),
-        "min": float(samples.min()), "max": float(samples.max()),
+        "mean": float(samples.mean()),
+        "std": float(samples.std()),
+        "median": float(np.median(samples)),
+        "min": float(samples.min()),
+        "max": float(samples.max()),
         "percentile_00_5": float(np.percentile(samples, 0.5)),
         "percentile_99_5": float(np.percentile(samples, 99.5)),
-    }  # fmt: skip
+    }
 
 
 def landmark_statistics(points_mm: np.ndarray, extents_mm: np.ndarray, names: list[str]) -> dict:
@@ -110,25 +119,38 @@ def landmark_statistics(points_mm: np.ndarray, extents_mm: np.ndarray, names: li
             smallest.append(distances[np.triu_indices(len(pts), 1)].min())
         if len(pts):
             cloud_extent.append(pts.max(axis=0) - pts.min(axis=0))
-    centroids = np.array([np.nanmean(p, axis=0) if m.any() else np.zeros(p.shape[1]) for p, m in zip(points_mm, present, strict=True)])
+    centroids = np.array(
+        [
+            np.nanmean(p, axis=0) if m.any() else np.zeros(p.shape[1])
+            for p, m in zip(points_mm, present, strict=True)
+        ]
+    )
     centred = points_mm - centroids[:, None, :]
     mean_shape = np.nanmean(np.where(present[..., None], centred, np.nan), axis=0)
     deviations = np.linalg.norm(centred - mean_shape[None], axis=-1)
     spread = np.sqrt(np.nanmean(np.where(present, deviations**2, np.nan), axis=0))
     image_extent = np.median(np.sort(extents_mm, axis=1), axis=0)  # axis-order free
-    cloud = np.median(np.asarray(cloud_extent), axis=0) if cloud_extent else np.zeros(points_mm.shape[2])
+    cloud = (
+        np.median(np.asarray(cloud_extent), axis=0)
+        if cloud_extent
+        else np.zeros(points_mm.shape[2])
+    )
     return {
         "fraction_missing": dict(zip(names, map(float, fraction_missing), strict=True)),
         "smallest_distance_mm": float(min(smallest)) if smallest else None,
         "median_smallest_distance_mm": float(np.median(smallest)) if smallest else None,
         "cloud_extent_mm": [float(v) for v in cloud],
         "cloud_extent_fraction": float(cloud.max() / image_extent.max()),
-        "spread_mm": {n: (None if np.isnan(s) else float(s)) for n, s in zip(names, spread, strict=True)},
+        "spread_mm": {
+            n: (None if np.isnan(s) else float(s)) for n, s in zip(names, spread, strict=True)
+        },
         "median_spread_mm": float(np.nanmedian(spread)) if np.isfinite(spread).any() else None,
     }
 
 
-def compute_fingerprint(dataset: Dataset, case_ids: list[str] | None = None, workers: int = 4) -> dict:
+def compute_fingerprint(
+    dataset: Dataset, case_ids: list[str] | None = None, workers: int = 4
+) -> dict:
     """Fingerprint of ``case_ids`` (default: the ``train`` split if any, else every case)."""
     if case_ids is None:
         splits = dataset.splits()
@@ -154,7 +176,9 @@ def compute_fingerprint(dataset: Dataset, case_ids: list[str] | None = None, wor
         "spacings_mm": [c.spacing_mm for c in cases],
         "orientations": sorted({c.orientation for c in cases}),
         "intensity": intensity,
-        "landmark_statistics": landmark_statistics(points, np.array([c.extent_mm for c in cases]), spec.landmarks),
+        "landmark_statistics": landmark_statistics(
+            points, np.array([c.extent_mm for c in cases]), spec.landmarks
+        ),
         "input_signature": dataset_signature(dataset, case_ids),
     }
 

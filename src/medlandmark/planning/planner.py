@@ -64,7 +64,9 @@ def checked_spacing_override(spacing_mm: Sequence[float], ndim: int) -> np.ndarr
     if len(values) == 1:
         values = np.repeat(values, ndim)
     if len(values) != ndim or not np.all(np.isfinite(values)) or np.any(values <= 0):
-        raise ValueError(f"target spacing {list(spacing_mm)}: give one positive value in mm, or {ndim}")
+        raise ValueError(
+            f"target spacing {list(spacing_mm)}: give one positive value in mm, or {ndim}"
+        )
     return values
 
 
@@ -115,9 +117,12 @@ def network_topology(
             if spacing[axis] / finest < 2:
                 kernel[axis] = 3
         axes = [
-            a for a in range(ndim)
-            if size[a] >= 2 * MIN_FEATURE_MAP and spacing[a] / finest < 2 and pools_per_axis[a] < MAX_POOLS[ndim]
-        ]  # fmt: skip
+            a
+            for a in range(ndim)
+            if size[a] >= 2 * MIN_FEATURE_MAP
+            and spacing[a] / finest < 2
+            and pools_per_axis[a] < MAX_POOLS[ndim]
+        ]
         if len(axes) == 1 and size[axes[0]] < 3 * MIN_FEATURE_MAP:
             axes = []
         kernels.append(list(kernel))
@@ -148,7 +153,9 @@ def training_memory_gb(topology: PatchTopology, batch_size: int, num_landmarks: 
         voxels /= float(np.prod(stride))
         activations += voxels * features * ACTIVATIONS_PER_STAGE
         taps = float(np.prod(kernel))
-        parameters += taps * features * (in_features + 3 * features) + float(np.prod(stride)) * features**2
+        parameters += (
+            taps * features * (in_features + 3 * features) + float(np.prod(stride)) * features**2
+        )
         in_features = features
     activations += float(np.prod(topology.patch_size)) * num_landmarks * 3
     total_bytes = batch_size * activations * BYTES_PER_ACTIVATION + parameters * BYTES_PER_PARAMETER
@@ -156,8 +163,12 @@ def training_memory_gb(topology: PatchTopology, batch_size: int, num_landmarks: 
 
 
 def fit_patch_to_budget(
-    spacing_mm: Sequence[float], median_shape: Sequence[float], gpu_memory_gb: float, num_landmarks: int,
-    initial_voxels: float | None = None, base_features: int = BASE_FEATURES,
+    spacing_mm: Sequence[float],
+    median_shape: Sequence[float],
+    gpu_memory_gb: float,
+    num_landmarks: int,
+    initial_voxels: float | None = None,
+    base_features: int = BASE_FEATURES,
 ) -> PatchTopology:
     """The largest patch (aspect ratio 1/spacing, at most the median shape) whose training step
     at batch size 2 fits the budget; shrinks the axis largest relative to the image first."""
@@ -179,7 +190,9 @@ def fit_patch_to_budget(
     return topology
 
 
-def batch_size(topology: PatchTopology, gpu_memory_gb: float, num_landmarks: int, dataset_voxels: float) -> int:
+def batch_size(
+    topology: PatchTopology, gpu_memory_gb: float, num_landmarks: int, dataset_voxels: float
+) -> int:
     """As many samples as fit the budget, at most 5 % of the dataset's voxels, at least 2."""
     budget = gpu_memory_gb - RESERVED_GPU_GB
     size = MIN_BATCH
@@ -218,26 +231,40 @@ def architecture_sizes(topology: PatchTopology, spatial_dims: int, gpu_memory_gb
     patch = np.asarray(topology.patch_size)
     width = float(np.clip(math.sqrt(gpu_memory_gb / 24.0), 0.25, 1.0))
     width = math.floor(width * 8) / 8
-    sizes = {"unet": {
-        "features_per_stage": topology.features_per_stage, "strides": topology.strides,
-        "kernel_sizes": topology.kernel_sizes, "n_conv_per_stage": 2, "deep_supervision": True,
-    }}  # fmt: skip
+    sizes = {
+        "unet": {
+            "features_per_stage": topology.features_per_stage,
+            "strides": topology.strides,
+            "kernel_sizes": topology.kernel_sizes,
+            "n_conv_per_stage": 2,
+            "deep_supervision": True,
+        }
+    }
     if spatial_dims == 2:
         regions = []
         for stage, reference in enumerate((16, 16, 16, 8, 8), start=1):
             side = int(patch.min()) // 2**stage
             regions.append(int(np.clip(side // 4, 1, reference)))
         sizes["hyatt"] = {
-            "width_multiplier": width, "depths": [1, 1, 1, 1, 1], "n_win": regions,
-            "topk": [1, 4, 8, 16, -1], "kv_pool": 4, "mlp_ratios": [8, 8, 8, 4, 4], "head_dim": 32,
+            "width_multiplier": width,
+            "depths": [1, 1, 1, 1, 1],
+            "n_win": regions,
+            "topk": [1, 4, 8, 16, -1],
+            "kv_pool": 4,
+            "mlp_ratios": [8, 8, 8, 4, 4],
+            "head_dim": 32,
         }
     else:
         feature = patch // 4  # after the stride-4 stem
         reference = np.array([4, 4, 2]) if patch[0] <= patch[-1] else np.array([2, 4, 4])
         regions = np.clip(feature // 4, 1, reference).astype(int).tolist()
         sizes["h3de"] = {
-            "width_multiplier": width, "widths": [64, 128, 256, 512], "depths": [2, 2, 4, 2],
-            "n_win": regions, "topk": [1, 4, 16, 16], "mlp_ratio": 4,
+            "width_multiplier": width,
+            "widths": [64, 128, 256, 512],
+            "depths": [2, 2, 4, 2],
+            "n_win": regions,
+            "topk": [1, 4, 16, 16],
+            "mlp_ratio": 4,
         }
     return sizes
 
@@ -255,9 +282,14 @@ class _PlanningContext:
 
 
 def _configuration(
-    context: _PlanningContext, name: str, stage: str, spacing_mm: np.ndarray,
-    topology: PatchTopology, dataset_voxels: float, **extra: object,
-) -> Configuration:  # fmt: skip
+    context: _PlanningContext,
+    name: str,
+    stage: str,
+    spacing_mm: np.ndarray,
+    topology: PatchTopology,
+    dataset_voxels: float,
+    **extra: object,
+) -> Configuration:
     """One configuration at ``spacing_mm`` (``dataset_voxels``: the training cases' voxels at
     that spacing); ``extra`` links the stages of a cascade."""
     smallest = context.fingerprint["landmark_statistics"].get("median_smallest_distance_mm")
@@ -278,10 +310,14 @@ def _configuration(
         architectures=architecture_sizes(topology, len(spacing_mm), context.gpu_memory_gb),
         **extra,
     )
+
+
 def make_plan(
-    fingerprint: dict, gpu_memory_gb: float = 8.0, base_features: int = BASE_FEATURES,
+    fingerprint: dict,
+    gpu_memory_gb: float = 8.0,
+    base_features: int = BASE_FEATURES,
     spacing_override_mm: Sequence[float] | None = None,
-) -> Plan:  # fmt: skip
+) -> Plan:
     """The whole plan for a fingerprint: spacing, transposition, normalisation, configurations.
     ``base_features`` sets the U-Net's first-stage width (nnU-Net's 32; narrower for CPU budgets);
     ``spacing_override_mm`` (one value, or one per image axis) replaces the planned target
@@ -322,16 +358,22 @@ def make_plan(
 
 
 def _configurations(
-    context: _PlanningContext, target: np.ndarray, median_shape: np.ndarray,
-    dataset_voxels: float, base_features: int,
-) -> dict[str, Configuration]:  # fmt: skip
+    context: _PlanningContext,
+    target: np.ndarray,
+    median_shape: np.ndarray,
+    dataset_voxels: float,
+    base_features: int,
+) -> dict[str, Configuration]:
     """The full-resolution configuration, preceded by a coarse-to-fine cascade (the default,
     listed first) when one patch sees less than half the median image."""
     ndim = len(target)
     full = fit_patch_to_budget(
-        target, median_shape, context.gpu_memory_gb, context.num_landmarks,
+        target,
+        median_shape,
+        context.gpu_memory_gb,
+        context.num_landmarks,
         base_features=base_features,
-    )  # fmt: skip
+    )
     base = "2d" if ndim == 2 else "3d"
     configurations = {}
     if np.prod(median_shape) > CASCADE_AREA_RATIO * np.prod(full.patch_size):
@@ -343,13 +385,24 @@ def _configurations(
         fine_patch = np.minimum(fine_patch, median_shape).astype(int)
         fine = network_topology(fine_patch, target, base_features)
         configurations[f"{base}_coarse"] = _configuration(
-            context, f"{base}_coarse", "coarse", coarse_spacing, coarse,
-            dataset_voxels / factor**ndim, next_stage=f"{base}_fine", downsampling_factor=factor,
-        )  # fmt: skip
+            context,
+            f"{base}_coarse",
+            "coarse",
+            coarse_spacing,
+            coarse,
+            dataset_voxels / factor**ndim,
+            next_stage=f"{base}_fine",
+            downsampling_factor=factor,
+        )
         configurations[f"{base}_fine"] = _configuration(
-            context, f"{base}_fine", "fine", target, fine, dataset_voxels,
+            context,
+            f"{base}_fine",
+            "fine",
+            target,
+            fine,
+            dataset_voxels,
             previous_stage=f"{base}_coarse",
-        )  # fmt: skip
+        )
     full_name = "2d" if ndim == 2 else "3d_fullres"
     configurations[full_name] = _configuration(
         context, full_name, "full", target, full, dataset_voxels

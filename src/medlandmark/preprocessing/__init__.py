@@ -64,7 +64,9 @@ def preprocess_image(
 ) -> tuple[np.ndarray, Geometry]:
     """Normalised, transposed and resampled float32 voxels ``(C, *shape)`` and their geometry."""
     if image.ndim != plan.spatial_dims:
-        raise MedlandmarkError(f"image is {image.ndim}D, the plan is for {plan.spatial_dims}D images")
+        raise MedlandmarkError(
+            f"image is {image.ndim}D, the plan is for {plan.spatial_dims}D images"
+        )
     if image.channels != len(plan.normalization):
         raise MedlandmarkError(
             f"image has {image.channels} channels, the plan expects {len(plan.normalization)}"
@@ -97,9 +99,10 @@ def case_signature(
     parts: dict = {
         "version": PREPROCESS_VERSION,
         "normalization": [n.model_dump(mode="json") for n in plan.normalization],
-        "transpose": plan.transpose_forward, "spacing_mm": configuration.spacing_mm,
+        "transpose": plan.transpose_forward,
+        "spacing_mm": configuration.spacing_mm,
         "reorient": plan.reorient,
-    }  # fmt: skip
+    }
     for key, path in (("image", image_path), ("landmarks", landmarks_path)):
         if path is not None:
             stat = path.stat()
@@ -117,31 +120,54 @@ def load_cached_case(folder: str | Path, case_id: str) -> CachedCase:
     folder = Path(folder)
     meta_path = folder / f"{case_id}.json"
     if not meta_path.is_file():
-        raise MedlandmarkError(f"case '{case_id}' is not in the cache: run 'medlandmark preprocess'", folder)
+        raise MedlandmarkError(
+            f"case '{case_id}' is not in the cache: run 'medlandmark preprocess'", folder
+        )
     try:
         meta = json.loads(meta_path.read_text(encoding="utf-8"))
         image = np.load(folder / f"{case_id}.npy", mmap_mode="r")
-        points = np.array([[np.nan] * len(meta["shape"]) if p is None else p for p in meta["landmarks_index"]], dtype=np.float64)
+        points = np.array(
+            [[np.nan] * len(meta["shape"]) if p is None else p for p in meta["landmarks_index"]],
+            dtype=np.float64,
+        )
         case = CachedCase(
-            case_id, image, Geometry.from_dict(meta["geometry"]), Geometry.from_dict(meta["source_geometry"]),
-            meta["landmark_names"], points.reshape(len(meta["landmark_names"]), len(meta["shape"])),
-        )  # fmt: skip
-    except (OSError, ValueError, KeyError, TypeError, MedlandmarkError) as error:  # ValueError: bad JSON
+            case_id,
+            image,
+            Geometry.from_dict(meta["geometry"]),
+            Geometry.from_dict(meta["source_geometry"]),
+            meta["landmark_names"],
+            points.reshape(len(meta["landmark_names"]), len(meta["shape"])),
+        )
+    except (
+        OSError,
+        ValueError,
+        KeyError,
+        TypeError,
+        MedlandmarkError,
+    ) as error:  # ValueError: bad JSON
         raise MedlandmarkError(
             f"cached case '{case_id}' is damaged ({type(error).__name__}: {error}); delete its .json "
-            "and .npy and run 'medlandmark preprocess' again", meta_path,
-        ) from None  # fmt: skip
+            "and .npy and run 'medlandmark preprocess' again",
+            meta_path,
+        ) from None
     if tuple(case.image.shape[1:]) != case.geometry.shape:
         raise MedlandmarkError(
             f"cached case '{case_id}' is damaged (voxels {case.image.shape[1:]} for a geometry of "
-            f"{case.geometry.shape}); run 'medlandmark preprocess' again", meta_path,
-        )  # fmt: skip
+            f"{case.geometry.shape}); run 'medlandmark preprocess' again",
+            meta_path,
+        )
     return case
 
 
 def _preprocess_case(
-    case_id: str, image_path: Path, landmarks_path: Path | None, spacing_xy_mm, names: list[str],
-    plan: Plan, configuration: Configuration, folder: Path,
+    case_id: str,
+    image_path: Path,
+    landmarks_path: Path | None,
+    spacing_xy_mm,
+    names: list[str],
+    plan: Plan,
+    configuration: Configuration,
+    folder: Path,
 ) -> str:
     """Write one case into the cache unless it is up to date; returns 'done' or 'skipped'."""
     signature = case_signature(image_path, landmarks_path, plan, configuration)
@@ -168,13 +194,18 @@ def _preprocess_case(
     with atomic_path(folder / f"{case_id}.npy") as tmp, tmp.open("wb") as handle:
         np.save(handle, array.astype(CACHE_DTYPE))
     meta = {
-        "version": PREPROCESS_VERSION, "case_id": case_id, "signature": signature,
-        "configuration": configuration.name, "shape": list(geometry.shape),
-        "channels": int(array.shape[0]), "dtype": np.dtype(CACHE_DTYPE).name,
-        "geometry": geometry.to_dict(), "source_geometry": image.geometry.to_dict(),
+        "version": PREPROCESS_VERSION,
+        "case_id": case_id,
+        "signature": signature,
+        "configuration": configuration.name,
+        "shape": list(geometry.shape),
+        "channels": int(array.shape[0]),
+        "dtype": np.dtype(CACHE_DTYPE).name,
+        "geometry": geometry.to_dict(),
+        "source_geometry": image.geometry.to_dict(),
         "landmark_names": names,
         "landmarks_index": [None if np.isnan(p).any() else [float(v) for v in p] for p in index],
-    }  # fmt: skip
+    }
     atomic_write_text(meta_path, json.dumps(meta, indent=1) + "\n")
     return "done"
 
@@ -211,9 +242,18 @@ def preprocess_dataset(
             continue
         out.mkdir(parents=True, exist_ok=True)
         jobs = [
-            (c.case_id, c.image_path, c.landmarks_path, dataset.spec.spacing_mm, dataset.spec.landmarks, plan, configuration, out)
+            (
+                c.case_id,
+                c.image_path,
+                c.landmarks_path,
+                dataset.spec.spacing_mm,
+                dataset.spec.landmarks,
+                plan,
+                configuration,
+                out,
+            )
             for c in dataset.cases
-        ]  # fmt: skip
+        ]
         counts = {"done": 0, "skipped": 0}
         for status in _run_jobs(jobs, workers, f"preprocess {out.name}"):
             counts[status] += 1

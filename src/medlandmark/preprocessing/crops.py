@@ -18,6 +18,9 @@ def crop_with_zeros(array: np.ndarray, start: Sequence[int], shape: Sequence[int
     high = np.clip(start + shape, 0, size)
     if np.all(high > low):
         source = (slice(None), *(slice(a, b) for a, b in zip(low, high, strict=True)))
-        target = (slice(None), *(slice(a - s, b - s) for a, b, s in zip(low, high, start, strict=True)))
+        target = (
+            slice(None),
+            *(slice(a - s, b - s) for a, b, s in zip(low, high, start, strict=True)),
+        )
         out[target] = array[source]
     return out

@@ -32,7 +32,9 @@ def _linear(t: np.ndarray) -> np.ndarray:
 
 
 @lru_cache(maxsize=64)
-def resampling_matrix(length_in: int, length_out: int, cubic: bool = True) -> scipy.sparse.csr_matrix:
+def resampling_matrix(
+    length_in: int, length_out: int, cubic: bool = True
+) -> scipy.sparse.csr_matrix:
     """Sparse ``(length_out, length_in)`` matrix that resamples one axis."""
     scale = length_in / length_out
     stretch = max(1.0, scale)
@@ -54,7 +56,9 @@ def resampling_matrix(length_in: int, length_out: int, cubic: bool = True) -> sc
     weights /= weights.sum(axis=1, keepdims=True)
     rows = np.repeat(np.arange(length_out), taps)
     columns = np.clip(inputs, 0, length_in - 1).ravel()
-    return scipy.sparse.csr_matrix((weights.ravel(), (rows, columns)), shape=(length_out, length_in))
+    return scipy.sparse.csr_matrix(
+        (weights.ravel(), (rows, columns)), shape=(length_out, length_in)
+    )
 
 
 def resample_axis(array: np.ndarray, axis: int, length: int, cubic: bool = True) -> np.ndarray:
@@ -67,7 +71,9 @@ def resample_axis(array: np.ndarray, axis: int, length: int, cubic: bool = True)
     return np.moveaxis(np.asarray(out).reshape(int(length), *moved.shape[1:]), 0, axis)
 
 
-def resample_image(array: np.ndarray, shape: Sequence[int], linear_axes: Sequence[int] = ()) -> np.ndarray:
+def resample_image(
+    array: np.ndarray, shape: Sequence[int], linear_axes: Sequence[int] = ()
+) -> np.ndarray:
     """Resample ``(C, *spatial)`` voxels to ``shape``; axes in ``linear_axes`` are linear, the
     others cubic. Returns C-contiguous float32."""
     out = np.asarray(array, dtype=np.float32)
@@ -76,6 +82,10 @@ def resample_image(array: np.ndarray, shape: Sequence[int], linear_axes: Sequenc
     return np.ascontiguousarray(out)
 
 
-def resampled_shape(shape: Sequence[int], spacing_mm: Sequence[float], target_mm: Sequence[float]) -> list[int]:
+def resampled_shape(
+    shape: Sequence[int], spacing_mm: Sequence[float], target_mm: Sequence[float]
+) -> list[int]:
     """Voxel count per axis that samples the same field of view at ``target_mm``."""
-    return [max(1, int(round(n * s / t))) for n, s, t in zip(shape, spacing_mm, target_mm, strict=True)]
+    return [
+        max(1, int(round(n * s / t))) for n, s, t in zip(shape, spacing_mm, target_mm, strict=True)
+    ]

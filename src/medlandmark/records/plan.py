@@ -90,7 +90,11 @@ class Normalization(_Record):
 class Configuration(_Record):
     """One way to train: a spacing, a patch, a batch, a heatmap sigma and network sizes."""
 
-    _omit_when_none: ClassVar[tuple[str, ...]] = ("next_stage", "previous_stage", "downsampling_factor")
+    _omit_when_none: ClassVar[tuple[str, ...]] = (
+        "next_stage",
+        "previous_stage",
+        "downsampling_factor",
+    )
     name: str
     stage: Stage
     data_identifier: str
@@ -222,7 +226,9 @@ def parse_plan(data: object, path: str | Path) -> Plan:
         return Plan.model_validate(data)
     except ValidationError as error:
         problems = validation_problems(error, "plans.json", limit=5)
-        raise MedlandmarkError(f"plans.json does not match the plan schema: {problems}", path) from None
+        raise MedlandmarkError(
+            f"plans.json does not match the plan schema: {problems}", path
+        ) from None
 
 
 def load_plan(folder: str | Path) -> Plan:

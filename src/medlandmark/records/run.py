@@ -81,7 +81,12 @@ class ShapeModelRecord(_Record):
 class RunRecord(_Record):
     """``run.json``: the network, its plan, its landmarks and what training learnt and measured."""
 
-    _omit_when_none: ClassVar[tuple[str, ...]] = ("best", "weight_checksum_per_rank", "shape_model", "presence_threshold")
+    _omit_when_none: ClassVar[tuple[str, ...]] = (
+        "best",
+        "weight_checksum_per_rank",
+        "shape_model",
+        "presence_threshold",
+    )
     version: Literal[1] = 1
     status: RunStatus = "training"
     dataset: str = ""
@@ -113,7 +118,9 @@ class RunRecord(_Record):
             raise ValueError("landmark names repeat")
         unknown = {n for pair in self.symmetric_pairs for n in pair} - set(self.landmarks)
         if unknown:
-            raise ValueError(f"symmetric_pairs name unknown landmarks: {', '.join(sorted(unknown))}")
+            raise ValueError(
+                f"symmetric_pairs name unknown landmarks: {', '.join(sorted(unknown))}"
+            )
         if self.spacing_mm is not None:
             positive_finite(self.spacing_mm)
         shape = self.shape_model
@@ -149,7 +156,9 @@ def read_run_record(folder: str | Path) -> RunRecord:
         return RunRecord.model_validate(data)
     except ValidationError as error:
         problems = validation_problems(error, "run.json", limit=5)
-        raise MedlandmarkError(f"run.json does not match the run schema: {problems}", path) from None
+        raise MedlandmarkError(
+            f"run.json does not match the run schema: {problems}", path
+        ) from None
 
 
 def write_run_record(folder: str | Path, record: RunRecord) -> None:

@@ -48,7 +48,10 @@ def _write_error_explained(path: str | Path, what: str):
         kept = "the previous one is intact" if path.is_file() else "none was written"
         reason = (getattr(error, "strerror", None) or str(error)).strip().splitlines()[0][:200]
         free_mb = shutil.disk_usage(path.parent).free / 2**20 if path.parent.is_dir() else math.nan
-        raise CheckpointError(f"could not write the {what}: {reason} ({free_mb:.0f} MB free on its disk); {kept}", path) from error
+        raise CheckpointError(
+            f"could not write the {what}: {reason} ({free_mb:.0f} MB free on its disk); {kept}",
+            path,
+        ) from error
 
 
 def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> dict:
@@ -62,10 +65,13 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
         reason = str(error).splitlines()[0]
         raise CheckpointError(
             f"refused to load: the file holds objects other than tensors and plain data, and "
-            f"loading it could run code ({reason[:200]})", path,
-        ) from None  # fmt: skip
+            f"loading it could run code ({reason[:200]})",
+            path,
+        ) from None
     except (RuntimeError, EOFError, OSError) as error:
-        raise CheckpointError(f"not a readable checkpoint, truncated or corrupt ({str(error)[:200]})", path) from None
+        raise CheckpointError(
+            f"not a readable checkpoint, truncated or corrupt ({str(error)[:200]})", path
+        ) from None
     if not isinstance(state, dict) or state.get("checkpoint_version") != CHECKPOINT_VERSION:
         raise CheckpointError(f"not a medlandmark checkpoint of version {CHECKPOINT_VERSION}", path)
     return state
@@ -86,11 +92,15 @@ def load_weights(path: str | Path, model: nn.Module) -> nn.Module:
     try:
         tensors = load_file(str(path))
     except Exception as error:  # safetensors raises its own SafetensorError or OSError
-        raise CheckpointError(f"not a readable safetensors file ({str(error)[:200]})", path) from None
+        raise CheckpointError(
+            f"not a readable safetensors file ({str(error)[:200]})", path
+        ) from None
     try:
         unwrap(model).load_state_dict(tensors, strict=True)
     except RuntimeError as error:
-        raise CheckpointError(f"weights do not fit the network ({str(error).splitlines()[0]})", path) from None
+        raise CheckpointError(
+            f"weights do not fit the network ({str(error).splitlines()[0]})", path
+        ) from None
     return model
 
 

@@ -132,7 +132,9 @@ def train(
         run = _start(Path(dataset_root), Path(run_dir), options, resume)
         stop = _StopRequest()
         with ProgressBar(
-            run.last_step, f"train {options.arch} {run.configuration.name}", completed=run.state.step
+            run.last_step,
+            f"train {options.arch} {run.configuration.name}",
+            completed=run.state.step,
         ) as bar:
             while run.state.step < run.last_step:
                 _take_step(run, bar)
@@ -173,15 +175,27 @@ def _start(dataset_root: Path, run_dir: Path, options: TrainOptions, resume: boo
     batches = _batches(train_cases, plan, configuration, dataset, options, settings, context)
     amp_dtype = _amp_dtype(options.amp, device)
     return _Run(
-        run_dir, plan, configuration, options, record, state, batches, val_cases, device,
-        amp_dtype, context,
-    )  # fmt: skip
+        run_dir,
+        plan,
+        configuration,
+        options,
+        record,
+        state,
+        batches,
+        val_cases,
+        device,
+        amp_dtype,
+        context,
+    )
 
 
 def _initial_state(
-    plan: Plan, configuration: Configuration, options: TrainOptions, settings: RunSettings,
+    plan: Plan,
+    configuration: Configuration,
+    options: TrainOptions,
+    settings: RunSettings,
     device: torch.device,
-) -> TrainState:  # fmt: skip
+) -> TrainState:
     """The network with the same initial weights on every rank and every rerun, and its state."""
     torch.manual_seed(options.seed)
     try:
@@ -193,9 +207,14 @@ def _initial_state(
 
 
 def _batches(
-    cases: list[CachedCase], plan: Plan, configuration: Configuration, dataset: Dataset,
-    options: TrainOptions, settings: RunSettings, context: distributed.Context,
-) -> AugmentedBatches:  # fmt: skip
+    cases: list[CachedCase],
+    plan: Plan,
+    configuration: Configuration,
+    dataset: Dataset,
+    options: TrainOptions,
+    settings: RunSettings,
+    context: distributed.Context,
+) -> AugmentedBatches:
     """The run's batches: crops with room for rotation, landmark-centred as the plan says."""
     crop_size = [math.ceil(p * CROP_MARGIN) for p in configuration.patch_size]
     fine_offsets = None
@@ -317,9 +336,12 @@ def _finish(run: _Run) -> RunRecord:
 
 
 def heatmap_training_loss(
-    model: nn.Module, outputs: Sequence[torch.Tensor], points: torch.Tensor,
-    configuration: Configuration, settings: RunSettings,
-) -> torch.Tensor:  # fmt: skip
+    model: nn.Module,
+    outputs: Sequence[torch.Tensor],
+    points: torch.Tensor,
+    configuration: Configuration,
+    settings: RunSettings,
+) -> torch.Tensor:
     """Weighted sum over the network's outputs of the heatmap loss against targets drawn on the
     device at each output's resolution (same sigma in mm: sigma in voxels / stride)."""
     weights = np.asarray(model.output_weights, dtype=np.float64)
@@ -465,9 +487,14 @@ def _voxels(values: Sequence[float]) -> str:
 
 
 def _run_record(
-    run_dir: Path, dataset: Dataset, plan: Plan, options: TrainOptions, settings: RunSettings,
-    case_ids: tuple[list[str], list[str]], resume: bool,
-) -> RunRecord:  # fmt: skip
+    run_dir: Path,
+    dataset: Dataset,
+    plan: Plan,
+    options: TrainOptions,
+    settings: RunSettings,
+    case_ids: tuple[list[str], list[str]],
+    resume: bool,
+) -> RunRecord:
     """The run's record: read back when resuming (the same network and configuration), else new."""
     if resume:
         if not (run_dir / RUN_FILE).is_file():

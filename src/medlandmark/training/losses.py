@@ -49,7 +49,10 @@ def _centroid_distance(prediction: torch.Tensor, target: torch.Tensor) -> torch.
     units of the patch's longest side (0 for an empty target): mass left on a wrong structure
     far away costs in proportion to its distance, which the pixelwise losses do not see."""
     spatial = prediction.shape[2:]
-    axes = [torch.arange(n, device=prediction.device, dtype=prediction.dtype) / max(spatial) for n in spatial]
+    axes = [
+        torch.arange(n, device=prediction.device, dtype=prediction.dtype) / max(spatial)
+        for n in spatial
+    ]
     grid = torch.stack(torch.meshgrid(*axes, indexing="ij")).flatten(1)  # (D, N)
     weight_p = prediction.clamp_min(0.0).square().flatten(2)
     weight_t = target.flatten(2)
@@ -76,7 +79,10 @@ HEATMAP_LOSSES = tuple(CHANNEL_LOSSES)
 
 
 def heatmap_loss(
-    prediction: torch.Tensor, target: torch.Tensor, present: torch.Tensor, kind: str = "mse",
+    prediction: torch.Tensor,
+    target: torch.Tensor,
+    present: torch.Tensor,
+    kind: str = "mse",
     missing_target: str = "mask",
 ) -> torch.Tensor:
     """Mean channel loss over the supervised channels of ``(B, K, *spatial)`` heatmaps.

@@ -8,13 +8,18 @@ import torch
 from torch import nn
 
 
-def build_optimizer(model: nn.Module, name: str, learning_rate: float, weight_decay: float, momentum: float) -> torch.optim.Optimizer:
+def build_optimizer(
+    model: nn.Module, name: str, learning_rate: float, weight_decay: float, momentum: float
+) -> torch.optim.Optimizer:
     """AdamW (default) or SGD with Nesterov momentum; no weight decay on norms and biases."""
     decay, no_decay = [], []
     for parameter in model.parameters():
         if parameter.requires_grad:
             (no_decay if parameter.ndim <= 1 else decay).append(parameter)
-    groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    groups = [
+        {"params": decay, "weight_decay": weight_decay},
+        {"params": no_decay, "weight_decay": 0.0},
+    ]
     if name == "adamw":
         return torch.optim.AdamW(groups, lr=learning_rate)
     if name == "sgd":
@@ -34,7 +39,9 @@ def learning_rate_factor(step: int, total_steps: int, warmup_steps: int, schedul
     raise ValueError(f"unknown schedule '{schedule}' (cosine or poly)")
 
 
-def build_scheduler(optimizer: torch.optim.Optimizer, total_steps: int, warmup_steps: int, schedule: str):
+def build_scheduler(
+    optimizer: torch.optim.Optimizer, total_steps: int, warmup_steps: int, schedule: str
+):
     """A per-step LambdaLR over :func:`learning_rate_factor`."""
     return torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda step: learning_rate_factor(step, total_steps, warmup_steps, schedule)

@@ -75,7 +75,9 @@ def run_settings(plan: Plan, options: TrainOptions) -> RunSettings:
     try:
         return RunSettings.model_validate(settings)
     except ValidationError as error:
-        raise TrainingError(f"bad training setting: {validation_problems(error, 'settings')}") from None
+        raise TrainingError(
+            f"bad training setting: {validation_problems(error, 'settings')}"
+        ) from None
 
 
 def augment_config(overrides: dict) -> AugmentConfig:

@@ -31,7 +31,9 @@ class Crop:
 def crop_case(case: CachedCase, start: Sequence[int], shape: Sequence[int]) -> Crop:
     """The box ``[start, start + shape)`` of a cached case, zero-padded where it leaves the image."""
     start = np.asarray(start, dtype=np.int64)
-    return Crop(case.case_id, crop_with_zeros(case.image, start, shape), case.landmarks_index - start, start)
+    return Crop(
+        case.case_id, crop_with_zeros(case.image, start, shape), case.landmarks_index - start, start
+    )
 
 
 @dataclass
@@ -57,11 +59,15 @@ class PatchSampler:
         """A crop centre (voxel index) in ``case``."""
         size = np.asarray(case.image.shape[1:], dtype=np.float64)
         present = np.flatnonzero(~np.isnan(case.landmarks_index).any(axis=1))
-        near_landmark = self.fine_offset_sd_voxels is not None or rng.random() < self.landmark_fraction
+        near_landmark = (
+            self.fine_offset_sd_voxels is not None or rng.random() < self.landmark_fraction
+        )
         if near_landmark and len(present):
             landmark = case.landmarks_index[rng.choice(present)]
             if self.fine_offset_sd_voxels is not None:
-                return landmark + rng.normal(0.0, 1.0, len(size)) * np.asarray(self.fine_offset_sd_voxels)
+                return landmark + rng.normal(0.0, 1.0, len(size)) * np.asarray(
+                    self.fine_offset_sd_voxels
+                )
             half = np.asarray(self.crop_size) / 4.0  # the landmark anywhere in the middle half
             return landmark + rng.uniform(-half, half)
         return rng.uniform(0.0, size - 1.0)

@@ -17,7 +17,10 @@ from medlandmark.sliding_window import sliding_window_heatmaps
 
 
 def predict_cached_case(
-    model: nn.Module, case: CachedCase, patch_size: Sequence[int], device: torch.device,
+    model: nn.Module,
+    case: CachedCase,
+    patch_size: Sequence[int],
+    device: torch.device,
     amp_dtype: torch.dtype | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
     """Predicted landmarks (cache voxel indices, ``(K, D)``) and their heatmap peaks."""
@@ -42,8 +45,12 @@ class Validation:
 
 @torch.no_grad()
 def validate(
-    model: nn.Module, cases: Sequence[CachedCase], patch_size: Sequence[int], device: torch.device,
-    radii_mm: Sequence[float] = metrics.DEFAULT_RADII_MM, amp_dtype: torch.dtype | None = None,
+    model: nn.Module,
+    cases: Sequence[CachedCase],
+    patch_size: Sequence[int],
+    device: torch.device,
+    radii_mm: Sequence[float] = metrics.DEFAULT_RADII_MM,
+    amp_dtype: torch.dtype | None = None,
 ) -> Validation:
     """MRE, SDR and per-point peaks over ``cases`` (ground truth from the cache, never fed to the
     prediction); the peaks calibrate the present/missing threshold, and the spread of the
