@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 import math
 from pathlib import Path
-from typing import Any, ClassVar, Literal
+from typing import Any, ClassVar, Literal, TypeVar
 
 from pydantic import (
     BaseModel,
@@ -29,6 +29,7 @@ from medlandmark.io.files import atomic_write_text
 PLANS_FILE = "plans.json"
 PLANS_VERSION = 1
 Stage = Literal["full", "coarse", "fine"]
+RecordT = TypeVar("RecordT", bound=BaseModel)
 
 
 def plain_name(name: str) -> str:
@@ -213,22 +214,28 @@ class Plan(_Record):
         return json.dumps(self.model_dump(mode="json"), indent=1) + "\n"
 
 
-def parse_plan(data: object, path: str | Path) -> Plan:
-    """``data`` (a parsed ``plans.json``) checked against :class:`Plan`; a MedlandmarkError
-    naming ``path`` and the first problems otherwise."""
+def validated_record(kind: type[RecordT], data: object, path: str | Path, schema: str) -> RecordT:
+    """``data`` (a parsed JSON file at ``path``) checked against ``kind``; a MedlandmarkError
+    naming the file and its first problems otherwise."""
+    name = Path(path).name
     if not isinstance(data, dict):
-        raise MedlandmarkError("invalid plans.json (not a JSON object)", path)
-    if data.get("version") != PLANS_VERSION:
+        raise MedlandmarkError(f"invalid {name} (not a JSON object)", path)
+    try:
+        return kind.model_validate(data)
+    except ValidationError as error:
+        problems = validation_problems(error, name, limit=5)
+        raise MedlandmarkError(
+            f"{name} does not match the {schema} schema: {problems}", path
+        ) from None
+
+
+def parse_plan(data: object, path: str | Path) -> Plan:
+    """``data`` (a parsed ``plans.json``) checked against :class:`Plan`."""
+    if isinstance(data, dict) and data.get("version") != PLANS_VERSION:
         raise MedlandmarkError(
             f"plans.json version {data.get('version')!r} is not {PLANS_VERSION}; re-run plan", path
         )
-    try:
-        return Plan.model_validate(data)
-    except ValidationError as error:
-        problems = validation_problems(error, "plans.json", limit=5)
-        raise MedlandmarkError(
-            f"plans.json does not match the plan schema: {problems}", path
-        ) from None
+    return validated_record(Plan, data, path, "plan")
 
 
 def load_plan(folder: str | Path) -> Plan:

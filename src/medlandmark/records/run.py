@@ -11,9 +11,9 @@ import math
 from pathlib import Path
 from typing import Any, ClassVar, Literal
 
-from pydantic import Field, ValidationError, field_validator, model_validator
+from pydantic import Field, field_validator, model_validator
 
-from medlandmark.errors import MedlandmarkError, validation_problems
+from medlandmark.errors import MedlandmarkError
 from medlandmark.io.files import atomic_write_text
 from medlandmark.records.plan import (
     Configuration,
@@ -22,6 +22,7 @@ from medlandmark.records.plan import (
     _Record,
     plain_name,
     positive_finite,
+    validated_record,
 )
 
 RUN_FILE = "run.json"
@@ -150,15 +151,7 @@ def read_run_record(folder: str | Path) -> RunRecord:
         raise MedlandmarkError("no run.json: not a trained run", path) from None
     except (UnicodeDecodeError, ValueError) as error:
         raise MedlandmarkError(f"invalid run.json ({error})", path) from None
-    if not isinstance(data, dict):
-        raise MedlandmarkError("invalid run.json (not a JSON object)", path)
-    try:
-        return RunRecord.model_validate(data)
-    except ValidationError as error:
-        problems = validation_problems(error, "run.json", limit=5)
-        raise MedlandmarkError(
-            f"run.json does not match the run schema: {problems}", path
-        ) from None
+    return validated_record(RunRecord, data, path, "run")
 
 
 def write_run_record(folder: str | Path, record: RunRecord) -> None:
