@@ -15,6 +15,8 @@ from medlandmark.planning.planner import (
     CASCADE_AREA_RATIO,
     make_plan,
     network_topology,
+    plan_summary,
+    planned_width,
     target_spacing_mm,
     training_memory_gb,
 )
@@ -227,3 +229,46 @@ def test_plans_of_the_real_datasets_match_the_golden_files(
     if os.environ.get("MEDLANDMARK_UPDATE_GOLDEN") == "1":
         golden.write_text(json.dumps(plan, indent=1) + "\n")
     _close(plan, json.loads(golden.read_text()), name)
+
+
+def test_the_attention_networks_width_is_planned_from_the_budget_shown_and_can_be_given() -> None:
+    radiograph = fingerprint(_rounds(10, [0.1, 0.1]), _rounds(10, [2400, 1935]), modality="xray")
+    volume = fingerprint(_rounds(10, [1.0, 1.0, 1.0]), _rounds(10, [160, 192, 160]))
+    for gb, width in (
+        (24.0, 1.0),
+        (80.0, 1.0),
+        (8.0, 0.5),
+        (1.0, 0.25),
+    ):  # 24 GB and up: the papers'
+        assert planned_width(gb) == width
+        for fp, arch in ((radiograph, "hyatt"), (volume, "h3de")):
+            plan = make_plan(fp, gpu_memory_gb=gb)
+            assert {
+                c.architectures[arch]["width_multiplier"] for c in plan.configurations.values()
+            } == {width}
+            assert plan.width_multiplier is None and f"{arch} width {width:g}" in plan_summary(plan)
+    given = make_plan(radiograph, gpu_memory_gb=1.0, width_multiplier=0.75)
+    assert given.width_multiplier == 0.75
+    assert {
+        c.architectures["hyatt"]["width_multiplier"] for c in given.configurations.values()
+    } == {0.75}
+    assert "hyatt width 0.75" in plan_summary(given) and "unet 32 base features" in plan_summary(
+        given
+    )
+    with pytest.raises(ValueError, match="width 0"):
+        make_plan(radiograph, width_multiplier=0.0)
+
+
+def test_models_prints_each_networks_width_and_size(tmp_path: Path, capfd) -> None:
+    from medlandmark.cli import main
+    from medlandmark.datasets.synthetic import make_synthetic_dataset
+
+    root = make_synthetic_dataset(tmp_path / "ds", num_cases=4, size_px=64)
+    assert main(["plan", str(root), "--gpu-memory", "2", "--width", "0.375", "-q"]) == 0
+    capfd.readouterr()
+    assert main(["models", str(root)]) == 0
+    table = capfd.readouterr().err
+    assert "width" in table and "x0.375" in table and "first-stage" in table
+    with pytest.raises(SystemExit) as refused:  # argparse: usage line and exit 2
+        main(["plan", str(root), "--width", "0", "-q"])
+    assert refused.value.code == 2 and "must be a positive finite number" in capfd.readouterr().err

@@ -242,6 +242,14 @@ def _add_plan(sub) -> None:
         metavar="MM",
         help="target spacing instead of the planned one (the median): one value, or one per image axis",
     )
+    plan.add_argument(
+        "--width",
+        type=_positive,
+        default=None,
+        metavar="W",
+        help="HYATT-Net and H3DE-Net width multiplier instead of the budget's (1 = the papers'; "
+        "the budget's is 1 from 24 GB on, sqrt(GB / 24) in steps of 1/8 below, at least 0.25)",
+    )
     plan.add_argument("--workers", type=int, default=2, help="parallel readers (default 2)")
     plan.set_defaults(func=_plan)
 
@@ -516,6 +524,7 @@ def _plan(args: argparse.Namespace) -> int:
         workers=args.workers,
         base_features=args.base_features,
         spacing_override_mm=args.target_spacing,
+        width_multiplier=args.width,
     )
     return 0
 

@@ -81,11 +81,19 @@ def describe_models(plan: Plan, configuration: str) -> list[dict]:
                 "architecture": arch,
                 "configuration": configuration,
                 "patch_size": config.patch_size,
+                "width": _width(config.architectures[arch]),
                 "parameters": count_parameters(model),
                 "forward_flops": forward_flops(model, shape),
             }
         )
     return rows
+
+
+def _width(sizes: dict) -> str:
+    """A network's width as the plan gives it: a multiplier of the paper's, or base features."""
+    if "width_multiplier" in sizes:
+        return f"x{sizes['width_multiplier']:g}"
+    return str(sizes["features_per_stage"][0])
 
 
 def print_model_table(rows: list[dict]) -> None:
@@ -94,8 +102,18 @@ def print_model_table(rows: list[dict]) -> None:
 
     from medlandmark.console import console
 
-    table = Table(title="Networks sized by the plan")
-    for column in ("architecture", "configuration", "patch", "parameters", "forward GFLOP"):
+    table = Table(
+        title="Networks sized by the plan",
+        caption="width: xW of the paper's network, or the U-Net's first-stage features",
+    )
+    for column in (
+        "architecture",
+        "configuration",
+        "patch",
+        "width",
+        "parameters",
+        "forward GFLOP",
+    ):
         table.add_column(
             column, justify="right" if column in ("parameters", "forward GFLOP") else "left"
         )
@@ -104,6 +122,7 @@ def print_model_table(rows: list[dict]) -> None:
             row["architecture"],
             row["configuration"],
             "x".join(map(str, row["patch_size"])),
+            row["width"],
             f"{row['parameters'] / 1e6:.2f} M",
             f"{row['forward_flops'] / 1e9:.1f}",
         )

@@ -60,8 +60,15 @@ def round_width(channels: float, multiple: int) -> int:
 
 
 def stage_widths(width_multiplier: float, head_dim: int) -> list[int]:
-    """Widths of the 5 stages: 64*[1,2,5,8,16]*multiplier rounded to multiples of ``head_dim``."""
-    return [round_width(w * width_multiplier, head_dim) for w in BASE_WIDTHS]
+    """Widths of the 5 stages: 64*[1,2,5,8,16]*multiplier rounded to multiples of ``head_dim``,
+    each stage at least one head wider than the one before (at narrow widths the rounding would
+    otherwise give stages 1 and 2 the same width; a deliberate difference from the paper, whose
+    full width never needs it)."""
+    widths = []
+    for base in BASE_WIDTHS:
+        width = round_width(base * width_multiplier, head_dim)
+        widths.append(max(width, widths[-1] + head_dim) if widths else width)
+    return widths
 
 
 def hyatt_sizes(width_multiplier: float = 0.25, **overrides: object) -> dict:

@@ -42,9 +42,11 @@ def plan_dataset(
     workers: int = 4,
     base_features: int = BASE_FEATURES,
     spacing_override_mm: Sequence[float] | None = None,
+    width_multiplier: float | None = None,
 ) -> Plan:
     """Fingerprint the dataset (reusing an up-to-date ``fingerprint.json``), plan, write
-    ``plans.json`` and print the plan's summary (``spacing_override_mm``: see ``make_plan``)."""
+    ``plans.json`` and print the plan's summary (``spacing_override_mm`` and
+    ``width_multiplier``: see ``make_plan``)."""
     dataset = Dataset(dataset_root)
     folder = preprocessed_folder(dataset_root, preprocessed)
     fingerprint = _cached_fingerprint(folder / FINGERPRINT_FILE, dataset)
@@ -52,7 +54,9 @@ def plan_dataset(
         fingerprint = compute_fingerprint(dataset, workers=workers)
         write_fingerprint(folder / FINGERPRINT_FILE, fingerprint)
     try:
-        plan = make_plan(fingerprint, gpu_memory_gb, base_features, spacing_override_mm)
+        plan = make_plan(
+            fingerprint, gpu_memory_gb, base_features, spacing_override_mm, width_multiplier
+        )
     except ValueError as error:
         raise MedlandmarkError(str(error), dataset_root) from None
     plan.dataset_path = str(Path(dataset_root).resolve())

@@ -226,11 +226,20 @@ def normalization(modalities: Sequence[str], intensity: Sequence[dict]) -> list[
     return schemes
 
 
-def architecture_sizes(topology: PatchTopology, spatial_dims: int, gpu_memory_gb: float) -> dict:
-    """Sizes for every architecture, from the patch and the budget."""
-    patch = np.asarray(topology.patch_size)
+def planned_width(gpu_memory_gb: float) -> float:
+    """The attention networks' width multiplier for a GPU budget: the papers' full width (1.0)
+    from 24 GB on, narrower as sqrt(budget / 24 GB) in steps of 1/8 below, at least 0.25."""
     width = float(np.clip(math.sqrt(gpu_memory_gb / 24.0), 0.25, 1.0))
-    width = math.floor(width * 8) / 8
+    return math.floor(width * 8 + 1e-9) / 8
+
+
+def architecture_sizes(
+    topology: PatchTopology, spatial_dims: int, gpu_memory_gb: float, width: float | None = None
+) -> dict:
+    """Sizes for every architecture, from the patch and the budget (``width``: the attention
+    networks' width multiplier instead of the budget's, see :func:`planned_width`)."""
+    patch = np.asarray(topology.patch_size)
+    width = planned_width(gpu_memory_gb) if width is None else float(width)
     sizes = {
         "unet": {
             "features_per_stage": topology.features_per_stage,
@@ -275,6 +284,7 @@ class _PlanningContext:
 
     fingerprint: dict
     gpu_memory_gb: float
+    width_multiplier: float | None = None  # given by hand; None: planned_width(gpu_memory_gb)
 
     @property
     def num_landmarks(self) -> int:
@@ -307,7 +317,9 @@ def _configuration(
         heatmap_sigma_voxels=[sigma_mm / s for s in spacing_mm],
         estimated_gpu_memory_gb=round(memory, 3),
         topology=topology.to_record(),
-        architectures=architecture_sizes(topology, len(spacing_mm), context.gpu_memory_gb),
+        architectures=architecture_sizes(
+            topology, len(spacing_mm), context.gpu_memory_gb, context.width_multiplier
+        ),
         **extra,
     )
 
@@ -317,11 +329,13 @@ def make_plan(
     gpu_memory_gb: float = 8.0,
     base_features: int = BASE_FEATURES,
     spacing_override_mm: Sequence[float] | None = None,
+    width_multiplier: float | None = None,
 ) -> Plan:
     """The whole plan for a fingerprint: spacing, transposition, normalisation, configurations.
     ``base_features`` sets the U-Net's first-stage width (nnU-Net's 32; narrower for CPU budgets);
     ``spacing_override_mm`` (one value, or one per image axis) replaces the planned target
-    spacing, like nnU-Net's ``overwrite_target_spacing``."""
+    spacing, like nnU-Net's ``overwrite_target_spacing``; ``width_multiplier`` sizes HYATT-Net and
+    H3DE-Net instead of the budget (1.0: the papers' width)."""
     ndim = fingerprint["spatial_dims"]
     spacings = np.asarray(fingerprint["spacings_mm"], float)
     shapes = np.asarray(fingerprint["shapes"], float)
@@ -332,7 +346,9 @@ def make_plan(
         target = checked_spacing_override(spacing_override_mm, ndim)[axes]
     shapes_at_target = shapes * spacings / target
     median_shape = np.median(shapes_at_target, axis=0)
-    context = _PlanningContext(fingerprint, gpu_memory_gb)
+    if width_multiplier is not None and not 0 < width_multiplier <= 4:
+        raise ValueError(f"width {width_multiplier}: give a multiplier above 0 and at most 4")
+    context = _PlanningContext(fingerprint, gpu_memory_gb, width_multiplier)
     configurations = _configurations(
         context, target, median_shape, float(np.prod(shapes_at_target, axis=1).sum()), base_features
     )
@@ -344,6 +360,7 @@ def make_plan(
         gpu_memory_gb=gpu_memory_gb,
         base_features=base_features,
         target_spacing_overridden=spacing_override_mm is not None,
+        width_multiplier=width_multiplier,
         reorient=True,  # every image permuted and flipped to the canonical orientation first
         fingerprint_signature=fingerprint["input_signature"],
         transpose_forward=axes,
@@ -449,10 +466,22 @@ def plan_summary(plan: Plan) -> str:
             f"  {name:<10} {config.stage:<6} spacing {_mm(config.spacing_mm)}  patch "
             f"{'x'.join(map(str, config.patch_size))}  batch {config.batch_size}  "
             f"stages {stages}  sigma {config.heatmap_sigma_mm:.3g} mm  "
-            f"~{config.estimated_gpu_memory_gb:.1f} GB"
+            f"~{config.estimated_gpu_memory_gb:.1f} GB  ({network_widths(config)})"
         )
     lines.append(f"default configuration: {plan.default_configuration}")
     return "\n".join(lines)
+
+
+def network_widths(configuration: Configuration) -> str:
+    """How wide each planned network is: the U-Net's first-stage features, the attention
+    networks' width multiplier (1 = the paper's)."""
+    parts = []
+    for arch, sizes in configuration.architectures.items():
+        if "width_multiplier" in sizes:
+            parts.append(f"{arch} width {sizes['width_multiplier']:g}")
+        elif "features_per_stage" in sizes:
+            parts.append(f"{arch} {sizes['features_per_stage'][0]} base features")
+    return ", ".join(parts)
 
 
 def _mm(values: Sequence[float]) -> str:

@@ -157,7 +157,11 @@ class TrainingSettings(_Record):
 class Plan(_Record):
     """``plans.json``: the decisions of self-configuration for one dataset."""
 
-    _omit_when_none: ClassVar[tuple[str, ...]] = ("dataset_path", "fingerprint_signature")
+    _omit_when_none: ClassVar[tuple[str, ...]] = (
+        "dataset_path",
+        "fingerprint_signature",
+        "width_multiplier",
+    )
     version: Literal[1] = PLANS_VERSION
     dataset: str
     spatial_dims: Literal[2, 3]
@@ -166,6 +170,7 @@ class Plan(_Record):
     gpu_memory_gb: float = Field(8.0, gt=0)
     base_features: int = Field(32, ge=1)
     target_spacing_overridden: bool = False
+    width_multiplier: float | None = Field(None, gt=0)  # given by hand (plan --width)
     reorient: bool = False  # plans written before reorientation existed keep their behaviour
     fingerprint_signature: str | None = None
     dataset_path: str | None = None
