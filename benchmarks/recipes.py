@@ -54,6 +54,7 @@ PROBE_EPOCHS, PROBE_ITERATIONS = 3, 5  # a warm-up epoch, a timed one, a timed o
 TARGET_EPOCHS = 20  # a checkpoint per epoch: few enough that saving costs little
 VALIDATIONS = 4  # at most, per stage (every validate_every epochs; the last epoch's included)
 MAX_ITERATIONS_PER_EPOCH = 250
+STEP_CAP_FACTOR = 2  # steps allowed beyond the probe's estimate: the time budget ends the run
 BUDGET_FILE = (
     "budget.json"  # in a run folder, beside run.json: what the budget decided, and the time used
 )
@@ -427,22 +428,22 @@ def probe_rate(root: Path, scratch: Path, options: TrainOptions) -> dict:
 
 
 def budgeted_options(options: TrainOptions, probe: dict, budget_s: float) -> TrainOptions:
-    """The steps that fit: ``SAFETY`` x (budget - probe) - start-up - validations, at the probe's
-    seconds per step; about ``TARGET_EPOCHS`` epochs, ``VALIDATIONS`` validations (cosine
-    schedule over exactly these steps)."""
-    usable_s = (
-        SAFETY * (budget_s - probe["wall_s"])
-        - probe["rest_s"]
-        - VALIDATIONS * probe["validation_s"]
-    )
+    """Train for ``SAFETY`` x (budget - probe) - start-up seconds (``time_budget_s``: the clock,
+    not the probe, ends the run and paces the cosine schedule, so a slow stretch costs only its
+    own time). The probe's rate only shapes the epochs: about ``TARGET_EPOCHS`` of them and
+    ``VALIDATIONS`` validations if the whole run goes at the probe's pace, and twice the steps
+    as a cap that a faster run could reach."""
+    time_budget_s = max(1.0, SAFETY * (budget_s - probe["wall_s"]) - probe["rest_s"])
+    usable_s = time_budget_s - VALIDATIONS * probe["validation_s"]
     steps = max(1, int(usable_s / probe["step_s"]))
     iterations = min(MAX_ITERATIONS_PER_EPOCH, max(1, math.ceil(steps / TARGET_EPOCHS)))
     epochs = max(1, steps // iterations)
     return replace(
         options,
-        epochs=epochs,
+        epochs=STEP_CAP_FACTOR * epochs,
         iterations_per_epoch=iterations,
         validate_every=max(1, math.ceil(epochs / VALIDATIONS)),
+        time_budget_s=round(time_budget_s, 1),
     )
 
 
@@ -524,7 +525,7 @@ def results_text(results: dict) -> str:
         f"date: {results['date']}",
         f"command: {results['command']}",
         "",
-        "| stage | patch | batch | steps (epochs x iterations) | s/step | validation MRE | budget s | used s | within |",
+        "| stage | patch | batch | steps (cap: epochs x iterations) | s/step | validation MRE | budget s | used s | within |",
         "|---|---|---|---|---|---|---|---|---|",
     ]
     for stage in results["stages"]:
@@ -534,7 +535,7 @@ def results_text(results: dict) -> str:
         within = {True: "yes", False: "NO", None: "resumed"}[stage["within_budget"]]
         lines.append(
             f"| {stage['configuration']}{' (reused)' if stage['reused'] else ''} | {'x'.join(map(str, plan['patch_size']))} "
-            f"@ {'x'.join(f'{v:.3g}' for v in plan['spacing_mm'])} mm | {batch} | {stage['steps']} ({options['epochs']} x {options['iterations_per_epoch']}) "
+            f"@ {'x'.join(f'{v:.3g}' for v in plan['spacing_mm'])} mm | {batch} | {stage['steps']} (cap {options['epochs']} x {options['iterations_per_epoch']}) "
             f"| {stage['probe']['step_s']:.3g} | {validation} | {stage['budget_s']:.0f} | {stage['total_s']:.0f} | {within} |"
         )
     lines += [

@@ -316,6 +316,15 @@ def _add_train(sub) -> None:
     train.add_argument(
         "--max-steps", type=int, default=None, help="stop (resumably) after this many steps"
     )
+    train.add_argument(
+        "--time-budget",
+        type=_positive,
+        default=None,
+        metavar="MIN",
+        help="train for this many minutes (validations and checkpoints included); the learning "
+        "rate schedule runs over the time used, so a slow stretch costs its own minutes, not the "
+        "schedule; --epochs x --iterations then caps the steps",
+    )
     train.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
     train.add_argument("--amp", default="auto", choices=["auto", "bf16", "fp16", "off"])
     train.add_argument(
@@ -559,6 +568,7 @@ def _train(args: argparse.Namespace) -> int:
         learning_rate=args.lr,
         validate_every=args.validate_every,
         max_steps=args.max_steps,
+        time_budget_s=None if args.time_budget is None else 60.0 * args.time_budget,
         device=args.device,
         seed=args.seed,
         deterministic=args.deterministic,

@@ -83,6 +83,7 @@ class RunRecord(_Record):
     """``run.json``: the network, its plan, its landmarks and what training learnt and measured."""
 
     _omit_when_none: ClassVar[tuple[str, ...]] = (
+        "train_seconds",
         "best",
         "weight_checksum_per_rank",
         "shape_model",
@@ -104,6 +105,7 @@ class RunRecord(_Record):
     settings: RunSettings | None = None
     options: dict[str, Any] = {}
     step: int = 0
+    train_seconds: float | None = None  # training time so far (steps, validations, checkpoints)
     best: BestValidation | None = None
     presence_threshold: float | None = Field(default=None, allow_inf_nan=False)  # a heatmap peak
     shape_model: ShapeModelRecord | None = None

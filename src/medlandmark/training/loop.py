@@ -136,7 +136,7 @@ def train(
             f"train {options.arch} {run.configuration.name}",
             completed=run.state.step,
         ) as bar:
-            while run.state.step < run.last_step:
+            while run.state.step < run.last_step and not run.state.clock.out_of_time:
                 _take_step(run, bar)
                 if distributed.broadcast_flag(stop.requested is not None, run.context):
                     return _interrupt(run, stop)
@@ -203,7 +203,8 @@ def _initial_state(
     except ValueError as error:
         raise TrainingError(str(error)) from None
     model = channels_last(model.to(device), plan.spatial_dims)
-    return TrainState.create(model, settings, _amp_dtype(options.amp, device))
+    amp_dtype = _amp_dtype(options.amp, device)
+    return TrainState.create(model, settings, amp_dtype, options.time_budget_s)
 
 
 def _batches(
@@ -236,8 +237,9 @@ def _batches(
 
 
 def _take_step(run: _Run, bar: ProgressBar) -> None:
-    """One optimisation step; at an epoch's end, validation, the log line and a checkpoint."""
-    state = run.state
+    """One optimisation step; at an epoch's end (or when the time budget is spent) validation,
+    the log line and a checkpoint. The time it takes counts against the budget."""
+    state, started = run.state, time.perf_counter()
     loss, gradient_norm = train_step(run, state.step)
     problem = _non_finite(loss, gradient_norm, state.scaler)
     if problem:
@@ -256,7 +258,9 @@ def _take_step(run: _Run, bar: ProgressBar) -> None:
     samples = len(run.epoch.losses) * run.per_rank_batch * run.context.world_size
     rate = samples / (time.perf_counter() - run.epoch.started)
     bar.update(1, loss=loss, lr=state.scheduler.get_last_lr()[0], samples_per_s=rate)
-    if state.step % run.settings.iterations_per_epoch == 0 or state.step == run.last_step:
+    state.clock.seconds += time.perf_counter() - started
+    boundary = state.step % run.settings.iterations_per_epoch == 0
+    if boundary or state.step == run.last_step or state.clock.out_of_time:
         _end_epoch(run, rate)
 
 
@@ -296,9 +300,12 @@ def _end_epoch(run: _Run, rate: float) -> None:
         "learning_rate": run.state.scheduler.get_last_lr()[0],
         "samples_per_s": rate,
     }
-    due = epoch % settings.validate_every == 0 or step == run.last_step
+    last = step == run.last_step or run.state.clock.out_of_time
+    due = epoch % settings.validate_every == 0 or last
+    started = time.perf_counter()
     if run.val_cases and due and run.context.is_main:
         _validate_and_keep_best(run, row)
+    run.state.clock.seconds += time.perf_counter() - started
     if run.context.is_main:  # logged first: a kill before the checkpoint redoes (and relogs) it
         _log(run.run_dir, {**row, "seconds": time.perf_counter() - run.epoch.started})
     _save(run)
@@ -309,6 +316,7 @@ def _interrupt(run: _Run, stop: _StopRequest) -> RunRecord:
     """Save, mark the run interrupted, and hand the signals back."""
     _save(run)
     run.record.status, run.record.step = "interrupted", run.state.step
+    run.record.train_seconds = round(run.state.clock.seconds, 1)
     _write_record(run.run_dir, run.record, run.context)
     stop.restore()
     distributed.stop(run.context)
@@ -324,8 +332,9 @@ def _finish(run: _Run) -> RunRecord:
         if not run.val_cases:
             save_weights(run.run_dir / BEST_WEIGHTS, state.kept_weights())
         _plot_curves(run.run_dir)
-    finished = state.step >= total_steps(run.settings)
+    finished = state.step >= total_steps(run.settings) or state.clock.out_of_time
     record.status, record.step = ("finished" if finished else "stopped"), state.step
+    record.train_seconds = round(state.clock.seconds, 1)
     if context.distributed:  # DDP keeps replicas equal; record the evidence
         parameters = unwrap(state.model).parameters()
         checksum = float(sum(p.detach().double().sum() for p in parameters))

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 
 import torch
 from torch import nn
@@ -32,6 +33,19 @@ def learning_rate_factor(step: int, total_steps: int, warmup_steps: int, schedul
     if step < warmup_steps:
         return (step + 1) / warmup_steps
     progress = min(1.0, (step - warmup_steps) / max(1, total_steps - warmup_steps))
+    return decay_factor(progress, schedule)
+
+
+def time_learning_rate_factor(used: float, warmup: float, schedule: str) -> float:
+    """The same schedule over the share ``used`` (0-1) of a time budget: linear warm-up over
+    the first ``warmup`` of it, then the decay over the rest."""
+    if used < warmup:
+        return max(used / warmup, 1e-3)
+    return decay_factor(min(1.0, (used - warmup) / max(1e-9, 1.0 - warmup)), schedule)
+
+
+def decay_factor(progress: float, schedule: str) -> float:
+    """The decay after warm-up at ``progress`` (0-1) through it: cosine, or poly (exponent 0.9)."""
     if schedule == "cosine":
         return 0.5 * (1.0 + math.cos(math.pi * progress))
     if schedule == "poly":
@@ -40,9 +54,20 @@ def learning_rate_factor(step: int, total_steps: int, warmup_steps: int, schedul
 
 
 def build_scheduler(
-    optimizer: torch.optim.Optimizer, total_steps: int, warmup_steps: int, schedule: str
+    optimizer: torch.optim.Optimizer,
+    total_steps: int,
+    warmup_steps: int,
+    schedule: str,
+    used_share: Callable[[], float] | None = None,
 ):
-    """A per-step LambdaLR over :func:`learning_rate_factor`."""
+    """A per-step LambdaLR over :func:`learning_rate_factor`; with ``used_share`` (the share of
+    a time budget used so far) over :func:`time_learning_rate_factor` instead, warming up for
+    the same share of the run."""
+    if used_share is None:
+        return torch.optim.lr_scheduler.LambdaLR(
+            optimizer, lambda step: learning_rate_factor(step, total_steps, warmup_steps, schedule)
+        )
+    warmup = warmup_steps / max(1, total_steps)
     return torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda step: learning_rate_factor(step, total_steps, warmup_steps, schedule)
+        optimizer, lambda _: time_learning_rate_factor(used_share(), warmup, schedule)
     )

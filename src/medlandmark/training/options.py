@@ -41,6 +41,7 @@ class TrainOptions:
     learning_rate: float | None = None
     validate_every: int | None = None
     max_steps: int | None = None
+    time_budget_s: float | None = None  # stop after this much training; the schedule follows it
     device: str = "auto"
     seed: int = 0
     deterministic: bool = False
@@ -70,6 +71,9 @@ def run_settings(plan: Plan, options: TrainOptions) -> RunSettings:
         value = getattr(options, name)
         if value is not None:
             settings[name] = value
+    budget = options.time_budget_s
+    if budget is not None and not 0 < budget < float("inf"):
+        raise TrainingError(f"the time budget must be a positive number of seconds, got {budget}")
     if settings["loss"] not in HEATMAP_LOSSES:
         raise TrainingError(f"unknown loss '{settings['loss']}' (use {', '.join(HEATMAP_LOSSES)})")
     try:

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -18,6 +18,23 @@ AMP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "off": None}
 
 
 @dataclass
+class TrainingClock:
+    """Seconds spent training (steps, validations, checkpoints), across resumptions, against an
+    optional time budget."""
+
+    budget_s: float | None = None
+    seconds: float = 0.0
+
+    def used_share(self) -> float:
+        """The share of the budget used, 0 to 1."""
+        return min(1.0, self.seconds / self.budget_s)
+
+    @property
+    def out_of_time(self) -> bool:
+        return self.budget_s is not None and self.seconds >= self.budget_s
+
+
+@dataclass
 class TrainState:
     """The network, its optimiser, schedule, fp16 gradient scaler and moving average, and the
     number of steps taken."""
@@ -27,14 +44,20 @@ class TrainState:
     scheduler: torch.optim.lr_scheduler.LRScheduler
     scaler: torch.amp.GradScaler
     ema: torch.optim.swa_utils.AveragedModel | None
+    clock: TrainingClock = field(default_factory=TrainingClock)
     step: int = 0
 
     @classmethod
     def create(
-        cls, model: nn.Module, settings: RunSettings, amp_dtype: torch.dtype | None
+        cls,
+        model: nn.Module,
+        settings: RunSettings,
+        amp_dtype: torch.dtype | None,
+        time_budget_s: float | None = None,
     ) -> TrainState:
-        """A fresh state for ``model``: AdamW or SGD, warm-up then the planned decay, a gradient
-        scaler that is active under fp16 only, and an EMA when ``settings.ema_decay`` is set."""
+        """A fresh state for ``model``: AdamW or SGD, warm-up then the planned decay (over the
+        steps, or over ``time_budget_s`` seconds of training when given), a gradient scaler that
+        is active under fp16 only, and an EMA when ``settings.ema_decay`` is set."""
         optimizer = build_optimizer(
             model,
             settings.optimizer,
@@ -44,10 +67,12 @@ class TrainState:
         )
         total = total_steps(settings)
         warmup = min(settings.warmup_epochs * settings.iterations_per_epoch, total // 10)
-        scheduler = build_scheduler(optimizer, total, warmup, settings.schedule)
+        clock = TrainingClock(time_budget_s)
+        used_share = clock.used_share if time_budget_s is not None else None
+        scheduler = build_scheduler(optimizer, total, warmup, settings.schedule, used_share)
         device_type = next(model.parameters()).device.type
         scaler = torch.amp.GradScaler(device_type, enabled=amp_dtype == torch.float16)
-        return cls(model, optimizer, scheduler, scaler, _ema(model, settings.ema_decay))
+        return cls(model, optimizer, scheduler, scaler, _ema(model, settings.ema_decay), clock)
 
     def kept_weights(self) -> nn.Module:
         """The network whose weights are kept: the moving average when there is one."""
@@ -65,6 +90,7 @@ class TrainState:
             "ema": None if self.ema is None else self.ema.state_dict(),
             "torch_rng": torch.get_rng_state(),
             "cuda_rng": cuda_rng,
+            "seconds": self.clock.seconds,
             "plan": plan.model_dump_json(),
         }
         save_checkpoint(path, state)
@@ -83,6 +109,7 @@ class TrainState:
         if state["cuda_rng"] and torch.cuda.is_available():
             torch.cuda.set_rng_state_all([s.cpu() for s in state["cuda_rng"]])
         self.step = int(state["step"])
+        self.clock.seconds = float(state.get("seconds", 0.0))  # absent before time budgets
         info(f"resumed from {path} at step {self.step}")
 
 
