@@ -10,7 +10,7 @@ import torch
 
 from medlandmark.models import network_for
 from medlandmark.models.hyatt_net import CBAM, HyattNet, build_hyatt, hyatt_sizes, stage_widths
-from medlandmark.models.routing_attention import BiLevelRoutingAttention
+from medlandmark.models.routing_attention import BiLevelRoutingAttention, GlobalAttention
 from medlandmark.records.plan import Plan
 
 PLANS = Path(__file__).resolve().parent / "golden" / "plans_isbi2015.json"
@@ -68,10 +68,35 @@ def test_sizes_not_divisible_by_32_are_padded_and_cropped(size):
     assert all(torch.isfinite(out).all() for out in outputs)
 
 
-def test_full_width_has_about_80m_parameters():
-    model = build_hyatt(19, 1, **hyatt_sizes(1.0))
+OFFICIAL_PARAMETERS = 77.24e6  # ECNUACRush/HYATT-Net, ISBI 2015 config: those that reach an output
+
+
+def test_full_width_matches_the_official_network_block_by_block():
+    """The paper's width, on the official RGB input with ISBI's 19 landmarks: the parameter count
+    of the official network's output-reaching modules within 1 %, and its block order."""
+    model = build_hyatt(19, 3, **hyatt_sizes(1.0))
     assert model.widths == [64, 128, 320, 512, 1024]
-    assert 72e6 <= _n_params(model) <= 88e6
+    assert abs(_n_params(model) - OFFICIAL_PARAMETERS) <= 0.01 * OFFICIAL_PARAMETERS
+    for stage, width in zip(model.stages, model.widths, strict=True):  # embed -> BiFormer -> ARM
+        conv, norm = stage.embed
+        assert conv.kernel_size == (4, 4) and conv.stride == (2, 2) and conv.bias is not None
+        assert isinstance(norm, torch.nn.BatchNorm2d) and conv.out_channels == width
+        assert [type(m).__name__ for m in stage.children()] == [
+            "Sequential",
+            "Sequential",
+            "AttentionResidualModule",
+        ]
+    attention = [stage.blocks[0].attention for stage in model.stages]
+    assert [type(a).__name__ for a in attention] == ["BiLevelRoutingAttention"] * 4 + [
+        "GlobalAttention"
+    ]
+    assert [a.topk for a in attention[:4]] == [1, 4, 8, 16] and attention[4].num_heads == 8
+    assert isinstance(model.neck.smooth, torch.nn.Conv2d)  # a plain conv, as the official neck's
+    for head in (model.head4, model.head2, model.ffcm.head):  # conv3x3 -> ReLU -> conv1x1
+        assert [type(m).__name__ for m in head] == ["Conv2d", "ReLU", "Conv2d"]
+        assert head[0].kernel_size == (3, 3) and head[2].kernel_size == (1, 1)
+    assert model.ffcm.head[0].in_channels == model.ffcm.head[0].out_channels == 256 + 32 + 19  # 307
+    assert [type(m).__name__ for m in model.ffcm.image] == ["Conv2d", "BatchNorm2d", "ReLU"]
 
 
 def test_cpu_variant_is_under_6m_parameters():
@@ -98,9 +123,14 @@ def test_build_from_real_plan_via_registry():
         model.stages, arch["n_win"], arch["topk"], arch["mlp_ratios"], model.widths, strict=True
     ):
         block = stage.blocks[0]
-        assert block.attention.n_win == (n_win, n_win)
-        assert block.attention.topk == topk
-        assert block.attention.num_heads == width // arch["head_dim"]
+        if topk == -2:  # the last stage: global attention, 8 heads, as the official code
+            assert isinstance(block.attention, GlobalAttention) and block.attention.num_heads == 8
+            assert block.attention.qkv.bias is None
+        else:
+            assert block.attention.n_win == (n_win, n_win)
+            assert block.attention.topk == topk
+            assert block.attention.num_heads == width // arch["head_dim"]
+            assert block.attention.scale == width**-0.5  # the official dim^-0.5
         assert block.mlp.expand.out_channels == int(width * ratio)
     rates = [block.drop_path.rate for stage in model.stages for block in stage.blocks]
     assert rates == pytest.approx([0.0, 0.025, 0.05, 0.075, 0.1])

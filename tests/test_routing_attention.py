@@ -40,7 +40,7 @@ def _heads(t, heads):
 def _attention(module, x, q, k, v, allowed):
     """Softmax attention of q over k/v where ``allowed`` (B, Nq, Nk) or None, + LePE, out proj."""
     heads = module.num_heads
-    logits = _heads(q, heads) @ _heads(k, heads).transpose(-1, -2) * module.head_dim**-0.5
+    logits = _heads(q, heads) @ _heads(k, heads).transpose(-1, -2) * module.scale
     if allowed is not None:
         logits = logits.masked_fill(~allowed[:, None], float("-inf"))
     out = (logits.softmax(-1) @ _heads(v, heads)).transpose(1, 2).flatten(2)

@@ -8,12 +8,14 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from medlandmark.models.routing_attention import BiLevelRoutingAttention
+from medlandmark.models.routing_attention import BiLevelRoutingAttention, GlobalAttention
 
 CONV = {2: nn.Conv2d, 3: nn.Conv3d}
 TRANSPOSED_CONV = {2: nn.ConvTranspose2d, 3: nn.ConvTranspose3d}
 INSTANCE_NORM = {2: nn.InstanceNorm2d, 3: nn.InstanceNorm3d}
 BATCH_NORM = {2: nn.BatchNorm2d, 3: nn.BatchNorm3d}
+GLOBAL_ATTENTION = -2  # Routing.topk of a plain global attention block
+GLOBAL_HEADS = 8  # its heads, as the official AttentionLePE's
 
 
 class ChannelLayerNorm(nn.Module):
@@ -62,7 +64,8 @@ class Mlp(nn.Module):
 @dataclass(frozen=True)
 class Routing:
     """How a BiFormer block attends: the region grid ``n_win``, the ``topk`` regions each region
-    routes to (-1: all), key/value pooling, the MLP's width ratio and the LePE kernel."""
+    routes to (-1: all; -2: plain global attention with ``GLOBAL_HEADS`` heads and LePE on its
+    input, HYATT-Net's last stage), key/value pooling, the MLP's width ratio and the LePE kernel."""
 
     n_win: int | tuple[int, ...]
     topk: int
@@ -94,9 +97,12 @@ class BiFormerBlock(nn.Module):
         conv = CONV[spatial_dims]
         self.position = conv(channels, channels, 3, padding=1, groups=channels)
         self.norm1 = ChannelLayerNorm(channels)
-        self.attention = BiLevelRoutingAttention(
-            channels, num_heads, n_win, topk, spatial_dims, kv_pool=kv_pool, lepe_kernel=lepe_kernel
-        )
+        if topk == GLOBAL_ATTENTION:
+            self.attention = GlobalAttention(channels, GLOBAL_HEADS, spatial_dims, lepe_kernel)
+        else:
+            self.attention = BiLevelRoutingAttention(
+                channels, num_heads, n_win, topk, spatial_dims, kv_pool, lepe_kernel=lepe_kernel
+            )
         self.norm2 = ChannelLayerNorm(channels)
         self.mlp = Mlp(channels, mlp_ratio, spatial_dims)
         self.drop_path = DropPath(drop_path)

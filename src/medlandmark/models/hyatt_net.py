@@ -1,9 +1,20 @@
 """HYATT-Net: 2D hybrid CNN + bi-level routing attention landmark network (see ANCHORS.md).
 
-Backbone: 5 stages (strides 2/4/8/16/32), each a 4x4 stride-2 patch-embedding conv, BiFormer
-block(s) and an Attention Residual Module (ARM, with CBAM). Neck: FPN over stages 2-5 giving
-stride-4 features. Heads (deep supervision): stride-4 heatmaps, stride-2 heatmaps (4x4/2 deconv)
-and the Feature Fusion Correction Module (FFCM) giving full-resolution heatmaps.
+As the authors' code (ECNUACRush/HYATT-Net, ISBI 2015 config), block by block: 5 stages
+(strides 2/4/8/16/32, widths 64, 128, 320, 512, 1024 x the width multiplier), each a 4x4 stride-2
+patch-embedding conv (bias) + BN, one BiFormer block (BRA with 1, 4, 8, 16 routed regions in
+stages 1-4; plain global attention with 8 heads and LePE on its input in stage 5) and an
+Attention Residual Module (ARM, with CBAM). Neck: FPN over stages 2-5 (3x3 laterals, nearest
+top-down sums, a 3x3 conv) giving stride-4 features. Heads, each conv3x3-ReLU-conv1x1: stride-4
+heatmaps, stride-2 heatmaps after a 4x4/2 deconv-BN-ReLU, and the Feature Fusion Correction
+Module (FFCM) on the stride-2 features, the nearest-downsampled image (1x1 conv-BN-ReLU, 32
+channels) and the stride-2 heatmaps, upsampled x2 (corners aligned) to full resolution.
+77.24 M parameters at full width on RGB input with 19 landmarks, as the official network's
+output-reaching modules (tested).
+
+Deliberate differences: BRA masks the padding of sizes that do not divide into its regions
+(routing_attention.py); at narrow widths each stage is at least one head wider than the one
+before; the input has the plan's channels (1 for radiographs) rather than RGB.
 
 Sizes: inputs whose sides are not multiples of 32 (``divisor``) are zero-padded at the
 bottom/right and every output is cropped back, to ``ceil(side / stride)`` pixels. Pixel ``i`` of
@@ -30,19 +41,18 @@ from medlandmark.models.registry import register_model
 BASE_WIDTHS = (64, 128, 320, 512, 1024)
 FPN_BASE_CHANNELS = 256
 FFCM_IMAGE_CHANNELS = 32
-FFCM_BASE_CHANNELS = 64
 DIVISOR = 32
 
 
 @dataclass(frozen=True)
 class HyattSizes:
-    """HYATT-Net's width multiplier, blocks per stage, region grid, routed regions (-1: all),
+    """HYATT-Net's width multiplier, blocks per stage, region grid, routed regions (-1: all; -2: global attention, the last stage),
     key/value pooling, MLP ratios, attention head width and stochastic depth (the paper's)."""
 
     width_multiplier: float = 1.0
     depths: Sequence[int] = (1, 1, 1, 1, 1)
     n_win: Sequence = (16, 16, 16, 8, 8)
-    topk: Sequence[int] = (1, 4, 8, 16, -1)
+    topk: Sequence[int] = (1, 4, 8, 16, -2)
     kv_pool: int | None = 4
     mlp_ratios: Sequence[float] = (8, 8, 8, 4, 4)
     head_dim: int = 32
@@ -128,7 +138,7 @@ class AttentionResidualModule(nn.Module):
             conv_bn(channels, channels, 3, dilation=2),
             CBAM(channels),
         )
-        self.shortcut = nn.Conv2d(channels, channels, 3, padding=1)
+        self.shortcut = nn.Conv2d(channels, channels, 3, padding=1, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return F.relu(self.body(x) + self.shortcut(x))
@@ -147,7 +157,7 @@ class HyattStage(nn.Module):
     ):
         super().__init__()
         self.embed = nn.Sequential(
-            nn.Conv2d(in_channels, width, 4, stride=2, padding=1, bias=False),
+            nn.Conv2d(in_channels, width, 4, stride=2, padding=1),
             nn.BatchNorm2d(width),
         )
         self.blocks = nn.Sequential(
@@ -160,13 +170,14 @@ class HyattStage(nn.Module):
 
 
 class FeaturePyramidNeck(nn.Module):
-    """FPN over stages 2-5: 3x3 laterals, top-down nearest upsampling + add, 3x3 smoothing of
-    the finest (stride-4) level with BN-ReLU; returns the stride-4 features only."""
+    """FPN over stages 2-5: 3x3 laterals, top-down nearest upsampling + add, a 3x3 conv on the
+    finest (stride-4) level; returns the stride-4 features only (the official neck also convolves
+    the coarser levels, and discards them)."""
 
     def __init__(self, in_widths: Sequence[int], channels: int):
         super().__init__()
         self.laterals = nn.ModuleList(nn.Conv2d(w, channels, 3, padding=1) for w in in_widths)
-        self.smooth = nn.Sequential(conv_bn(channels, channels, 3), nn.ReLU(inplace=True))
+        self.smooth = nn.Conv2d(channels, channels, 3, padding=1)
 
     def forward(self, features: Sequence[torch.Tensor]) -> torch.Tensor:
         top = self.laterals[-1](features[-1])
@@ -178,22 +189,36 @@ class FeaturePyramidNeck(nn.Module):
 
 
 class FeatureFusionCorrection(nn.Module):
-    """FFCM: the half-resolution image through a 1x1 conv (32 ch), concatenated with the stride-2
-    features and heatmaps -> conv3x3-BN-ReLU -> 1x1 -> x2 bilinear to full resolution."""
+    """FFCM: the image, nearest-downsampled to half resolution, through 1x1 conv (32 ch)-BN-ReLU,
+    concatenated after the stride-2 features and before the stride-2 heatmaps, all of those
+    channels through conv3x3-ReLU and a 1x1 conv to heatmaps, then x2 bilinear upsampling
+    (corners aligned), as the official head."""
 
-    def __init__(self, in_channels: int, feature_channels: int, num_landmarks: int, hidden: int):
+    def __init__(self, in_channels: int, feature_channels: int, num_landmarks: int):
         super().__init__()
-        self.image = nn.Conv2d(in_channels, FFCM_IMAGE_CHANNELS, 1)
-        fused = FFCM_IMAGE_CHANNELS + feature_channels + num_landmarks
-        self.fuse = nn.Sequential(conv_bn(fused, hidden, 3), nn.ReLU(inplace=True))
-        self.head = nn.Conv2d(hidden, num_landmarks, 1)
+        self.image = nn.Sequential(
+            nn.Conv2d(in_channels, FFCM_IMAGE_CHANNELS, 1),
+            nn.BatchNorm2d(FFCM_IMAGE_CHANNELS),
+            nn.ReLU(inplace=True),
+        )
+        fused = feature_channels + FFCM_IMAGE_CHANNELS + num_landmarks
+        self.head = heatmap_head(fused, fused, num_landmarks)
 
     def forward(
         self, image: torch.Tensor, features: torch.Tensor, heatmaps: torch.Tensor
     ) -> torch.Tensor:
-        half = self.image(F.avg_pool2d(image, 2))
-        fused = self.fuse(torch.cat([half, features, heatmaps], dim=1))
-        return F.interpolate(self.head(fused), scale_factor=2, mode="bilinear", align_corners=False)
+        half = self.image(F.interpolate(image, size=features.shape[2:], mode="nearest"))
+        out = self.head(torch.cat([features, half, heatmaps], dim=1))
+        return F.interpolate(out, scale_factor=2, mode="bilinear", align_corners=True)
+
+
+def heatmap_head(in_channels: int, hidden: int, num_landmarks: int) -> nn.Sequential:
+    """The official heads: conv3x3 (bias) -> ReLU -> 1x1 conv to one heatmap per landmark."""
+    return nn.Sequential(
+        nn.Conv2d(in_channels, hidden, 3, padding=1),
+        nn.ReLU(inplace=True),
+        nn.Conv2d(hidden, num_landmarks, 1),
+    )
 
 
 class HyattNet(nn.Module):
@@ -247,15 +272,14 @@ class HyattNet(nn.Module):
             channels = width
         fpn_channels = round_width(FPN_BASE_CHANNELS * width_multiplier, 32)
         self.neck = FeaturePyramidNeck(self.widths[1:], fpn_channels)
-        self.head4 = nn.Conv2d(fpn_channels, num_landmarks, 1)
+        self.head4 = heatmap_head(fpn_channels, fpn_channels, num_landmarks)
         self.up2 = nn.Sequential(
             nn.ConvTranspose2d(fpn_channels, fpn_channels, 4, stride=2, padding=1, bias=False),
             nn.BatchNorm2d(fpn_channels),
             nn.ReLU(inplace=True),
         )
-        self.head2 = nn.Conv2d(fpn_channels, num_landmarks, 1)
-        ffcm_channels = round_width(FFCM_BASE_CHANNELS * width_multiplier, 32)
-        self.ffcm = FeatureFusionCorrection(in_channels, fpn_channels, num_landmarks, ffcm_channels)
+        self.head2 = heatmap_head(fpn_channels, fpn_channels, num_landmarks)
+        self.ffcm = FeatureFusionCorrection(in_channels, fpn_channels, num_landmarks)
 
     def output_sigma_voxels(self, sigma_voxels: Sequence[float]) -> list[tuple[float, ...]]:
         """Per output, the target sigma in that output's own pixels for a full-resolution sigma

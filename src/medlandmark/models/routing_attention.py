@@ -8,7 +8,9 @@ Semantics. Every axis is padded up to a multiple of its region count (region siz
 ceil(size / n_win)) and cropped back afterwards; padded voxels are never keys, never counted in
 region means or pooled cells, and a region holding no valid voxel is never routed to. Routing is
 shared by all heads (BiFormer's choice): region-mean q and k over all channels (detached),
-affinity q_r . k_r^T, hard top-k. Pooled keys/values (``kv_pool``) are adaptive-average-pooling
+affinity q_r . k_r^T, hard top-k. Token logits are scaled by dim^-0.5 (the channels of all heads,
+as BiFormer's, HYATT-Net's and H3DE-Net's code does, sharper logits than head_dim^-0.5 would
+give; ``scale`` chooses another). Pooled keys/values (``kv_pool``) are adaptive-average-pooling
 bins of each region (``F.adaptive_avg_pool`` bins; cells clipped to the region size). LePE is a
 depthwise conv of V over the unpadded map, added before the output projection.
 
@@ -286,6 +288,7 @@ class BiLevelRoutingAttention(nn.Module):
         kv_pool: int | tuple[int, ...] | None = None,
         qkv_bias: bool = True,
         lepe_kernel: int = 5,
+        scale: float | None = None,
     ) -> None:
         super().__init__()
         if spatial_dims not in _CONVS:
@@ -296,6 +299,7 @@ class BiLevelRoutingAttention(nn.Module):
             raise ValueError(f"topk must be -1 (all regions) or >= 1, got {topk}")
         self.dim, self.num_heads, self.topk, self.spatial_dims = dim, num_heads, topk, spatial_dims
         self.head_dim = dim // num_heads
+        self.scale = dim**-0.5 if scale is None else float(scale)
         self.n_win = _per_axis(n_win, spatial_dims, "n_win")
         self.kv_pool = None if kv_pool is None else _per_axis(kv_pool, spatial_dims, "kv_pool")
         self.qkv = nn.Linear(dim, 3 * dim, bias=qkv_bias)
@@ -384,7 +388,7 @@ class BiLevelRoutingAttention(nn.Module):
             k.reshape(rows, keys, heads, head_dim).transpose(1, 2),
             v.reshape(rows, keys, heads, head_dim).transpose(1, 2),
             attn_mask=mask,
-            scale=head_dim**-0.5,
+            scale=self.scale,
         )
         return out.transpose(1, 2).reshape(batch, regions, tokens, dim)
 
@@ -398,3 +402,28 @@ class BiLevelRoutingAttention(nn.Module):
             y = lepe.reshape(image_order.shape) + image_order
         y = y.reshape((batch,) + grid.sizes + (dim,))
         return F.linear(y, self.proj.weight, self.proj.bias).movedim(-1, 1)
+
+
+class GlobalAttention(nn.Module):
+    """Plain multi-head attention over every position, plus a LePE (depthwise conv) of the
+    attention's own input added before the output projection: HYATT-Net's last stage (the
+    official ``AttentionLePE``, BiFormer's ``topk=-2``). No qkv bias; logits scaled by
+    head_dim^-0.5. Channels-first (B, C, *spatial) in and out."""
+
+    def __init__(self, dim: int, num_heads: int, spatial_dims: int, lepe_kernel: int = 5) -> None:
+        super().__init__()
+        if dim % num_heads:
+            raise ValueError(f"dim {dim} is not divisible by num_heads {num_heads}")
+        self.dim, self.num_heads = dim, num_heads
+        self.qkv = nn.Linear(dim, 3 * dim, bias=False)
+        self.lepe = _CONVS[spatial_dims](dim, dim, lepe_kernel, padding="same", groups=dim)
+        self.proj = nn.Linear(dim, dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        batch, spatial = x.shape[0], x.shape[2:]
+        tokens = x.flatten(2).transpose(1, 2)  # (B, N, C)
+        qkv = self.qkv(tokens).view(batch, -1, 3, self.num_heads, self.dim // self.num_heads)
+        q, k, v = qkv.permute(2, 0, 3, 1, 4)
+        out = F.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(tokens.shape)
+        out = self.proj(out + self.lepe(x).flatten(2).transpose(1, 2))
+        return out.transpose(1, 2).reshape(x.shape[:2] + spatial)

@@ -258,7 +258,7 @@ def architecture_sizes(
             "width_multiplier": width,
             "depths": [1, 1, 1, 1, 1],
             "n_win": regions,
-            "topk": [1, 4, 8, 16, -1],
+            "topk": [1, 4, 8, 16, -2],  # the last stage: global attention (the official -2)
             "kv_pool": 4,
             "mlp_ratios": [8, 8, 8, 4, 4],
             "head_dim": 32,
