@@ -139,7 +139,12 @@ def test_full_size_matches_reference_parameter_count():
     assert [s.blocks[0].attention.num_heads for s in net.stages] == [8, 16, 32, 64]
     assert [len(s.blocks) for s in net.stages] == [2, 2, 4, 2]
     assert [s.blocks[0].attention.topk for s in net.stages] == [1, 4, 16, 16]
-    assert abs(_parameter_count(net) - 24.5e6) <= 0.1 * 24.5e6
+    assert abs(_parameter_count(net) - 24.48e6) <= 0.01 * 24.48e6  # the official PBiFormer_Unet's
+    assert isinstance(net.stem.conv2[-1], torch.nn.InstanceNorm3d)  # no GELU after the second conv
+    assert [type(m).__name__ for m in net.stem.conv1] == ["Conv3d", "InstanceNorm3d", "GELU"]
+    for stage in net.stages:  # each stage closes with the LayerNorm that feeds skip and next stage
+        assert type(stage.norm).__name__ == "ChannelLayerNorm"
+        assert stage.blocks[0].attention.scale == stage.blocks[0].attention.dim ** -0.5
     cpu = build_h3de(14, 1, **h3de_sizes(width_multiplier=CPU_WIDTH_MULTIPLIER))
     assert _parameter_count(cpu) < _parameter_count(net) / 8
 

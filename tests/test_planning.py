@@ -13,6 +13,7 @@ from medlandmark.io.geometry import Geometry
 from medlandmark.planning.fingerprint import landmark_statistics, orientation_code
 from medlandmark.planning.planner import (
     CASCADE_AREA_RATIO,
+    architecture_sizes,
     make_plan,
     network_topology,
     plan_summary,
@@ -272,3 +273,15 @@ def test_models_prints_each_networks_width_and_size(tmp_path: Path, capfd) -> No
     with pytest.raises(SystemExit) as refused:  # argparse: usage line and exit 2
         main(["plan", str(root), "--width", "0", "-q"])
     assert refused.value.code == 2 and "must be a positive finite number" in capfd.readouterr().err
+
+
+def test_h3de_regions_hold_8_voxels_per_axis_as_the_official_grid() -> None:
+    """The official grid (4, 4, 2) on 128 x 128 x 64 patches: 8-voxel regions of the stride-4 map,
+    whatever the axis order."""
+    for patch, grid in (
+        ([128, 128, 64], [4, 4, 2]),
+        ([64, 128, 128], [2, 4, 4]),
+        ([32, 32, 32], [1, 1, 1]),
+    ):
+        sizes = architecture_sizes(network_topology(patch, [1.0, 1.0, 1.0]), 3, 24.0)
+        assert sizes["h3de"]["n_win"] == grid and sizes["h3de"]["width_multiplier"] == 1.0

@@ -1,8 +1,9 @@
 """H3DE-Net: 3D hybrid CNN + bi-level routing attention encoder, U-Net decoder, heatmap per landmark.
 
-Encoder: stem of two stride-2 3x3x3 convs (InstanceNorm + GELU), then four stages of BiFormer
-blocks with 3D BRA at strides 4, 8, 16, 32 (a stride-2 3x3x3 conv + LayerNorm before stages
-2-4). Decoder: at each level trilinear x2, concat skip, 2x (conv3x3x3-IN-LeakyReLU); the
+Encoder: stem of two stride-2 3x3x3 convs (InstanceNorm, GELU between them), then four stages of
+BiFormer blocks with 3D BRA at strides 4, 8, 16, 32 (a stride-2 3x3x3 conv + LayerNorm before
+stages 2-4), each closed by a LayerNorm that feeds the skip and the next stage, as the authors'
+code (ECNUACRush/H3DE-Net, PBiFormer_Unet). Decoder: at each level trilinear x2, concat skip, 2x (conv3x3x3-IN-LeakyReLU); the
 stride-2 level also receives the stem's first features and a conv branch on the x0.5-pooled
 input, the stride-1 level a conv branch on the input (multi-scale fusion); 1x1x1 conv to one
 heatmap per landmark.
@@ -60,19 +61,19 @@ def _upsampled_to(x: torch.Tensor, sizes: Sequence[int]) -> torch.Tensor:
 
 
 class Stem(nn.Module):
-    """Two stride-2 3x3x3 convs with InstanceNorm + GELU; returns the stride-2 and -4 maps."""
+    """Two stride-2 3x3x3 convs with InstanceNorm, GELU between them (as the official stem, none
+    after the second); returns the stride-2 and -4 maps."""
 
     def __init__(self, in_channels: int, widths: tuple[int, int]):
         super().__init__()
-        self.conv1 = self._unit(in_channels, widths[0])
-        self.conv2 = self._unit(widths[0], widths[1])
+        self.conv1 = nn.Sequential(*self._unit(in_channels, widths[0]), nn.GELU())
+        self.conv2 = nn.Sequential(*self._unit(widths[0], widths[1]))
 
     @staticmethod
-    def _unit(in_channels: int, out_channels: int) -> nn.Sequential:
-        return nn.Sequential(
+    def _unit(in_channels: int, out_channels: int) -> tuple[nn.Module, nn.Module]:
+        return (
             nn.Conv3d(in_channels, out_channels, 3, stride=2, padding=1),
             nn.InstanceNorm3d(out_channels, affine=True, eps=1e-5),
-            nn.GELU(),
         )
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -81,7 +82,8 @@ class Stem(nn.Module):
 
 
 class Stage(nn.Module):
-    """Optional stride-2 conv + LayerNorm, then BiFormer blocks with 3D bi-level routing attention.
+    """Optional stride-2 conv + LayerNorm, then BiFormer blocks with 3D bi-level routing attention
+    and a closing LayerNorm whose output is both the skip and the next stage's input (official).
 
     The planned region grid is used as is: on a map smaller than the grid the attention leaves
     the extra regions empty and never routes to them, which equals clipping the grid (tested).
@@ -109,12 +111,13 @@ class Stage(nn.Module):
         self.blocks = nn.ModuleList(
             BiFormerBlock(channels, heads, SPATIAL_DIMS, routing, rate) for rate in drop_paths
         )
+        self.norm = ChannelLayerNorm(channels, eps=1e-5)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = self.downsample(x)
         for block in self.blocks:
             x = block(x)
-        return x
+        return self.norm(x)
 
 
 class UpBlock(nn.Module):

@@ -265,8 +265,8 @@ def architecture_sizes(
         }
     else:
         feature = patch // 4  # after the stride-4 stem
-        reference = np.array([4, 4, 2]) if patch[0] <= patch[-1] else np.array([2, 4, 4])
-        regions = np.clip(feature // 4, 1, reference).astype(int).tolist()
+        # 8-voxel regions, as the official (4, 4, 2) grid on its 128 x 128 x 64 patches
+        regions = np.clip(feature // 8, 1, 4).astype(int).tolist()
         sizes["h3de"] = {
             "width_multiplier": width,
             "widths": [64, 128, 256, 512],
