@@ -285,3 +285,16 @@ def test_h3de_regions_hold_8_voxels_per_axis_as_the_official_grid() -> None:
     ):
         sizes = architecture_sizes(network_topology(patch, [1.0, 1.0, 1.0]), 3, 24.0)
         assert sizes["h3de"]["n_win"] == grid and sizes["h3de"]["width_multiplier"] == 1.0
+
+
+def test_a_unet_without_features_is_refused_when_planning(tmp_path: Path, capfd) -> None:
+    from medlandmark.cli import main
+
+    with pytest.raises(ValueError, match="base features 0"):
+        make_plan(fingerprint(_rounds(10, [1.0, 1.0]), _rounds(10, [64, 64])), base_features=0)
+    with pytest.raises(SystemExit) as refused:
+        main(["plan", str(tmp_path), "--base-features", "0"])
+    assert (
+        refused.value.code == 2
+        and "--base-features: must be 1 or more, got 0" in capfd.readouterr().err
+    )

@@ -11,7 +11,7 @@ import torch
 from medlandmark.models import network_for
 from medlandmark.records.run import read_run_record
 from medlandmark.records.weights import load_checkpoint, load_weights
-from medlandmark.training.loop import TrainOptions, train
+from medlandmark.training.loop import TrainingError, TrainOptions, train
 from medlandmark.training.optimization import build_optimizer, learning_rate_factor
 
 from .conftest import synthetic_training_set
@@ -133,3 +133,49 @@ def test_an_augment_option_needs_a_name_and_a_value(capsys) -> None:
     with pytest.raises(SystemExit):
         main(["train", "ds", "-o", "run", "--augment", "p_rotation"])
     assert "expected NAME=VALUE" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        ({"epochs": 0}, "epochs: Input should be greater than or equal to 1"),
+        (
+            {"iterations_per_epoch": 0},
+            "iterations_per_epoch: Input should be greater than or equal to 1",
+        ),
+        ({"batch_size": 0}, "batch_size: Input should be greater than or equal to 1"),
+        ({"ema_decay": 2.0}, "ema_decay: Input should be less than 1"),
+    ],
+)
+def test_settings_that_cannot_train_are_refused_before_anything_is_written(
+    tiny: Path, tmp_path: Path, change, message
+) -> None:
+    with pytest.raises(TrainingError, match=f"bad training setting: {message}"):
+        train(tiny, tmp_path / "run", TrainOptions(fold="all", **change))
+    assert not (tmp_path / "run").exists()
+
+
+def test_validation_cases_without_any_present_landmark_still_give_a_finished_run(
+    tmp_path: Path, capfd
+) -> None:
+    from medlandmark.datasets.dataset import Dataset
+    from medlandmark.datasets.synthetic import make_synthetic_dataset
+    from medlandmark.planning import plan_dataset
+    from medlandmark.preprocessing import preprocess_dataset
+    from medlandmark.training.loop import fold_case_ids
+
+    root = make_synthetic_dataset(tmp_path / "ds", num_cases=6, size_px=32, spacing_mm=1.0)
+    _, validation = fold_case_ids(Dataset(root), 0, 5, 0)
+    for case in validation:  # every landmark of the validation cases missing
+        path = root / "landmarks" / f"{case}.csv"
+        rows = path.read_text().splitlines()
+        path.write_text("\n".join(rows[:2] + [f"{row.split(',')[0]},," for row in rows[2:]]) + "\n")
+    plan_dataset(root, gpu_memory_gb=1.0, base_features=8)
+    preprocess_dataset(root, workers=1)
+    record = train(
+        root, tmp_path / "run", TrainOptions(epochs=2, iterations_per_epoch=2, validate_every=1)
+    )
+    assert record.status == "finished" and record.best is None
+    assert "no landmark is present in the validation cases" in capfd.readouterr().err
+    for name in ("model_best.safetensors", "model_final.safetensors", "checkpoint_latest.pt"):
+        assert (tmp_path / "run" / name).is_file(), name

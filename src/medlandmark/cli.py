@@ -53,6 +53,16 @@ def _positive(text: str) -> float:
     return value
 
 
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be 1 or more, got {text}")
+    return value
+
+
 def _setting(text: str) -> tuple[str, object]:
     """``NAME=VALUE`` with the value read as JSON (a number, a list...) or else kept as text."""
     name, equals, value = text.partition("=")
@@ -229,7 +239,7 @@ def _add_plan(sub) -> None:
     )
     plan.add_argument(
         "--base-features",
-        type=int,
+        type=_positive_int,
         default=32,
         metavar="N",
         help="U-Net first-stage width, doubling per stage (default 32, nnU-Net's; 8-16 for CPU budgets)",

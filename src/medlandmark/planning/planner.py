@@ -346,6 +346,8 @@ def make_plan(
         target = checked_spacing_override(spacing_override_mm, ndim)[axes]
     shapes_at_target = shapes * spacings / target
     median_shape = np.median(shapes_at_target, axis=0)
+    if int(base_features) < 1:
+        raise ValueError(f"base features {base_features}: the U-Net needs at least 1")
     if width_multiplier is not None and not 0 < width_multiplier <= 4:
         raise ValueError(f"width {width_multiplier}: give a multiplier above 0 and at most 4")
     context = _PlanningContext(fingerprint, gpu_memory_gb, width_multiplier)

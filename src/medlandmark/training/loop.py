@@ -329,7 +329,7 @@ def _finish(run: _Run) -> RunRecord:
     record, state, context = run.record, run.state, run.context
     if context.is_main:
         save_weights(run.run_dir / FINAL_WEIGHTS, state.kept_weights())
-        if not run.val_cases:
+        if record.best is None:  # no validation, or none with a landmark present: the last is best
             save_weights(run.run_dir / BEST_WEIGHTS, state.kept_weights())
         _plot_curves(run.run_dir)
     finished = state.step >= total_steps(run.settings) or state.clock.out_of_time
@@ -583,6 +583,9 @@ def _validate_and_keep_best(run: _Run, row: dict) -> None:
         threshold = calibrate_presence_threshold(result.peaks, result.truly_present)
         run.record.presence_threshold = threshold
         write_run_record(run.run_dir, run.record)
+    if result.mre_mm is None:
+        warn(f"step {run.state.step}: no landmark is present in the validation cases: no MRE")
+        return
     info(
         f"step {run.state.step}: validation MRE {result.mre_mm:.3f} mm, "
         f"SDR@2mm {result.sdr.get('2.0')}%"
