@@ -73,7 +73,7 @@ class Stem(nn.Module):
     def _unit(in_channels: int, out_channels: int) -> tuple[nn.Module, nn.Module]:
         return (
             nn.Conv3d(in_channels, out_channels, 3, stride=2, padding=1),
-            nn.InstanceNorm3d(out_channels, affine=True, eps=1e-5),
+            nn.InstanceNorm3d(out_channels, eps=1e-5),  # non-affine, as the official stem
         )
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

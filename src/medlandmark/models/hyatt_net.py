@@ -2,7 +2,8 @@
 
 As the authors' code (ECNUACRush/HYATT-Net, ISBI 2015 config), block by block: 5 stages
 (strides 2/4/8/16/32, widths 64, 128, 320, 512, 1024 x the width multiplier), each a 4x4 stride-2
-patch-embedding conv (bias) + BN, one BiFormer block (BRA with 1, 4, 8, 16 routed regions in
+patch-embedding conv (its BatchNorm is built but never applied there, so none here), one
+BiFormer block (BRA with 1, 4, 8, 16 routed regions in
 stages 1-4; plain global attention with 8 heads and LePE on its input in stage 5) and an
 Attention Residual Module (ARM, with CBAM). Neck: FPN over stages 2-5 (3x3 laterals, nearest
 top-down sums, a 3x3 conv) giving stride-4 features. Heads, each conv3x3-ReLU-conv1x1: stride-4
@@ -145,7 +146,7 @@ class AttentionResidualModule(nn.Module):
 
 
 class HyattStage(nn.Module):
-    """4x4 stride-2 patch embedding (conv + BN) -> BiFormer block(s) -> ARM."""
+    """4x4 stride-2 patch-embedding conv -> BiFormer block(s) -> ARM."""
 
     def __init__(
         self,
@@ -156,10 +157,8 @@ class HyattStage(nn.Module):
         drop_paths: Sequence[float],
     ):
         super().__init__()
-        self.embed = nn.Sequential(
-            nn.Conv2d(in_channels, width, 4, stride=2, padding=1),
-            nn.BatchNorm2d(width),
-        )
+        # the official patch embedding builds a BatchNorm but never applies it: a conv alone
+        self.embed = nn.Conv2d(in_channels, width, 4, stride=2, padding=1)
         self.blocks = nn.Sequential(
             *(BiFormerBlock(width, num_heads, 2, routing, rate) for rate in drop_paths)
         )

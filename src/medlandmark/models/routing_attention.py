@@ -10,7 +10,7 @@ region means or pooled cells, and a region holding no valid voxel is never route
 shared by all heads (BiFormer's choice): region-mean q and k over all channels (detached),
 affinity q_r . k_r^T, hard top-k. Token logits are scaled by dim^-0.5 (the channels of all heads,
 as BiFormer's, HYATT-Net's and H3DE-Net's code does, sharper logits than head_dim^-0.5 would
-give; ``scale`` chooses another). Pooled keys/values (``kv_pool``) are adaptive-average-pooling
+give; the ``scale`` attribute changes it). Pooled keys/values (``kv_pool``) are adaptive-average-pooling
 bins of each region (``F.adaptive_avg_pool`` bins; cells clipped to the region size). LePE is a
 depthwise conv of V over the unpadded map, added before the output projection.
 
@@ -288,7 +288,6 @@ class BiLevelRoutingAttention(nn.Module):
         kv_pool: int | tuple[int, ...] | None = None,
         qkv_bias: bool = True,
         lepe_kernel: int = 5,
-        scale: float | None = None,
     ) -> None:
         super().__init__()
         if spatial_dims not in _CONVS:
@@ -299,7 +298,7 @@ class BiLevelRoutingAttention(nn.Module):
             raise ValueError(f"topk must be -1 (all regions) or >= 1, got {topk}")
         self.dim, self.num_heads, self.topk, self.spatial_dims = dim, num_heads, topk, spatial_dims
         self.head_dim = dim // num_heads
-        self.scale = dim**-0.5 if scale is None else float(scale)
+        self.scale = dim**-0.5  # the official codes'; set the attribute for another
         self.n_win = _per_axis(n_win, spatial_dims, "n_win")
         self.kv_pool = None if kv_pool is None else _per_axis(kv_pool, spatial_dims, "kv_pool")
         self.qkv = nn.Linear(dim, 3 * dim, bias=qkv_bias)
