@@ -261,3 +261,17 @@ def test_ras_file_and_lps_file_of_same_points_agree(tmp_path: Path) -> None:
     np.testing.assert_array_equal(
         lps_to_ras(read_landmarks(tmp_path / "ras.fcsv").points_mm), lps_to_ras(landmarks.points_mm)
     )
+
+
+@pytest.mark.parametrize("names", [40_000, 20_000], ids=["unknown names", "every name twice"])
+def test_a_huge_landmark_file_gets_one_short_answer(tmp_path: Path, names: int) -> None:
+    """40 000 rows: one line that names a few of the culprits and counts the rest (the list was
+    400 KB long, and repeated names took quadratic time: benchmarks/landmark_reading.py)."""
+    path = tmp_path / "many.csv"
+    rows = "".join(f"p{i % names},{i % 97}.5,{i % 89}.25\n" for i in range(40_000))
+    path.write_text("# coordinate_space: LPS\nname,x,y\n" + rows)
+    with pytest.raises(LandmarkFileError) as raised:
+        read_landmarks(path).select(["nasion", "sella"], path)
+    message = str(raised.value)
+    assert len(message) < 300 and "p0, p1" in message and "more" in message
+    assert ("39 992 more" if names == 40_000 else "19 992 more") in message

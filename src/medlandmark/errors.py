@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -28,6 +29,17 @@ class LandmarkFileError(MedlandmarkError):
 
 class DatasetError(MedlandmarkError):
     """A dataset folder or dataset.json that is malformed or inconsistent."""
+
+
+def listed(items: Sequence[object], limit: int = 8) -> str:
+    """``items`` joined by commas, the first ``limit`` only: "a, b, c and 39 990 more"."""
+    shown = ", ".join(str(item) for item in items[:limit])
+    rest = len(items) - limit
+    return (
+        f"{shown} and {rest:,} more".replace(f"{rest:,}", f"{rest:,}".replace(",", " "))
+        if rest > 0
+        else shown
+    )
 
 
 def validation_problems(error: ValidationError, top_level: str, limit: int | None = None) -> str:

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import re
+from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,7 +20,7 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from medlandmark.errors import DatasetError, ImageError, validation_problems
+from medlandmark.errors import DatasetError, ImageError, listed, validation_problems
 from medlandmark.io.files import atomic_write_text, full_suffix, stem
 from medlandmark.io.geometry import Geometry
 from medlandmark.io.images import IMAGE_SUFFIXES, ImageData, read_image
@@ -62,9 +63,9 @@ class DatasetSpec(BaseModel):
     def _unique_names(cls, names: list[str]) -> list[str]:
         if any(not n.strip() for n in names):
             raise ValueError("landmark names must not be empty")
-        duplicates = sorted({n for n in names if names.count(n) > 1})
+        duplicates = sorted(n for n, count in Counter(names).items() if count > 1)
         if duplicates:
-            raise ValueError(f"duplicate landmark names: {', '.join(duplicates)}")
+            raise ValueError(f"duplicate landmark names: {listed(duplicates)}")
         return names
 
     @field_validator("modalities")

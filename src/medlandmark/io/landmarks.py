@@ -8,13 +8,14 @@ per case are read and written by :func:`read_landmark_table` / :func:`write_land
 
 from __future__ import annotations
 
+from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
-from medlandmark.errors import LandmarkFileError
+from medlandmark.errors import LandmarkFileError, listed
 from medlandmark.io import landmark_formats as fmt
 from medlandmark.io.files import atomic_write_text, full_suffix
 from medlandmark.io.geometry import (
@@ -67,8 +68,9 @@ class LandmarkSet:
         self.names = [str(n) for n in self.names]
         self.points_mm = np.asarray(self.points_mm, dtype=np.float64).reshape(len(self.names), -1)
         if len(set(self.names)) != len(self.names):
-            duplicates = sorted({n for n in self.names if self.names.count(n) > 1})
-            raise LandmarkFileError(f"duplicate landmark names: {', '.join(duplicates)}")
+            counts = Counter(self.names)
+            duplicates = sorted(n for n, count in counts.items() if count > 1)
+            raise LandmarkFileError(f"duplicate landmark names: {listed(duplicates)}")
 
     @property
     def ndim(self) -> int:
@@ -81,16 +83,17 @@ class LandmarkSet:
 
     def select(self, names: Sequence[str], path: str | Path | None = None) -> LandmarkSet:
         """The same landmarks in the order of ``names``; every name must be present exactly."""
-        unknown = [n for n in self.names if n not in names]
-        absent = [n for n in names if n not in self.names]
+        wanted, position = set(names), {n: i for i, n in enumerate(self.names)}
+        unknown = [n for n in self.names if n not in wanted]
+        absent = [n for n in names if n not in position]
         if unknown or absent:
             parts = []
             if unknown:
-                parts.append(f"unknown landmark names: {', '.join(unknown)}")
+                parts.append(f"unknown landmark names: {listed(unknown)}")
             if absent:
-                parts.append(f"landmarks not in the file: {', '.join(absent)}")
+                parts.append(f"landmarks not in the file: {listed(absent)}")
             raise LandmarkFileError("; ".join(parts), path)
-        order = [self.names.index(n) for n in names]
+        order = [position[n] for n in names]
         return LandmarkSet(
             list(names),
             self.points_mm[order],
