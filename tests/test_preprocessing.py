@@ -188,3 +188,17 @@ def test_real_datasets_round_trip_through_the_cache(real_datasets: dict[str, Pat
     assert _assert_round_trip(real_datasets["isbi2015"], ["2d_coarse"]) == 300  # full res: a copy
     assert _assert_round_trip(real_datasets["hand_xray"]) == 9
     assert _assert_round_trip(real_datasets["afids"]) == 2  # coarse and full resolution
+
+
+def test_a_landmark_file_deleted_after_planning_stops_preprocess(tmp_path: Path, capfd) -> None:
+    """Cached as all-missing, the case would train on empty targets (loss 0, exit 0)."""
+    from medlandmark.cli import main
+    from medlandmark.datasets.synthetic import make_synthetic_dataset
+
+    root = make_synthetic_dataset(tmp_path / "ds", num_cases=4, size_px=32)
+    plan_dataset(root, gpu_memory_gb=1.0)
+    (root / "landmarks" / "case002.csv").unlink()
+    assert main(["preprocess", str(root), "-q"]) == 2
+    error = capfd.readouterr().err
+    assert "landmarks: no landmark file for case(s) case002" in error
+    assert not list((root / "preprocessed").glob("data_*/*.npy"))

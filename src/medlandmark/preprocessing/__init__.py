@@ -25,7 +25,7 @@ import numpy as np
 from medlandmark.console import info, progress
 from medlandmark.datasets.check import check_landmarks_inside
 from medlandmark.datasets.dataset import Dataset
-from medlandmark.errors import ImageError, MedlandmarkError
+from medlandmark.errors import ImageError, LandmarkFileError, MedlandmarkError, listed
 from medlandmark.io.files import atomic_path, atomic_write_text, remove_partials
 from medlandmark.io.geometry import (
     Geometry,
@@ -234,6 +234,13 @@ def preprocess_dataset(
     if unknown:
         planned = list(plan.configurations)
         raise MedlandmarkError(f"no configuration {unknown} in the plan (has {planned})", folder)
+    unlabelled = [c.case_id for c in dataset.cases if c.landmarks_path is None]
+    if unlabelled:  # check and plan refuse these too; cached as all-missing they would train
+        raise LandmarkFileError(
+            f"no landmark file for case(s) {listed(unlabelled)}: add them, or remove the cases "
+            "(then plan again)",
+            dataset.root / "landmarks",
+        )
     summary: dict[str, dict[str, int]] = {}
     for name in names:
         configuration = plan.configurations[name]
