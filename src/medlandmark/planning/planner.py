@@ -193,9 +193,15 @@ def fit_patch_to_budget(
 def batch_size(
     topology: PatchTopology, gpu_memory_gb: float, num_landmarks: int, dataset_voxels: float
 ) -> int:
-    """As many samples as fit the budget, at most 5 % of the dataset's voxels, at least 2."""
+    """As many samples as fit the budget, at most 5 % of the dataset's voxels, at least 2.
+    Memory grows linearly with the batch, so the largest batch is solved for, then checked
+    against the estimate itself (a large budget costs no more time than a small one)."""
     budget = gpu_memory_gb - RESERVED_GPU_GB
-    size = MIN_BATCH
+    fixed = training_memory_gb(topology, 0, num_landmarks)
+    per_sample = training_memory_gb(topology, 1, num_landmarks) - fixed
+    size = max(MIN_BATCH, int((budget - fixed) / per_sample))
+    while size > MIN_BATCH and training_memory_gb(topology, size, num_landmarks) > budget:
+        size -= 1
     while training_memory_gb(topology, size + 1, num_landmarks) <= budget:
         size += 1
     cap = int(BATCH_DATASET_FRACTION * dataset_voxels / float(np.prod(topology.patch_size)))
