@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 import torch
 
 from medlandmark.errors import MedlandmarkError
@@ -18,3 +20,10 @@ def select_device(name: str = "auto") -> torch.device:
         return torch.device(name)
     except RuntimeError as error:
         raise MedlandmarkError(f"--device {name}: not a device ({error})") from None
+
+
+def device_memory_gb(device: torch.device) -> float:
+    """All the memory of ``device``: the GPU's, or the machine's RAM for the CPU."""
+    if device.type == "cuda":
+        return torch.cuda.get_device_properties(device).total_memory / 2**30
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30

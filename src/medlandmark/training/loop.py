@@ -25,7 +25,7 @@ from torch import nn
 
 from medlandmark.console import ProgressBar, info, warn
 from medlandmark.datasets.dataset import Dataset
-from medlandmark.device import select_device
+from medlandmark.device import device_memory_gb, select_device
 from medlandmark.heatmaps import calibrate_presence_threshold, deep_supervision_targets
 from medlandmark.io.files import atomic_write_bytes, atomic_write_text, remove_partials
 from medlandmark.io.geometry import index_to_world, left_right_axis
@@ -57,6 +57,7 @@ from medlandmark.training.options import (
     TrainingError,
     TrainOptions,
     augment_config,
+    check_batch_fits,
     run_settings,
 )
 from medlandmark.training.sampling import PatchSampler
@@ -158,6 +159,7 @@ def _start(dataset_root: Path, run_dir: Path, options: TrainOptions, resume: boo
     options = replace(options, configuration=configuration.name)
     settings = run_settings(plan, options)
     augment_config(options.augment)  # a bad setting is refused before anything is written
+    check_batch_fits(configuration, settings, len(plan.landmarks), device_memory_gb(device))
     train_ids, val_ids = fold_case_ids(dataset, options.fold, settings.folds, options.seed)
     folder = cache_folder(preprocessed, configuration)
     train_cases = [load_cached_case(folder, c) for c in train_ids]
