@@ -317,3 +317,21 @@ def test_a_huge_gpu_budget_plans_as_fast_as_a_small_one(monkeypatch) -> None:
         calls[0] = 0
         plan = make_plan(volume, gpu_memory_gb=gb)
         assert calls[0] < 200 and plan.configuration().batch_size >= 2
+
+
+def test_a_dataset_without_any_present_landmark_is_refused_in_one_line(tmp_path: Path) -> None:
+    """In a fresh process, so that numpy's warnings reach stderr as a user sees them."""
+    import subprocess
+    import sys
+
+    from medlandmark.datasets.synthetic import make_synthetic_dataset
+
+    root = make_synthetic_dataset(tmp_path / "ds", num_cases=4, size_px=32)
+    for path in (root / "landmarks").glob("*.csv"):  # every point of every case missing
+        rows = path.read_text().splitlines()
+        path.write_text("\n".join(rows[:2] + [f"{row.split(',')[0]},," for row in rows[2:]]) + "\n")
+    command = [sys.executable, "-m", "medlandmark", "plan", str(root), "-q"]
+    result = subprocess.run(command, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 2
+    assert "landmarks: no training case has any landmark present" in result.stderr
+    assert "Mean of empty slice" not in result.stderr and "Warning" not in result.stderr

@@ -53,6 +53,13 @@ def plan_dataset(
     if fingerprint is None:
         fingerprint = compute_fingerprint(dataset, workers=workers)
         write_fingerprint(folder / FINGERPRINT_FILE, fingerprint)
+    missing = fingerprint["landmark_statistics"]["fraction_missing"]
+    if missing and min(missing.values()) >= 1.0:
+        raise MedlandmarkError(
+            "no training case has any landmark present: there is nothing to learn from "
+            "(are the landmark files empty, or every point marked missing?)",
+            Path(dataset_root) / "landmarks",
+        )
     try:
         plan = make_plan(
             fingerprint, gpu_memory_gb, base_features, spacing_override_mm, width_multiplier

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import warnings
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -126,9 +127,11 @@ def landmark_statistics(points_mm: np.ndarray, extents_mm: np.ndarray, names: li
         ]
     )
     centred = points_mm - centroids[:, None, :]
-    mean_shape = np.nanmean(np.where(present[..., None], centred, np.nan), axis=0)
-    deviations = np.linalg.norm(centred - mean_shape[None], axis=-1)
-    spread = np.sqrt(np.nanmean(np.where(present, deviations**2, np.nan), axis=0))
+    with warnings.catch_warnings():  # a landmark present in no case: its mean is NaN, as meant
+        warnings.simplefilter("ignore", RuntimeWarning)
+        mean_shape = np.nanmean(np.where(present[..., None], centred, np.nan), axis=0)
+        deviations = np.linalg.norm(centred - mean_shape[None], axis=-1)
+        spread = np.sqrt(np.nanmean(np.where(present, deviations**2, np.nan), axis=0))
     image_extent = np.median(np.sort(extents_mm, axis=1), axis=0)  # axis-order free
     cloud = (
         np.median(np.asarray(cloud_extent), axis=0)
