@@ -218,3 +218,22 @@ def test_fine_stage_offsets_come_from_the_coarse_runs_measured_error(
         ),
     )
     assert record.status == "finished"
+
+
+def test_training_ends_with_one_closing_line_and_resuming_a_finished_run_does_nothing(
+    synthetic: Path, tmp_path: Path, capfd
+) -> None:
+    options = TrainOptions(epochs=2, iterations_per_epoch=2, validate_every=1, seed=2)
+    record = train(synthetic, tmp_path / "run", options)
+    err = capfd.readouterr().err
+    assert (
+        f"finished unet 2d after 4 steps ({record.train_seconds:.0f} s): best validation MRE" in err
+    )
+    assert f"weights in {tmp_path / 'run' / 'model_best.safetensors'}" in err
+    sdr = [line.split("SDR@2mm ")[1] for line in err.splitlines() if "SDR@2mm" in line]
+    assert sdr and all(value.endswith("%") and len(value.split(".")[-1]) == 2 for value in sdr), sdr
+    before = (tmp_path / "run" / "checkpoint_latest.pt").stat().st_mtime_ns
+    again = train(synthetic, tmp_path / "run", options, resume=True)
+    assert again.status == "finished" and again.step == 4
+    assert "is already finished (step 4): nothing to resume" in capfd.readouterr().err
+    assert (tmp_path / "run" / "checkpoint_latest.pt").stat().st_mtime_ns == before

@@ -130,6 +130,9 @@ def train(
         _signal_handlers_restored(),
         _os_errors_explained(run_dir),
     ):
+        finished = _already_finished(Path(run_dir)) if resume else None
+        if finished is not None:
+            return finished
         run = _start(Path(dataset_root), Path(run_dir), options, resume)
         stop = _StopRequest()
         with ProgressBar(
@@ -343,7 +346,34 @@ def _finish(run: _Run) -> RunRecord:
         record.weight_checksum_per_rank = distributed.gather(checksum, context)
     _write_record(run.run_dir, record, context)
     distributed.stop(context)
+    if context.is_main:
+        info(_closing_line(run.run_dir, record))
     return record
+
+
+def _already_finished(run_dir: Path) -> RunRecord | None:
+    """The record of a finished run in ``run_dir`` (``--resume`` then has nothing to do)."""
+    if not (run_dir / RUN_FILE).is_file():
+        return None
+    record = read_run_record(run_dir)
+    if record.status != "finished":
+        return None
+    info(f"{run_dir} is already finished (step {record.step}): nothing to resume")
+    return record
+
+
+def _closing_line(run_dir: Path, record: RunRecord) -> str:
+    """Where the run is and how it went, in one line."""
+    best = record.best
+    validation = (
+        "no validation MRE"
+        if best is None
+        else f"best validation MRE {best.val_mre_mm:.3f} mm at step {best.step}"
+    )
+    return (
+        f"{record.status} {record.arch} {record.configuration} after {record.step} steps "
+        f"({record.train_seconds:.0f} s): {validation}; weights in {run_dir / BEST_WEIGHTS}"
+    )
 
 
 def heatmap_training_loss(
@@ -588,10 +618,9 @@ def _validate_and_keep_best(run: _Run, row: dict) -> None:
     if result.mre_mm is None:
         warn(f"step {run.state.step}: no landmark is present in the validation cases: no MRE")
         return
-    info(
-        f"step {run.state.step}: validation MRE {result.mre_mm:.3f} mm, "
-        f"SDR@2mm {result.sdr.get('2.0')}%"
-    )
+    sdr = result.sdr.get("2.0")
+    sdr_text = "-" if sdr is None else f"{sdr:.1f}%"
+    info(f"step {run.state.step}: validation MRE {result.mre_mm:.3f} mm, SDR@2mm {sdr_text}")
 
 
 def _log(run_dir: Path, row: dict) -> None:
