@@ -223,6 +223,9 @@ def test_fine_stage_offsets_come_from_the_coarse_runs_measured_error(
 def test_training_ends_with_one_closing_line_and_resuming_a_finished_run_does_nothing(
     synthetic: Path, tmp_path: Path, capfd
 ) -> None:
+    from medlandmark.console import configure
+
+    configure(quiet=False)  # an earlier `-q` command in this worker may have quietened info lines
     options = TrainOptions(epochs=2, iterations_per_epoch=2, validate_every=1, seed=2)
     record = train(synthetic, tmp_path / "run", options)
     err = capfd.readouterr().err
