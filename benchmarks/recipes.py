@@ -443,7 +443,7 @@ def budgeted_options(options: TrainOptions, probe: dict, budget_s: float) -> Tra
         epochs=STEP_CAP_FACTOR * epochs,
         iterations_per_epoch=iterations,
         validate_every=max(1, math.ceil(epochs / VALIDATIONS)),
-        time_budget_s=round(time_budget_s, 1),
+        time_budget_s=time_budget_s,
     )
 
 
