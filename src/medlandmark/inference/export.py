@@ -93,8 +93,7 @@ def run_network(run_dir: Path, record: RunRecord, weights: str = "best") -> nn.M
     """The run's network on the CPU in eval mode, with its ``weights`` ("best" or "final")."""
     from medlandmark.inference.networks import load_run_network
 
-    network = load_run_network(run_dir, record, weights)
-    return network.to(memory_format=torch.contiguous_format)
+    return load_run_network(run_dir, record, weights)
 
 
 def _export(

@@ -8,7 +8,7 @@ import torch
 from torch import nn
 
 from medlandmark.errors import MedlandmarkError
-from medlandmark.models import channels_last, network_for
+from medlandmark.models import network_for
 from medlandmark.records.run import RUN_FILE, WEIGHT_FILES, RunRecord
 from medlandmark.records.weights import load_weights
 
@@ -16,8 +16,7 @@ from medlandmark.records.weights import load_weights
 def load_run_network(
     folder: Path, record: RunRecord, weights: str = "best", device: str | torch.device = "cpu"
 ) -> nn.Module:
-    """The run's network with its ``weights`` (best or final) on ``device``, in eval mode and
-    the channels-last layout."""
+    """The run's network with its ``weights`` (best or final) on ``device``, in eval mode."""
     if weights not in WEIGHT_FILES:
         raise MedlandmarkError(f"weights must be one of {', '.join(WEIGHT_FILES)}, got '{weights}'")
     configuration = record.plan_configuration
@@ -27,4 +26,4 @@ def load_run_network(
     except ValueError as error:
         raise MedlandmarkError(str(error), Path(folder) / RUN_FILE) from None
     load_weights(Path(folder) / WEIGHT_FILES[weights], network)
-    return channels_last(network.to(device), configuration.spatial_dims).eval()
+    return network.to(device).eval()

@@ -29,6 +29,7 @@ from medlandmark.io.geometry import (
 )
 from medlandmark.io.images import ImageData, read_image
 from medlandmark.io.landmarks import LandmarkSet, pair_permutation, symmetric_pair_indices
+from medlandmark.models import channels_last
 from medlandmark.preprocessing import preprocess_image
 from medlandmark.preprocessing.crops import crop_with_zeros
 from medlandmark.records.plan import Configuration, Plan
@@ -411,6 +412,7 @@ def _stage(
             network = network_factory(record, folder)
         else:
             network = load_run_network(folder, record, weights, device)
+            network = channels_last(network, record.plan.spatial_dims)
         networks.append(network)
         threshold = record.presence_threshold
         thresholds.append(DEFAULT_PRESENCE_THRESHOLD if threshold is None else threshold)
