@@ -240,3 +240,21 @@ def test_training_ends_with_one_closing_line_and_resuming_a_finished_run_does_no
     assert again.status == "finished" and again.step == 4
     assert "is already finished (step 4): nothing to resume" in capfd.readouterr().err
     assert (tmp_path / "run" / "checkpoint_latest.pt").stat().st_mtime_ns == before
+
+
+def test_a_resumed_run_trains_with_the_settings_of_the_resuming_command(
+    synthetic: Path, tmp_path: Path
+) -> None:
+    first = train(
+        synthetic,
+        tmp_path / "run",
+        TrainOptions(epochs=2, iterations_per_epoch=2, max_steps=2, fold="all"),
+    )
+    assert first.status == "stopped" and first.step == 2
+    longer = train(
+        synthetic,
+        tmp_path / "run",
+        TrainOptions(epochs=3, iterations_per_epoch=2, fold="all"),
+        resume=True,
+    )
+    assert longer.status == "finished" and longer.step == 6

@@ -14,7 +14,7 @@ from medlandmark.augment import AugmentConfig, random_spatial_transform
 from medlandmark.io.geometry import Geometry
 from medlandmark.preprocessing import CachedCase
 from medlandmark.training import distributed, loop
-from medlandmark.training.options import TrainOptions, run_settings
+from medlandmark.training.options import TrainOptions, augment_config, run_settings
 
 from .conftest import single_configuration_plan
 
@@ -49,6 +49,7 @@ def test_training_rotations_are_rigid_in_millimetres_on_an_anisotropic_cache() -
         options,
         run_settings(plan, options),
         distributed.Context(),
+        augment_config(options.augment),
     )
     expected = _distances_mm(LANDMARKS_INDEX)
     whole = 0

@@ -23,6 +23,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from medlandmark.augment import AugmentConfig
 from medlandmark.console import ProgressBar, info, warn
 from medlandmark.datasets.dataset import Dataset
 from medlandmark.device import device_memory_gb, select_device
@@ -98,6 +99,7 @@ class _Run:
     plan: Plan
     configuration: Configuration
     options: TrainOptions
+    settings: RunSettings  # the plan's with this command's changes (also on --resume)
     record: RunRecord
     state: TrainState
     batches: AugmentedBatches
@@ -106,10 +108,6 @@ class _Run:
     amp_dtype: torch.dtype | None
     context: distributed.Context
     epoch: _Epoch = field(default_factory=_Epoch)
-
-    @property
-    def settings(self) -> RunSettings:
-        return self.record.settings
 
     @property
     def per_rank_batch(self) -> int:
@@ -151,7 +149,7 @@ def train(
 def _start(dataset_root: Path, run_dir: Path, options: TrainOptions, resume: bool) -> _Run:
     """Load the plan and the cached cases, build (or restore) the state, write ``run.json``."""
     dataset = Dataset(dataset_root)
-    device = _device(options.device)
+    device = select_device(options.device)
     context = distributed.start(device)
     preprocessed = preprocessed_folder(dataset_root, options.preprocessed)
     plan = load_plan(preprocessed)
@@ -161,13 +159,14 @@ def _start(dataset_root: Path, run_dir: Path, options: TrainOptions, resume: boo
         raise TrainingError(error.args[0], preprocessed / PLANS_FILE) from None
     options = replace(options, configuration=configuration.name)
     settings = run_settings(plan, options)
-    augment_config(options.augment)  # a bad setting is refused before anything is written
+    augment = augment_config(options.augment)  # refused before anything is written
+    amp_dtype = _amp_dtype(options.amp, device)
     check_batch_fits(configuration, settings, len(plan.landmarks), device_memory_gb(device))
     train_ids, val_ids = fold_case_ids(dataset, options.fold, settings.folds, options.seed)
     folder = cache_folder(preprocessed, configuration)
     train_cases = [load_cached_case(folder, c) for c in train_ids]
     val_cases = [load_cached_case(folder, c) for c in val_ids]
-    state = _initial_state(plan, configuration, options, settings, device)
+    state = _initial_state(plan, configuration, options, settings, device, amp_dtype)
     record = _run_record(run_dir, dataset, plan, options, settings, (train_ids, val_ids), resume)
     if record.shape_model is None:  # runs from before it had one get it on resumption
         record.shape_model = _shape_model(train_cases)
@@ -177,13 +176,15 @@ def _start(dataset_root: Path, run_dir: Path, options: TrainOptions, resume: boo
         _resume(run_dir, context, state, device)
     if context.distributed:
         state.model = nn.parallel.DistributedDataParallel(state.model)
-    batches = _batches(train_cases, plan, configuration, dataset, options, settings, context)
-    amp_dtype = _amp_dtype(options.amp, device)
+    batches = _batches(
+        train_cases, plan, configuration, dataset, options, settings, context, augment
+    )
     return _Run(
         run_dir,
         plan,
         configuration,
         options,
+        settings,
         record,
         state,
         batches,
@@ -200,6 +201,7 @@ def _initial_state(
     options: TrainOptions,
     settings: RunSettings,
     device: torch.device,
+    amp_dtype: torch.dtype | None,
 ) -> TrainState:
     """The network with the same initial weights on every rank and every rerun, and its state."""
     torch.manual_seed(options.seed)
@@ -208,7 +210,6 @@ def _initial_state(
     except ValueError as error:
         raise TrainingError(str(error)) from None
     model = channels_last(model.to(device), plan.spatial_dims)
-    amp_dtype = _amp_dtype(options.amp, device)
     return TrainState.create(model, settings, amp_dtype, options.time_budget_s)
 
 
@@ -220,6 +221,7 @@ def _batches(
     options: TrainOptions,
     settings: RunSettings,
     context: distributed.Context,
+    augment: AugmentConfig,
 ) -> AugmentedBatches:
     """The run's batches: crops with room for rotation, landmark-centred as the plan says."""
     crop_size = [math.ceil(p * CROP_MARGIN) for p in configuration.patch_size]
@@ -232,7 +234,7 @@ def _batches(
     return AugmentedBatches(
         sampler,
         configuration.patch_size,
-        augment_config(options.augment),
+        augment,
         spacing_mm=cases[0].geometry.spacing_mm,
         pairs=symmetric_pair_indices(dataset.spec.landmarks, dataset.spec.symmetric_pairs),
         mirror_axis=left_right_axis(cases[0].geometry),
@@ -425,13 +427,6 @@ def _shape_model(cases: list[CachedCase]) -> ShapeModelRecord | None:
     """The training landmarks' constellation (:mod:`medlandmark.shape_model`), for ``run.json``."""
     model = fit_shape_model([index_to_world(c.landmarks_index, c.geometry) for c in cases])
     return None if model is None else ShapeModelRecord.model_validate(model.to_dict())
-
-
-def _device(name: str) -> torch.device:
-    try:
-        return select_device(name)
-    except Exception as error:
-        raise TrainingError(str(error)) from None
 
 
 def _amp_dtype(amp: str, device: torch.device) -> torch.dtype | None:
