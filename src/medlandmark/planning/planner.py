@@ -91,6 +91,21 @@ class PatchTopology:
     divisor: list[int]
     features_per_stage: list[int]
 
+    @classmethod
+    def of(cls, configuration: Configuration) -> PatchTopology | None:
+        """The topology a plan configuration records (None in plans without one)."""
+        topology = configuration.topology
+        if topology is None:
+            return None
+        return cls(
+            configuration.patch_size,
+            topology.strides,
+            topology.kernel_sizes,
+            topology.pools_per_axis,
+            [2**p for p in topology.pools_per_axis],
+            topology.features_per_stage,
+        )
+
     def to_record(self) -> Topology:
         """What ``plans.json`` keeps of it."""
         return Topology(
@@ -193,19 +208,25 @@ def fit_patch_to_budget(
 def batch_size(
     topology: PatchTopology, gpu_memory_gb: float, num_landmarks: int, dataset_voxels: float
 ) -> int:
-    """As many samples as fit the budget, at most 5 % of the dataset's voxels, at least 2.
-    Memory grows linearly with the batch, so the largest batch is solved for, then checked
-    against the estimate itself (a large budget costs no more time than a small one)."""
-    budget = gpu_memory_gb - RESERVED_GPU_GB
-    fixed = training_memory_gb(topology, 0, num_landmarks)
-    per_sample = training_memory_gb(topology, 1, num_landmarks) - fixed
-    size = max(MIN_BATCH, int((budget - fixed) / per_sample))
-    while size > MIN_BATCH and training_memory_gb(topology, size, num_landmarks) > budget:
-        size -= 1
-    while training_memory_gb(topology, size + 1, num_landmarks) <= budget:
-        size += 1
+    """As many samples as fit the budget, at most 5 % of the dataset's voxels, at least 2."""
+    size = largest_batch(topology, gpu_memory_gb - RESERVED_GPU_GB, num_landmarks)
+    size = max(MIN_BATCH, size)
     cap = int(BATCH_DATASET_FRACTION * dataset_voxels / float(np.prod(topology.patch_size)))
     return max(MIN_BATCH, min(size, cap))
+
+
+def largest_batch(topology: PatchTopology, memory_gb: float, num_landmarks: int) -> int:
+    """The largest batch whose training step fits ``memory_gb`` by :func:`training_memory_gb`
+    (0 when not even one sample does). Memory grows linearly with the batch, so the batch is
+    solved for, then checked against the estimate itself: a large budget costs no more time."""
+    fixed = training_memory_gb(topology, 0, num_landmarks)
+    per_sample = training_memory_gb(topology, 1, num_landmarks) - fixed
+    size = max(0, int((memory_gb - fixed) / per_sample))
+    while size > 0 and training_memory_gb(topology, size, num_landmarks) > memory_gb:
+        size -= 1
+    while training_memory_gb(topology, size + 1, num_landmarks) <= memory_gb:
+        size += 1
+    return size
 
 
 def heatmap_sigma_mm(spacing_mm: Sequence[float], smallest_distance_mm: float | None) -> float:

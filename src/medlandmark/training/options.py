@@ -8,7 +8,7 @@ from pydantic import ValidationError
 
 from medlandmark.augment import AugmentConfig
 from medlandmark.errors import MedlandmarkError, validation_problems
-from medlandmark.planning.planner import PatchTopology, training_memory_gb
+from medlandmark.planning.planner import PatchTopology, largest_batch, training_memory_gb
 from medlandmark.records.plan import Configuration, Plan
 from medlandmark.records.run import RunSettings
 from medlandmark.training.losses import HEATMAP_LOSSES
@@ -101,20 +101,13 @@ def check_batch_fits(
     """A TrainingError when one training step of ``settings.batch_size`` patches needs more than
     ``memory_gb`` by the planner's estimate (a U-Net's, in half precision: a lower bound), so
     that an absurd batch fails at once with the largest that fits, not with the kernel's kill."""
-    topology = configuration.topology
+    topology = PatchTopology.of(configuration)
     if topology is None:
         return
-    patch = PatchTopology(
-        configuration.patch_size, topology.strides, topology.kernel_sizes,
-        topology.pools_per_axis, [2**p for p in topology.pools_per_axis],
-        topology.features_per_stage,
-    )  # fmt: skip
-    needed = training_memory_gb(patch, settings.batch_size, num_landmarks)
+    needed = training_memory_gb(topology, settings.batch_size, num_landmarks)
     if needed <= memory_gb:
         return
-    fixed = training_memory_gb(patch, 0, num_landmarks)
-    per_sample = training_memory_gb(patch, 1, num_landmarks) - fixed
-    fits = max(0, int((memory_gb - fixed) / per_sample))
+    fits = largest_batch(topology, memory_gb, num_landmarks)
     advice = f"use --batch-size {fits} or less" if fits else "plan a smaller patch"
     raise TrainingError(
         f"batch size {settings.batch_size} needs at least {needed:.0f} GB for one training step "
