@@ -162,26 +162,24 @@ class H3DENet(nn.Module):
     def __init__(self, in_channels: int, num_landmarks: int, sizes: H3DESizes | None = None):
         super().__init__()
         sizes = sizes or H3DESizes()
-        depths, topk, mlp_ratio, lepe_kernel = (
-            sizes.depths,
-            sizes.topk,
-            sizes.mlp_ratio,
-            sizes.lepe_kernel,
-        )
-        deep_supervision, drop_path, n_win = sizes.deep_supervision, sizes.drop_path, sizes.n_win
         widths = tuple(int(w) for w in sizes.widths)
-        if len(widths) != 4 or len(depths) != 4 or len(topk) != 4:
+        if len(widths) != 4 or len(sizes.depths) != 4 or len(sizes.topk) != 4:
             raise ValueError("H3DE-Net needs 4 widths, 4 depths and 4 top-k values")
-        grids = _stage_grids(n_win)
+        grids = _stage_grids(sizes.n_win)
         fine = (max(8, widths[0] // 2), max(8, widths[0] // 4))  # decoder widths at strides 2, 1
-        self.deep_supervision = deep_supervision
+        self.deep_supervision = sizes.deep_supervision
         self.stem = Stem(in_channels, (fine[0], widths[0]))
-        rates = torch.linspace(0.0, drop_path, sum(depths)).tolist()
-        starts = [sum(depths[:i]) for i in range(4)]
+        rates = torch.linspace(0.0, sizes.drop_path, sum(sizes.depths)).tolist()
+        starts = [sum(sizes.depths[:i]) for i in range(4)]
         self.stages = nn.ModuleList()
         for i in range(4):
-            stage_rates = rates[starts[i] : starts[i] + depths[i]]
-            routing = Routing(grids[i], int(topk[i]), mlp_ratio=mlp_ratio, lepe_kernel=lepe_kernel)
+            stage_rates = rates[starts[i] : starts[i] + sizes.depths[i]]
+            routing = Routing(
+                grids[i],
+                int(sizes.topk[i]),
+                mlp_ratio=sizes.mlp_ratio,
+                lepe_kernel=sizes.lepe_kernel,
+            )
             stage = Stage(widths[max(i - 1, 0)], widths[i], routing, stage_rates, downsample=i > 0)
             self.stages.append(stage)
         self.input_full = ConvNormAct(in_channels, fine[1], 3, SPATIAL_DIMS)

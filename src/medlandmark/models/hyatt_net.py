@@ -238,38 +238,33 @@ class HyattNet(nn.Module):
     def __init__(self, in_channels: int, num_landmarks: int, sizes: HyattSizes | None = None):
         super().__init__()
         sizes = sizes or HyattSizes()
-        width_multiplier, depths, n_win, topk = (
-            sizes.width_multiplier,
-            sizes.depths,
-            sizes.n_win,
-            sizes.topk,
-        )
-        kv_pool, mlp_ratios, head_dim, drop_path = (
-            sizes.kv_pool,
-            sizes.mlp_ratios,
-            sizes.head_dim,
-            sizes.drop_path,
-        )
-        lists = {"depths": depths, "n_win": n_win, "topk": topk, "mlp_ratios": mlp_ratios}
+        lists = {
+            "depths": sizes.depths,
+            "n_win": sizes.n_win,
+            "topk": sizes.topk,
+            "mlp_ratios": sizes.mlp_ratios,
+        }
         for name, value in lists.items():
             if len(value) != len(BASE_WIDTHS):
                 raise ValueError(
                     f"HYATT-Net {name} needs {len(BASE_WIDTHS)} entries, got {value!r}"
                 )
-        self.widths = stage_widths(width_multiplier, head_dim)
-        rates = torch.linspace(0.0, drop_path, sum(depths)).tolist()
+        self.widths = stage_widths(sizes.width_multiplier, sizes.head_dim)
+        rates = torch.linspace(0.0, sizes.drop_path, sum(sizes.depths)).tolist()
         self.stages = nn.ModuleList()
         channels = in_channels
-        settings = zip(self.widths, depths, n_win, topk, mlp_ratios, strict=True)
+        settings = zip(
+            self.widths, sizes.depths, sizes.n_win, sizes.topk, sizes.mlp_ratios, strict=True
+        )
         for i, (width, depth, wins, k, ratio) in enumerate(settings):
-            stage_rates = rates[sum(depths[:i]) : sum(depths[: i + 1])]
+            stage_rates = rates[sum(sizes.depths[:i]) : sum(sizes.depths[: i + 1])]
             wins = wins if isinstance(wins, int) else tuple(wins)
-            routing = Routing(wins, k, kv_pool, ratio, lepe_kernel=5)
+            routing = Routing(wins, k, sizes.kv_pool, ratio, lepe_kernel=5)
             self.stages.append(
-                HyattStage(channels, width, width // head_dim, routing, stage_rates[:depth])
+                HyattStage(channels, width, width // sizes.head_dim, routing, stage_rates[:depth])
             )
             channels = width
-        fpn_channels = round_width(FPN_BASE_CHANNELS * width_multiplier, 32)
+        fpn_channels = round_width(FPN_BASE_CHANNELS * sizes.width_multiplier, 32)
         self.neck = FeaturePyramidNeck(self.widths[1:], fpn_channels)
         self.head4 = heatmap_head(fpn_channels, fpn_channels, num_landmarks)
         self.up2 = nn.Sequential(
