@@ -45,6 +45,7 @@ from medlandmark.preprocessing import preprocess_dataset
 from medlandmark.records.plan import Plan
 from medlandmark.records.run import LOG_FILE, RUN_FILE
 from medlandmark.training.loop import TrainOptions, train
+from medlandmark.training.recipes import RECIPES, recipe_arch
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED_DATA = REPO.parent / "shared" / "data"
@@ -116,7 +117,16 @@ def argument_parser(benchmark: Benchmark, doc: str) -> argparse.ArgumentParser:
         description=doc, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("--budget", choices=sorted(benchmark.budgets), default="cpu")
-    parser.add_argument("--arch", choices=benchmark.archs, default="unet")
+    parser.add_argument(
+        "--arch", choices=benchmark.archs, default=None, help="default: the recipe's, or unet"
+    )
+    parser.add_argument(
+        "--recipe",
+        choices=[r for r in RECIPES if RECIPES[r].arch in benchmark.archs],
+        default=None,
+        help="train as the network's paper did (train --recipe); the budget's loss and "
+        "learning rate are then not used",
+    )
     parser.add_argument(
         "--source",
         type=Path,
@@ -226,7 +236,9 @@ def _run_benchmark(benchmark: Benchmark, args: argparse.Namespace, command: str)
     stages = stage_names(plan)
     preprocess_dataset(root, preprocessed, configurations=stages)
     out = work / run_name(args)
-    trained = train_stages(root, preprocessed, out, plan, budget, args.arch, args.seed, args.device)
+    arch = recipe_arch(args.recipe, args.arch)
+    training = TrainOptions(arch=arch, recipe=args.recipe, seed=args.seed, device=args.device)
+    trained = train_stages(root, preprocessed, out, plan, budget, training)
     splits = evaluate_test_splits(root, out / "runs", out, args.device)
     results = {
         "benchmark": benchmark.name,
@@ -235,7 +247,8 @@ def _run_benchmark(benchmark: Benchmark, args: argparse.Namespace, command: str)
         "machine": machine(),
         "load_at_start": [round(v, 2) for v in load_at_start],
         "budget_name": args.budget,
-        "arch": args.arch,
+        "arch": arch,
+        "recipe": args.recipe,
         "seed": args.seed,
         "budget": asdict(budget),
         "work": str(out),
@@ -266,7 +279,8 @@ def run_name(args: argparse.Namespace) -> str:
         f"{args.target_spacing:g}mm" if args.target_spacing is not None else "",
         f"seed{args.seed}" if args.seed else "",
     ]
-    return "-".join([args.budget, args.arch, *filter(None, overrides)])
+    trainer = args.recipe or recipe_arch(None, args.arch)
+    return "-".join([args.budget, trainer, *filter(None, overrides)])
 
 
 # --- dataset and plan ----------------------------------------------------------------------------
@@ -306,12 +320,11 @@ def train_stages(
     out: Path,
     plan: Plan,
     budget: Budget,
-    arch: str,
-    seed: int,
-    device: str,
+    training: TrainOptions,
 ) -> list[dict]:
-    """Train every stage within the budget: a stage gets its share of the total, and the last
-    stage gets whatever the earlier ones left (an overrun there is taken from it)."""
+    """Train every stage within the budget, with ``training``'s network, recipe, seed and
+    device: a stage gets its share of the total, and the last stage gets whatever the earlier
+    ones left (an overrun there is taken from it)."""
     stages, records, coarse_run = stage_names(plan), [], None
     shares = [budget.shares[plan.configurations[name].stage] for name in stages]
     for index, name in enumerate(stages):
@@ -320,9 +333,7 @@ def train_stages(
             budget_s = budget.minutes * 60 - spent_s
         else:
             budget_s = budget.minutes * 60 * shares[index] / sum(shares)
-        options = stage_options(
-            plan, name, budget, arch, seed, device, str(preprocessed), coarse_run
-        )
+        options = stage_options(plan, name, budget, training, str(preprocessed), coarse_run)
         record = budgeted_training(root, out / "runs" / name, out / "probe", options, budget_s)
         records.append({"configuration": name, **record})
         coarse_run = str(out / "runs" / name)
@@ -333,23 +344,21 @@ def stage_options(
     plan: Plan,
     name: str,
     budget: Budget,
-    arch: str,
-    seed: int,
-    device: str,
+    training: TrainOptions,
     preprocessed: str,
     coarse_run: str | None,
 ) -> TrainOptions:
-    """Training options of one stage, before the budget sets its length."""
+    """Training options of one stage, before the budget sets its length. A paper's recipe
+    keeps its own learning rate and loss; the budget's are medlandmark's own training."""
     kind = plan.configurations[name].stage
-    return TrainOptions(
+    own_training = training.recipe is None
+    return replace(
+        training,
         configuration=name,
-        arch=arch,
         fold=FOLD_BY_STAGE[kind],
         batch_size=budget.batch_size.get(kind),
-        learning_rate=budget.learning_rate.get(arch),
-        loss=budget.loss,
-        device=device,
-        seed=seed,
+        learning_rate=budget.learning_rate.get(training.arch) if own_training else None,
+        loss=budget.loss if own_training else None,
         preprocessed=preprocessed,
         coarse_run=coarse_run if kind == "fine" else None,
     )

@@ -15,6 +15,7 @@ from medlandmark import __version__
 from medlandmark.console import configure, console
 from medlandmark.errors import MedlandmarkError
 from medlandmark.metrics import DEFAULT_RADII_MM
+from medlandmark.training.recipes import RECIPES, recipe_arch
 
 EXIT_PROBLEMS = 1
 EXIT_ERROR = 2
@@ -312,7 +313,13 @@ def _add_train(sub) -> None:
     train.add_argument(
         "-c", "--configuration", default=None, help="plan configuration (default: the plan's)"
     )
-    train.add_argument("-a", "--arch", default="unet", choices=["unet", "hyatt", "h3de"])
+    train.add_argument(
+        "-a",
+        "--arch",
+        default=None,
+        choices=["unet", "hyatt", "h3de"],
+        help="network (default: the recipe's, or unet)",
+    )
     train.add_argument(
         "--fold", default="0", help="cross-validation fold (0..4) or 'all' (no validation)"
     )
@@ -345,7 +352,16 @@ def _add_train(sub) -> None:
 
 
 def _add_train_tuning(train: argparse.ArgumentParser) -> None:
-    """train's options for the missing-landmark target, augmentation, loss, seeds and resumption."""
+    """train's options for the recipe, missing-landmark target, augmentation, loss, seeds and
+    resumption."""
+    train.add_argument(
+        "--recipe",
+        default=None,
+        choices=list(RECIPES),
+        help="train as the network's paper did (loss, targets, optimiser, schedule, prediction "
+        "rule; docs/training.md); the plan still sets patch, batch and length, and the options "
+        "here still win",
+    )
     train.add_argument("--missing-target", choices=["mask", "zero"], default=None)
     train.add_argument(
         "--augment",
@@ -358,7 +374,13 @@ def _add_train_tuning(train: argparse.ArgumentParser) -> None:
     )
     train.add_argument(
         "--loss",
-        choices=["mse", "smooth_l1", "balanced_mse", "balanced_mse_centroid"],
+        choices=[
+            "mse",
+            "smooth_l1",
+            "balanced_mse",
+            "balanced_mse_centroid",
+            "hard_negative_smooth_l1",
+        ],
         default=None,
         help="heatmap loss (default: the plan's, balanced_mse, which weighs each landmark's neighbourhood "
         "as much as the background and leaves the empty-map plateau far sooner than mse on large images)",
@@ -570,7 +592,8 @@ def _train(args: argparse.Namespace) -> int:
 
     options = TrainOptions(
         configuration=args.configuration,
-        arch=args.arch,
+        arch=recipe_arch(args.recipe, args.arch),
+        recipe=args.recipe,
         fold=args.fold if args.fold == "all" else int(args.fold),
         epochs=args.epochs,
         iterations_per_epoch=args.iterations,

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from functools import lru_cache
 
 import numpy as np
@@ -26,6 +26,7 @@ METHODS = ("auto", "gaussian_fit", "quadratic", "centroid", "argmax")
 AUTO_METHOD = "gaussian_fit"
 DEFAULT_PRESENCE_THRESHOLD = 0.25  # targets peak at 1; a blank channel's peak is its noise
 DEFAULT_WINDOW = 6  # voxels either side of the peak: the half-maximum ball of sigma <= 5
+RADIUS_BUMP_VOXELS = 20.0  # H3DE-Net's target radius R, in full-resolution input voxels
 NO_MISSING_FRACTION = 0.5  # calibration without missing examples: half the lowest present peak
 HALF_MAXIMUM = 0.5  # centroid and spread: the voxels above half the peak
 FIT_LEVEL = 0.2  # gaussian_fit: the voxels above this fraction of the peak ...
@@ -80,6 +81,31 @@ def gaussian_heatmaps(
         factor = factor.to(dtype).view(view)
         heatmaps = factor if heatmaps is None else heatmaps * factor
     return heatmaps.contiguous(), present
+
+
+def radius_bump_heatmaps(
+    points: Tensor, shape: Sequence[int], radius_voxels: float, dtype: torch.dtype = torch.float32
+) -> tuple[Tensor, Tensor]:
+    """H3DE-Net's targets ``(B, K, *shape)``: ``2 exp(-d^2 / (0.2 R^2))`` within ``R`` voxels
+    of each point (2 at the point, 0.013 at the rim), -1 everywhere else and everywhere for
+    missing points; and ``present`` ``(B, K)``."""
+    points = _as_points(points)
+    batch, channels, ndim = points.shape
+    shape = tuple(int(n) for n in shape)
+    if len(shape) != ndim:
+        raise ValueError(f"shape {shape} has {len(shape)} axes, the points have {ndim}")
+    present = torch.isfinite(points).all(dim=-1)
+    centre = points.float().nan_to_num(0.0, posinf=0.0, neginf=0.0)
+    squared = None
+    for axis, length in enumerate(shape):
+        distance = torch.arange(length, device=points.device, dtype=torch.float32)
+        view = [batch, channels] + [1] * ndim
+        view[2 + axis] = length
+        term = ((distance - centre[..., axis, None]) ** 2).view(view)
+        squared = term if squared is None else squared + term
+    inside = (squared <= radius_voxels**2) & present.view(batch, channels, *[1] * ndim)
+    bump = 2.0 * torch.exp(-squared / (0.2 * radius_voxels**2))
+    return torch.where(inside, bump, torch.full_like(bump, -1.0)).to(dtype), present
 
 
 def deep_supervision_targets(
@@ -188,6 +214,19 @@ def decode_heatmaps(
         present=peak >= presence_threshold,
         method=method,
     )
+
+
+def decode_heads(heads: Tensor, strides: Sequence[Sequence[int]]) -> DecodedLandmarks:
+    """HYATT-Net's prediction: the mean of the points decoded from each of ``heads``
+    ``(N, K, *spatial)``, outputs of the given ``strides`` already interpolated to full
+    resolution (each decoded in a window as many times wider as its stride); the peak, the
+    spread and the presence are the first (full-resolution) head's. One batch item."""
+    decoded = [
+        decode_heatmaps(head[None], window=DEFAULT_WINDOW * max(int(s) for s in stride))
+        for head, stride in zip(heads, strides, strict=True)
+    ]
+    points = torch.stack([d.points for d in decoded]).mean(dim=0)
+    return replace(decoded[0], points=points)
 
 
 def calibrate_presence_threshold(

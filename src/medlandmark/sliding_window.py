@@ -52,6 +52,23 @@ def sliding_window_heatmaps(
 ) -> torch.Tensor:
     """Heatmaps ``(K, *spatial)`` of an image ``(C, *spatial)`` (on the model's device), from the
     first (full-resolution) output of ``model`` on Gaussian-weighted windows."""
+    ones = [(1,) * len(patch_size)]
+    return sliding_window_outputs(model, image, patch_size, ones, step, batch_size, amp_dtype)[0]
+
+
+@torch.no_grad()
+def sliding_window_outputs(
+    model: nn.Module,
+    image: torch.Tensor,
+    patch_size: Sequence[int],
+    strides: Sequence[Sequence[int]],
+    step: float = 0.5,
+    batch_size: int = 1,
+    amp_dtype: torch.dtype | None = None,
+) -> torch.Tensor:
+    """Heatmaps ``(N, K, *spatial)`` of the first N outputs of ``model``, whose ``strides`` are
+    given, each interpolated to full resolution within its window (a stride-s voxel q is
+    centred at ``s*q + (s-1)/2``, as the training targets place it) before the stitching."""
     patch = tuple(int(p) for p in patch_size)
     spatial = tuple(image.shape[1:])
     padding = [max(0, p - s) for p, s in zip(patch, spatial, strict=True)]
@@ -71,15 +88,51 @@ def sliding_window_heatmaps(
             torch.stack([image[(slice(None), *_box(s, patch))] for s in chunk]), len(patch)
         )
         with _autocast(image.device, amp_dtype):
-            heatmaps = model(windows)[0].float()
+            outputs = model(windows)
+        heads = _full_resolution(outputs, strides, patch)  # (B, N, K, *patch)
         if total is None:
-            total = torch.zeros((heatmaps.shape[1], *padded), device=image.device)
-        for start, heatmap in zip(chunk, heatmaps, strict=True):
+            total = torch.zeros((*heads.shape[1:3], *padded), device=image.device)
+        for start, window_heads in zip(chunk, heads, strict=True):
             box = _box(start, patch)
-            total[(slice(None), *box)] += heatmap * weight
+            total[(slice(None), slice(None), *box)] += window_heads * weight
             norm[box] += weight
     total /= norm
-    return total[(slice(None), *(slice(0, s) for s in spatial))]
+    return total[(slice(None), slice(None), *(slice(0, s) for s in spatial))]
+
+
+def head_strides(model: object, prediction: str, spatial_dims: int) -> list[tuple[int, ...]]:
+    """The strides of the outputs a prediction rule decodes: the full-resolution output alone
+    (``full_resolution``), or every output the network has (``mean_of_heads``, HYATT-Net's)."""
+    if prediction == "full_resolution":
+        return [(1,) * spatial_dims]
+    if prediction != "mean_of_heads":
+        raise ValueError(f"unknown prediction rule '{prediction}'")
+    strides = getattr(model, "output_strides", None)
+    if strides is None:
+        raise ValueError(
+            "the prediction rule mean_of_heads needs the PyTorch network (it knows its heads' "
+            "strides); an exported ONNX file holds the full-resolution output only"
+        )
+    return [tuple(int(v) for v in s) for s in strides]
+
+
+def _full_resolution(
+    outputs: Sequence[torch.Tensor], strides: Sequence[Sequence[int]], patch: tuple[int, ...]
+) -> torch.Tensor:
+    """The first ``len(strides)`` outputs ``(B, K, *patch / stride)``, interpolated to ``patch``
+    (linearly, align_corners=False) and stacked to ``(B, N, K, *patch)`` in float32."""
+    if len(outputs) < len(strides):
+        raise ValueError(
+            f"the network gives {len(outputs)} output(s); the prediction needs {len(strides)}"
+        )
+    mode = "bilinear" if len(patch) == 2 else "trilinear"
+    heads = []
+    for output, stride in zip(outputs, strides, strict=False):
+        output = output.float()
+        if any(int(s) != 1 for s in stride):
+            output = F.interpolate(output, size=patch, mode=mode, align_corners=False)
+        heads.append(output)
+    return torch.stack(heads, dim=1)
 
 
 def _autocast(device: torch.device, amp_dtype: torch.dtype | None):

@@ -18,7 +18,12 @@ import torch
 from medlandmark.console import warn
 from medlandmark.device import select_device
 from medlandmark.errors import MedlandmarkError
-from medlandmark.heatmaps import DEFAULT_PRESENCE_THRESHOLD, decode_heatmaps
+from medlandmark.heatmaps import (
+    DEFAULT_PRESENCE_THRESHOLD,
+    DecodedLandmarks,
+    decode_heads,
+    decode_heatmaps,
+)
 from medlandmark.inference.networks import load_run_network
 from medlandmark.io.geometry import (
     Geometry,
@@ -35,7 +40,7 @@ from medlandmark.preprocessing.crops import crop_with_zeros
 from medlandmark.records.plan import Configuration, Plan
 from medlandmark.records.run import ONNX_FILE, RUN_FILE, RunRecord, read_run_record
 from medlandmark.shape_model import ShapeModel
-from medlandmark.sliding_window import sliding_window_heatmaps
+from medlandmark.sliding_window import head_strides, sliding_window_outputs
 
 Network = Callable[[torch.Tensor], Sequence[torch.Tensor]]
 NetworkFactory = Callable[[RunRecord, Path], Network]
@@ -66,6 +71,7 @@ class Stage:
     pairs: list[tuple[int, int]]
     spacing_mm: list[float] | None
     shape_model: ShapeModel | None = None
+    prediction: str = "full_resolution"  # the runs' rule: which outputs give the points
 
     def heatmaps(
         self,
@@ -75,22 +81,35 @@ class Stage:
         mirror: bool,
         batch_size: int = 1,
     ) -> torch.Tensor:
-        """Mean heatmaps ``(K, *spatial)`` of the ensemble over a preprocessed image, averaged
-        with the left-right mirrored prediction (pairs swapped back) when ``mirror``;
-        ``batch_size`` sliding windows go through a network at once."""
+        """Mean heatmaps ``(N, K, *spatial)`` of the ensemble over a preprocessed image, one per
+        output the prediction rule decodes ([0] the full-resolution one), averaged with the
+        left-right mirrored prediction (pairs swapped back) when ``mirror``; ``batch_size``
+        sliding windows go through a network at once."""
         image = torch.from_numpy(np.ascontiguousarray(array, dtype=np.float32)).to(device)
         patch = self.configuration.patch_size
         total = None
         for network in self.networks:
-            heatmaps = sliding_window_heatmaps(network, image, patch, batch_size=batch_size)
+            strides = self.strides(network)
+            heads = sliding_window_outputs(network, image, patch, strides, batch_size=batch_size)
             if mirror:
                 axis = left_right_axis(geometry) + 1
-                flipped = sliding_window_heatmaps(
-                    network, image.flip(axis), patch, batch_size=batch_size
-                ).flip(axis)
-                heatmaps = 0.5 * (heatmaps + swap_channels(flipped, self.pairs))
-            total = heatmaps if total is None else total + heatmaps
+                flipped = sliding_window_outputs(
+                    network, image.flip(axis), patch, strides, batch_size=batch_size
+                ).flip(axis + 1)
+                heads = 0.5 * (heads + swap_channels(flipped, self.pairs, dim=1))
+            total = heads if total is None else total + heads
         return total / len(self.networks)
+
+    def strides(self, network: Network) -> list[tuple[int, ...]]:
+        """The strides of the outputs the prediction rule decodes, for one of the networks."""
+        try:
+            return head_strides(network, self.prediction, self.configuration.spatial_dims)
+        except ValueError as error:
+            raise MedlandmarkError(str(error)) from None
+
+    def decode(self, heads: torch.Tensor) -> DecodedLandmarks:
+        """The landmarks of ``heads`` (from :meth:`heatmaps`), by the prediction rule."""
+        return decode_heads(heads, self.strides(self.networks[0]))
 
     def to(self, device: torch.device) -> None:
         """Move the (PyTorch) networks to ``device``."""
@@ -106,9 +125,13 @@ def spread_in_mm(spread_per_axis_voxels: torch.Tensor, geometry: Geometry) -> np
     return per_axis.mean(axis=-1)
 
 
-def swap_channels(heatmaps: torch.Tensor, pairs: Sequence[tuple[int, int]]) -> torch.Tensor:
-    """Exchange the channels of each symmetric pair (what a mirroring does to their meaning)."""
-    return heatmaps[pair_permutation(heatmaps.shape[0], pairs)]
+def swap_channels(
+    heatmaps: torch.Tensor, pairs: Sequence[tuple[int, int]], dim: int = 0
+) -> torch.Tensor:
+    """Exchange the channels (axis ``dim``) of each symmetric pair (what a mirroring does to
+    their meaning)."""
+    order = torch.as_tensor(pair_permutation(heatmaps.shape[dim], pairs), device=heatmaps.device)
+    return heatmaps.index_select(dim, order)
 
 
 class Predictor:
@@ -209,8 +232,9 @@ class Predictor:
         first = self.stages[0]
         array, geometry = preprocess_image(image, first.plan, first.configuration)
         mirror = self.tta and bool(first.pairs)
-        heatmaps = first.heatmaps(array, geometry, self.device, mirror, self.windows_per_batch)
-        decoded = decode_heatmaps(heatmaps[None])
+        heads = first.heatmaps(array, geometry, self.device, mirror, self.windows_per_batch)
+        heatmaps = heads[0]
+        decoded = first.decode(heads)
         points = index_to_world(decoded.points[0].double().cpu().numpy(), geometry)
         peak = decoded.peak[0].float().cpu().numpy()
         spread_mm = spread_in_mm(decoded.spread_per_axis[0], geometry)
@@ -284,15 +308,16 @@ class Predictor:
             window_geometry = cropped_geometry(
                 geometry, [int(v) for v in start], [int(v) for v in patch]
             )
-            heatmaps = fine.heatmaps(
+            heads = fine.heatmaps(
                 window, window_geometry, self.device, mirror, self.windows_per_batch
             )
+            heatmaps = heads[0]
             if radius_mm is not None:
                 refined[k], _, refined_spread[k] = decode_near(
                     heatmaps[k], window_geometry, points_mm[k], radius_mm
                 )
                 continue
-            decoded = decode_heatmaps(heatmaps[k : k + 1][None])
+            decoded = fine.decode(heads[:, k : k + 1])
             index = decoded.points[0, 0].double().cpu().numpy() + start
             refined[k] = index_to_world(index, geometry)
             refined_spread[k] = spread_in_mm(decoded.spread_per_axis[0], geometry)[0]
@@ -427,4 +452,5 @@ def _stage(
         pairs=pairs,
         spacing_mm=record.spacing_mm,
         shape_model=None if shape is None else ShapeModel.from_dict(shape.model_dump()),
+        prediction="full_resolution" if record.settings is None else record.settings.prediction,
     )

@@ -131,8 +131,8 @@ class TrainingSettings(_Record):
 
     epochs: int = Field(ge=1)
     iterations_per_epoch: int = Field(ge=1)
-    optimizer: Literal["adamw", "sgd"] = "adamw"
-    schedule: Literal["cosine", "poly"] = "cosine"
+    optimizer: Literal["adamw", "adam", "sgd"] = "adamw"
+    schedule: Literal["cosine", "poly", "exponential"] = "cosine"
     learning_rate: float | dict[str, float]
     weight_decay: float = Field(0.01, ge=0)
     sgd_momentum: float = Field(0.99, ge=0, lt=1)

@@ -38,10 +38,26 @@ RunStatus = Literal["training", "interrupted", "stopped", "finished"]
 
 
 class RunSettings(TrainingSettings):
-    """The training settings a run used: the plan's, with the command line's changes."""
+    """The training settings a run used: the plan's, with a recipe's and the command line's
+    changes. The fields below the batch size exist for the papers' recipes
+    (:mod:`medlandmark.training.recipes`); their defaults are medlandmark's own training."""
 
     learning_rate: float = Field(gt=0, allow_inf_nan=False)
     batch_size: int = Field(ge=1)
+    recipe: str | None = None
+    adam_betas: tuple[float, float] = (0.9, 0.999)
+    warmup_share: float | None = Field(None, ge=0, lt=1)  # of the run, instead of warmup_epochs
+    target: Literal["gaussian", "radius_bump"] = "gaussian"
+    heatmap_sigma_voxels: float | None = Field(None, gt=0, allow_inf_nan=False)  # not the plan's
+    deep_supervision: bool = True  # False: only the full-resolution output is trained
+    prediction: Literal["full_resolution", "mean_of_heads"] = "full_resolution"
+
+    @field_validator("adam_betas")
+    @classmethod
+    def _betas(cls, betas: tuple[float, float]) -> tuple[float, float]:
+        if not all(0 <= b < 1 for b in betas):
+            raise ValueError(f"must be two numbers in [0, 1), got {list(betas)}")
+        return betas
 
 
 class BestValidation(_Record):

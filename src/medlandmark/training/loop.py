@@ -27,7 +27,13 @@ from medlandmark.augment import AugmentConfig
 from medlandmark.console import ProgressBar, info, warn
 from medlandmark.datasets.dataset import Dataset
 from medlandmark.device import device_memory_gb, select_device
-from medlandmark.heatmaps import calibrate_presence_threshold, deep_supervision_targets
+from medlandmark.heatmaps import (
+    RADIUS_BUMP_VOXELS,
+    calibrate_presence_threshold,
+    deep_supervision_targets,
+    points_at_stride,
+    radius_bump_heatmaps,
+)
 from medlandmark.io.files import atomic_write_bytes, atomic_write_text, remove_partials
 from medlandmark.io.geometry import index_to_world, left_right_axis
 from medlandmark.io.landmarks import symmetric_pair_indices
@@ -385,22 +391,47 @@ def heatmap_training_loss(
     configuration: Configuration,
     settings: RunSettings,
 ) -> torch.Tensor:
-    """Weighted sum over the network's outputs of the heatmap loss against targets drawn on the
-    device at each output's resolution (same sigma in mm: sigma in voxels / stride)."""
-    weights = np.asarray(model.output_weights, dtype=np.float64)
+    """Weighted sum over the network's trained outputs (all, or the full-resolution one without
+    ``settings.deep_supervision``) of the heatmap loss against targets drawn on the device at
+    each output's resolution."""
+    count = len(outputs) if settings.deep_supervision else 1
+    weights = np.asarray(model.output_weights[:count], dtype=np.float64)
     weights = weights / weights.sum()
-    sigma = np.asarray(configuration.heatmap_sigma_voxels, dtype=np.float64)
-    if hasattr(model, "output_sigma_voxels"):
-        sigmas = model.output_sigma_voxels(sigma)
-    else:
-        sigmas = [sigma / np.asarray(s) for s in model.output_strides]
-    shapes = [output.shape[2:] for output in outputs]
-    targets, present = deep_supervision_targets(points, shapes, model.output_strides, sigmas)
+    targets, present = _training_targets(model, outputs[:count], points, configuration, settings)
     total = outputs[0].new_zeros((), dtype=torch.float32)
-    for output, target, weight in zip(outputs, targets, weights, strict=True):
+    for output, target, weight in zip(outputs[:count], targets, weights, strict=True):
         loss = heatmap_loss(output, target, present, settings.loss, settings.missing_target)
         total = total + float(weight) * loss
     return total
+
+
+def _training_targets(
+    model: nn.Module,
+    outputs: Sequence[torch.Tensor],
+    points: torch.Tensor,
+    configuration: Configuration,
+    settings: RunSettings,
+) -> tuple[list[torch.Tensor], torch.Tensor]:
+    """One target per output: Gaussians (the plan's sigma in mm, or the settings' fixed sigma in
+    input voxels, in each output's own voxels), or H3DE-Net's radius bumps."""
+    shapes = [output.shape[2:] for output in outputs]
+    strides = model.output_strides[: len(outputs)]
+    if settings.target == "radius_bump":
+        pairs = [
+            radius_bump_heatmaps(
+                points_at_stride(points, stride), shape, RADIUS_BUMP_VOXELS / np.mean(stride)
+            )
+            for shape, stride in zip(shapes, strides, strict=True)
+        ]
+        return [target for target, _ in pairs], pairs[0][1]
+    sigma = np.asarray(configuration.heatmap_sigma_voxels, dtype=np.float64)
+    if settings.heatmap_sigma_voxels is not None:
+        sigma = np.full_like(sigma, settings.heatmap_sigma_voxels)
+    if hasattr(model, "output_sigma_voxels"):
+        sigmas = model.output_sigma_voxels(sigma)[: len(outputs)]
+    else:
+        sigmas = [sigma / np.asarray(s) for s in strides]
+    return deep_supervision_targets(points, shapes, strides, sigmas)
 
 
 def fold_case_ids(
@@ -596,7 +627,14 @@ def _validate_and_keep_best(run: _Run, row: dict) -> None:
     """Validate the kept weights; when they are the best so far, keep them and recalibrate."""
     model = run.state.kept_weights()
     patch = run.configuration.patch_size
-    result = validate(model, run.val_cases, patch, run.device, amp_dtype=run.amp_dtype)
+    result = validate(
+        model,
+        run.val_cases,
+        patch,
+        run.device,
+        amp_dtype=run.amp_dtype,
+        prediction=run.settings.prediction,
+    )
     row["val_mre_mm"], row["val_sdr_2mm"] = result.mre_mm, result.sdr.get("2.0")
     best = run.record.best
     if result.mre_mm is not None and (best is None or result.mre_mm < best.val_mre_mm):

@@ -12,6 +12,7 @@ from medlandmark.planning.planner import PatchTopology, largest_batch, training_
 from medlandmark.records.plan import Configuration, Plan
 from medlandmark.records.run import RunSettings
 from medlandmark.training.losses import HEATMAP_LOSSES
+from medlandmark.training.recipes import recipe_named
 
 OVERRIDABLE_SETTINGS = (
     "epochs",
@@ -50,6 +51,7 @@ class TrainOptions:
     ema_decay: float | None = None
     missing_target: str | None = None
     loss: str | None = None
+    recipe: str | None = None  # a paper's training (medlandmark.training.recipes)
     preprocessed: str | None = None
     coarse_run: str | None = None
     augment: dict = field(default_factory=dict)
@@ -67,6 +69,7 @@ def run_settings(plan: Plan, options: TrainOptions) -> RunSettings:
         **plan.training.model_dump(),
         "learning_rate": learning_rate,
         "batch_size": configuration.batch_size,
+        **_recipe_settings(options),
     }
     for name in OVERRIDABLE_SETTINGS:
         value = getattr(options, name)
@@ -83,6 +86,23 @@ def run_settings(plan: Plan, options: TrainOptions) -> RunSettings:
         raise TrainingError(
             f"bad training setting: {validation_problems(error, 'settings')}"
         ) from None
+
+
+def _recipe_settings(options: TrainOptions) -> dict:
+    """The run settings ``options.recipe`` changes (none without one); a TrainingError for an
+    unknown recipe or one made for another network."""
+    if options.recipe is None:
+        return {}
+    try:
+        recipe = recipe_named(options.recipe)
+    except ValueError as error:
+        raise TrainingError(str(error)) from None
+    if recipe.arch != options.arch:
+        raise TrainingError(
+            f"the recipe {recipe.name} trains {recipe.arch}, not {options.arch} "
+            f"(use -a {recipe.arch}, or leave -a out)"
+        )
+    return {**recipe.settings, "recipe": recipe.name}
 
 
 def augment_config(overrides: dict) -> AugmentConfig:

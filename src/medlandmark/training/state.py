@@ -55,7 +55,7 @@ class TrainState:
         amp_dtype: torch.dtype | None,
         time_budget_s: float | None = None,
     ) -> TrainState:
-        """A fresh state for ``model``: AdamW or SGD, warm-up then the planned decay (over the
+        """A fresh state for ``model``: the settings' optimiser, warm-up then the planned decay (over the
         steps, or over ``time_budget_s`` seconds of training when given), a gradient scaler that
         is active under fp16 only, and an EMA when ``settings.ema_decay`` is set."""
         optimizer = build_optimizer(
@@ -64,12 +64,16 @@ class TrainState:
             settings.learning_rate,
             settings.weight_decay,
             settings.sgd_momentum,
+            settings.adam_betas,
         )
         total = total_steps(settings)
-        warmup = min(settings.warmup_epochs * settings.iterations_per_epoch, total // 10)
+        warmup = warmup_steps(settings)
         clock = TrainingClock(time_budget_s)
         used_share = clock.used_share if time_budget_s is not None else None
-        scheduler = build_scheduler(optimizer, total, warmup, settings.schedule, used_share)
+        decay_epochs = (total - warmup) / settings.iterations_per_epoch
+        scheduler = build_scheduler(
+            optimizer, total, warmup, settings.schedule, used_share, decay_epochs
+        )
         device_type = next(model.parameters()).device.type
         scaler = torch.amp.GradScaler(device_type, enabled=amp_dtype == torch.float16)
         return cls(model, optimizer, scheduler, scaler, _ema(model, settings.ema_decay), clock)
@@ -116,6 +120,15 @@ class TrainState:
 def total_steps(settings: RunSettings) -> int:
     """Steps of the whole schedule."""
     return settings.epochs * settings.iterations_per_epoch
+
+
+def warmup_steps(settings: RunSettings) -> int:
+    """Steps of linear warm-up: ``warmup_share`` of the run when set (a paper's), else the
+    plan's warm-up epochs, at most a tenth of the run."""
+    total = total_steps(settings)
+    if settings.warmup_share is not None:
+        return round(settings.warmup_share * total)
+    return min(settings.warmup_epochs * settings.iterations_per_epoch, total // 10)
 
 
 def mixed_precision(amp: str, device: torch.device) -> torch.dtype | None:

@@ -10,10 +10,10 @@ import torch
 from torch import nn
 
 from medlandmark import metrics
-from medlandmark.heatmaps import decode_heatmaps
+from medlandmark.heatmaps import decode_heads
 from medlandmark.io.geometry import index_to_world
 from medlandmark.preprocessing import CachedCase
-from medlandmark.sliding_window import sliding_window_heatmaps
+from medlandmark.sliding_window import head_strides, sliding_window_outputs
 
 
 def predict_cached_case(
@@ -22,11 +22,14 @@ def predict_cached_case(
     patch_size: Sequence[int],
     device: torch.device,
     amp_dtype: torch.dtype | None = None,
+    prediction: str = "full_resolution",
 ) -> tuple[np.ndarray, np.ndarray]:
-    """Predicted landmarks (cache voxel indices, ``(K, D)``) and their heatmap peaks."""
+    """Predicted landmarks (cache voxel indices, ``(K, D)``) and their heatmap peaks, by the
+    ``prediction`` rule (:func:`~medlandmark.sliding_window.head_strides`)."""
     image = torch.from_numpy(np.asarray(case.image, dtype=np.float32)).to(device)
-    heatmaps = sliding_window_heatmaps(model, image, patch_size, amp_dtype=amp_dtype)
-    decoded = decode_heatmaps(heatmaps[None])
+    strides = head_strides(model, prediction, len(patch_size))
+    heads = sliding_window_outputs(model, image, patch_size, strides, amp_dtype=amp_dtype)
+    decoded = decode_heads(heads, strides)
     return decoded.points[0].double().cpu().numpy(), decoded.peak[0].float().cpu().numpy()
 
 
@@ -51,6 +54,7 @@ def validate(
     device: torch.device,
     radii_mm: Sequence[float] = metrics.DEFAULT_RADII_MM,
     amp_dtype: torch.dtype | None = None,
+    prediction: str = "full_resolution",
 ) -> Validation:
     """MRE, SDR and per-point peaks over ``cases`` (ground truth from the cache, never fed to the
     prediction); the peaks calibrate the present/missing threshold, and the spread of the
@@ -59,7 +63,9 @@ def validate(
     model.eval()
     predictions, truths, peaks, offsets = [], [], [], []
     for case in cases:
-        predicted, peak = predict_cached_case(model, case, patch_size, device, amp_dtype)
+        predicted, peak = predict_cached_case(
+            model, case, patch_size, device, amp_dtype, prediction
+        )
         predictions.append(index_to_world(predicted, case.geometry))
         truths.append(index_to_world(case.landmarks_index, case.geometry))
         offsets.append(predicted - case.landmarks_index)
