@@ -74,7 +74,7 @@ def dataset_current(source: Path, out: Path) -> bool:
 
 ISBI2015 = Benchmark(
     name="isbi2015",
-    make_dataset=convert_isbi2015,
+    make_dataset=lambda source, out: convert_isbi2015(source, out, force=True),
     dataset_current=dataset_current,
     budgets=BUDGETS,
     targets=TARGETS,

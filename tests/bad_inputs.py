@@ -9,6 +9,7 @@ it must say about it, whichever verb meets the fault first.
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import struct
 import zlib
@@ -143,6 +144,46 @@ def truncated_mhd_raw(root: Path) -> None:
     path = _bad_image(root, ".mhd")
     sitk.WriteImage(sitk.GetImageFromArray(clean_pixels(7)[0]), str(path), False)
     _truncate(path.with_suffix(".raw"), 0.8)
+
+
+def png_cut_at_20_bytes(root: Path) -> None:
+    path = _bad_image(root, ".png")
+    write_image(path, clean_pixels(7)[0], GEOMETRY)
+    path.write_bytes(path.read_bytes()[:20])
+
+
+def jpeg_named_png(root: Path) -> None:
+    jpeg = root / "tmp.jpg"
+    write_image(jpeg, clean_pixels(7)[0], GEOMETRY)
+    jpeg.rename(_bad_image(root, ".png"))
+
+
+def one_pixel_image(root: Path) -> None:
+    write_image(_bad_image(root, ".png"), np.zeros((1, 1), np.uint8), Geometry.identity((1, 1)))
+
+
+def mhd_data_file_outside(root: Path) -> None:
+    """An MHD header whose ElementDataFile climbs out of the dataset."""
+    path = _bad_image(root, ".mhd")
+    sitk.WriteImage(sitk.GetImageFromArray(clean_pixels(7)[0]), str(path), False)
+    text = path.read_text().replace(
+        "ElementDataFile = bad.raw", "ElementDataFile = ../../../../etc/hostname"
+    )
+    path.write_text(text)
+
+
+def mha_cut_in_header(root: Path) -> None:
+    """An MHA cut before its ElementDataFile line (ITK would print MetaImage lines)."""
+    path = _bad_image(root, ".mha")
+    sitk.WriteImage(sitk.GetImageFromArray(clean_pixels(7)[0]), str(path), False)
+    data = path.read_bytes()
+    path.write_bytes(data[: data.index(b"ElementType")])
+
+
+def self_loop_symlink(root: Path) -> None:
+    """images/bad.png is a symbolic link to itself."""
+    path = root / "images" / f"{BAD_CASE}.png"
+    path.symlink_to(path.name)
 
 
 def zero_byte_image(root: Path) -> None:
@@ -364,8 +405,42 @@ CORPUS: list[BadInput] = [
     ),
     BadInput("zero_byte_image", "image", f"{_IMAGE}.png", ("empty (0 bytes)",), zero_byte_image),
     BadInput(
-        "wrong_magic_bytes", "image", f"{_IMAGE}.png", ("wrong magic bytes",), wrong_magic_bytes
+        "mha_cut_in_header",
+        "image",
+        f"{_IMAGE}.mha",
+        ("MetaImage header is incomplete", "ElementType"),
+        mha_cut_in_header,
     ),
+    BadInput(
+        "self_loop_symlink",
+        "dataset",
+        f"{_IMAGE}.png",
+        ("symbolic link that leads nowhere",),
+        self_loop_symlink,
+    ),
+    BadInput("png_cut_at_20_bytes", "image", f"{_IMAGE}.png", ("truncated",), png_cut_at_20_bytes),
+    BadInput(
+        "jpeg_named_png",
+        "image",
+        f"{_IMAGE}.png",
+        ("is a JPEG image but is named .png", "rename it to .jpg"),
+        jpeg_named_png,
+    ),
+    BadInput(
+        "one_pixel_image",
+        "image",
+        f"{_IMAGE}.png",
+        ("1 x 1 voxels", "too small"),
+        one_pixel_image,
+    ),
+    BadInput(
+        "mhd_data_file_outside",
+        "image",
+        f"{_IMAGE}.mhd",
+        ("outside the image's folder",),
+        mhd_data_file_outside,
+    ),
+    BadInput("wrong_magic_bytes", "image", f"{_IMAGE}.png", ("not a PNG file",), wrong_magic_bytes),
     BadInput("nan_voxels", "image", f"{_IMAGE}.nii.gz", ("NaN or infinite",), nan_voxels),
     BadInput("inf_voxels", "image", f"{_IMAGE}.nii.gz", ("NaN or infinite",), inf_voxels),
     BadInput("image_4d", "image", f"{_IMAGE}.nii.gz", ("4 dimensions",), image_4d),
@@ -556,3 +631,398 @@ if __name__ == "__main__":  # python -m tests.bad_inputs FOLDER: the corpus on d
 
     for name, root in build_corpus(Path(sys.argv[1])).items():
         print(f"{name}: {root}")
+
+
+# --- bad command lines ---------------------------------------------------------------------------
+# Each gets a prepared dataset (planned, preprocessed), a copy of a trained 2D run and an empty
+# work folder, and is run through the real command line: the exit code and every needle (one
+# line, naming ``named`` when given) are asserted.
+
+
+@dataclass(frozen=True)
+class Place:
+    """Where a bad command runs: ``dataset`` (planned and preprocessed), ``run`` (a trained 2D
+    U-Net's folder, a copy of its own) and ``work`` (empty)."""
+
+    dataset: Path
+    run: Path
+    work: Path
+
+
+@dataclass(frozen=True)
+class BadCommand:
+    """One bad command line: ``argv`` (made, with any file it needs, in a :class:`Place`), its
+    exit code, what its error line says and, when the fault is a file, which file it names."""
+
+    name: str
+    argv: Callable[[Place], list]
+    exit_code: int
+    needles: tuple[str, ...]
+    named: Callable[[Place], Path] | None = None
+
+
+def _train(*options: str) -> Callable[[Place], list]:
+    return lambda p: ["train", p.dataset, "-o", p.work / "run", "--device", "cpu", *options]
+
+
+def _plan(*options: str) -> Callable[[Place], list]:
+    return lambda p: ["plan", p.dataset, "--workers", "1", *options]
+
+
+def _predict(*options: str) -> Callable[[Place], list]:
+    return lambda p: [
+        "predict",
+        p.run,
+        p.dataset / "images" / "case000.png",
+        "-o",
+        p.work / "out",
+        *options,
+    ]
+
+
+def _edited_run_json(change: Callable[[dict], None]) -> Callable[[Place], list]:
+    def argv(place: Place) -> list:
+        path = place.run / "run.json"
+        record = json.loads(path.read_text())
+        change(record)
+        path.write_text(json.dumps(record))
+        return _predict()(place)
+
+    return argv
+
+
+def _quote_spatial_dims(record: dict) -> None:
+    record["plan"]["spatial_dims"] = "2"
+
+
+def _rename_landmarks(record: dict) -> None:
+    record["landmarks"] = [f"other{i}" for i in range(len(record["landmarks"]))]
+
+
+def _invalid_run_json(place: Place) -> list:
+    (place.run / "run.json").write_text('{"arch": "unet", "configur')
+    return _predict()(place)
+
+
+def _weights_of_another_network(place: Place) -> list:
+    from safetensors.numpy import save_file
+
+    save_file(
+        {"stem.weight": np.zeros((3, 3), np.float32)}, str(place.run / "model_best.safetensors")
+    )
+    return _predict()(place)
+
+
+def _without_final_weights(place: Place) -> list:
+    (place.run / "model_final.safetensors").unlink()
+    return _predict("--weights", "final")(place)
+
+
+def _output_is_a_file(place: Place) -> list:
+    place.work.mkdir(parents=True, exist_ok=True)
+    (place.work / "out").write_text("a file")
+    return _predict()(place)
+
+
+def _existing_run(place: Place) -> list:
+    return ["train", place.dataset, "-o", place.run, "--device", "cpu", "--fold", "all"]
+
+
+def _resume_from_pickle(place: Place) -> list:
+    """A checkpoint whose pickle would run a command when loaded."""
+    import pickle
+
+    class Payload:
+        def __reduce__(self):
+            return (os.system, ("echo pwned",))
+
+    (place.run / "checkpoint_latest.pt").write_bytes(pickle.dumps({"model": Payload()}))
+    record = json.loads((place.run / "run.json").read_text())
+    record["status"] = "interrupted"  # a finished run is not resumed: its checkpoint stays unread
+    (place.run / "run.json").write_text(json.dumps(record))
+    return ["train", place.dataset, "-o", place.run, "--device", "cpu", "--fold", "all", "--resume"]
+
+
+def _coarse_run_for_a_single_stage(place: Place) -> list:
+    return _train("--coarse-run", str(place.run), "--fold", "all")(place)
+
+
+def _edited_isbi_splits(place: Place) -> list:
+    from medlandmark.datasets.converters import convert_isbi2015
+
+    source = isbi_source(place.work / "src", ("001", "002", "003"))
+    out = convert_isbi2015(source, place.work / "isbi")
+    spec = json.loads((out / "dataset.json").read_text())
+    spec["splits"] = {"train": ["001", "002"], "test1": ["003"]}
+    (out / "dataset.json").write_text(json.dumps(spec))
+    return ["convert", "isbi2015", source, out]
+
+
+def _landmark_folder_elsewhere(place: Place) -> list:
+    return ["check", place.work / "no_such_dataset"]
+
+
+def _evaluate(*options: str) -> Callable[[Place], list]:
+    def argv(place: Place) -> list:
+        return [
+            "evaluate",
+            "--pred",
+            place.dataset / "landmarks",
+            "--gt",
+            place.dataset,
+            "--out",
+            place.work / "eval",
+            *options,
+        ]
+
+    return argv
+
+
+COMMANDS: list[BadCommand] = [
+    # plan: every option checked before any work
+    BadCommand("plan_gpu_memory_zero", _plan("--gpu-memory", "0"), 2, ("--gpu-memory", "positive")),
+    BadCommand(
+        "plan_gpu_memory_nan", _plan("--gpu-memory", "nan"), 2, ("--gpu-memory", "positive")
+    ),
+    BadCommand(
+        "plan_gpu_memory_text",
+        _plan("--gpu-memory", "lots"),
+        2,
+        ("--gpu-memory", "expected a number"),
+    ),
+    BadCommand(
+        "plan_base_features_zero",
+        _plan("--base-features", "0"),
+        2,
+        ("--base-features", "1 or more"),
+    ),
+    BadCommand("plan_width_zero", _plan("--width", "0"), 2, ("--width", "positive")),
+    BadCommand(
+        "plan_target_spacing_negative",
+        _plan("--target-spacing", "-1"),
+        2,
+        ("--target-spacing", "positive"),
+    ),
+    BadCommand(
+        "plan_workers_zero",
+        lambda p: ["plan", p.dataset, "--workers", "0"],
+        2,
+        ("--workers", "1 or more"),
+    ),
+    BadCommand(
+        "check_missing_folder",
+        _landmark_folder_elsewhere,
+        2,
+        ("does not exist",),
+        lambda p: p.work / "no_such_dataset",
+    ),
+    BadCommand(
+        "check_a_file",
+        lambda p: ["check", p.dataset / "dataset.json"],
+        2,
+        ("not a folder",),
+        lambda p: p.dataset / "dataset.json",
+    ),
+    BadCommand(
+        "preprocess_unknown_configuration",
+        lambda p: ["preprocess", p.dataset, "-c", "3d_huge"],
+        2,
+        ("3d_huge",),
+    ),
+    # train: options, settings, recipes and run folders, refused before anything is written
+    BadCommand(
+        "train_epochs_zero", _train("--epochs", "0"), 2, ("epochs", "greater than or equal to 1")
+    ),
+    BadCommand(
+        "train_iterations_zero",
+        _train("--iterations", "0"),
+        2,
+        ("iterations_per_epoch", "greater than or equal to 1"),
+    ),
+    BadCommand(
+        "train_batch_size_zero",
+        _train("--batch-size", "0"),
+        2,
+        ("batch_size", "greater than or equal to 1"),
+    ),
+    BadCommand(
+        "train_batch_size_huge",
+        _train("--batch-size", "10000000"),
+        2,
+        ("batch size 10000000 needs", "use --batch-size"),
+    ),
+    BadCommand("train_ema_two", _train("--ema", "2"), 2, ("ema_decay", "less than 1")),
+    BadCommand("train_lr_zero", _train("--lr", "0"), 2, ("--lr", "positive")),
+    BadCommand("train_lr_nan", _train("--lr", "nan"), 2, ("--lr", "positive")),
+    BadCommand(
+        "train_validate_every_zero",
+        _train("--validate-every", "0"),
+        2,
+        ("validate_every", "greater than or equal to 1"),
+    ),
+    BadCommand(
+        "train_fold_out_of_range", _train("--fold", "7"), 2, ("fold 7 does not exist", "5 folds")
+    ),
+    BadCommand("train_fold_negative", _train("--fold", "-1"), 2, ("fold -1 does not exist",)),
+    BadCommand(
+        "train_fold_text", _train("--fold", "first"), 2, ("--fold", "fold number", "'first'")
+    ),
+    BadCommand("train_unknown_configuration", _train("-c", "3d_huge"), 2, ("3d_huge",)),
+    BadCommand("train_h3de_on_a_2d_plan", _train("-a", "h3de"), 2, ("h3de",)),
+    BadCommand(
+        "train_recipe_of_another_network",
+        _train("--recipe", "h3de-paper", "-a", "hyatt"),
+        2,
+        ("h3de-paper trains h3de, not hyatt",),
+    ),
+    BadCommand(
+        "train_unknown_recipe",
+        _train("--recipe", "nnunet-paper"),
+        2,
+        ("--recipe", "invalid choice"),
+    ),
+    BadCommand(
+        "train_augment_out_of_range",
+        _train("--augment", "p_rotation=2"),
+        2,
+        ("bad augmentation setting", "p_rotation"),
+    ),
+    BadCommand(
+        "train_augment_unknown_name",
+        _train("--augment", "wobble=1"),
+        2,
+        ("bad augmentation setting", "wobble"),
+    ),
+    BadCommand(
+        "train_augment_without_value",
+        _train("--augment", "p_rotation"),
+        2,
+        ("--augment", "NAME=VALUE"),
+    ),
+    BadCommand(
+        "train_time_budget_zero", _train("--time-budget", "0"), 2, ("--time-budget", "positive")
+    ),
+    BadCommand(
+        "train_device_cuda_without_cuda",
+        _train("--device", "cuda"),
+        2,
+        ("--device cuda", "no CUDA device"),
+    ),
+    BadCommand(
+        "train_device_unknown", _train("--device", "tpu9"), 2, ("--device tpu9", "not a device")
+    ),
+    BadCommand(
+        "train_coarse_run_for_a_single_stage",
+        _coarse_run_for_a_single_stage,
+        2,
+        ("--coarse-run is for a cascade's fine stage",),
+    ),
+    BadCommand("train_into_an_existing_run", _existing_run, 2, ("--resume",), lambda p: p.run),
+    BadCommand(
+        "train_resume_from_a_pickle",
+        _resume_from_pickle,
+        2,
+        ("refused to load", "could run code"),
+        lambda p: p.run / "checkpoint_latest.pt",
+    ),
+    # predict: the run folder, its weights and the output folder
+    BadCommand(
+        "predict_device_cuda_without_cuda", _predict("--device", "cuda"), 2, ("no CUDA device",)
+    ),
+    BadCommand(
+        "predict_spacing_zero", _predict("--spacing", "0", "1"), 2, ("--spacing", "positive")
+    ),
+    BadCommand(
+        "predict_not_a_run",
+        lambda p: [
+            "predict",
+            p.dataset,
+            p.dataset / "images" / "case000.png",
+            "-o",
+            p.work / "out",
+        ],
+        2,
+        ("no trained run here", "no run.json"),
+    ),
+    BadCommand(
+        "predict_invalid_run_json",
+        _invalid_run_json,
+        2,
+        ("invalid run.json",),
+        lambda p: p.run / "run.json",
+    ),
+    BadCommand(
+        "predict_run_json_number_in_quotes",
+        _edited_run_json(_quote_spatial_dims),
+        2,
+        ("spatial_dims", "write the number without quotes"),
+        lambda p: p.run / "run.json",
+    ),
+    BadCommand(
+        "predict_weights_of_another_network",
+        _weights_of_another_network,
+        2,
+        ("weights do not fit", "unexpected, e.g. stem.weight", "another plan or architecture"),
+        lambda p: p.run / "model_best.safetensors",
+    ),
+    BadCommand(
+        "predict_final_weights_missing",
+        _without_final_weights,
+        2,
+        ("weights file does not exist",),
+        lambda p: p.run / "model_final.safetensors",
+    ),
+    BadCommand(
+        "predict_output_is_a_file",
+        _output_is_a_file,
+        2,
+        ("is a file, not a folder",),
+        lambda p: p.work / "out",
+    ),
+    BadCommand(
+        "predict_input_missing",
+        lambda p: ["predict", p.run, p.work / "nope.png", "-o", p.work / "out"],
+        1,
+        ("does not exist",),
+        lambda p: p.work / "nope.png",
+    ),
+    # evaluate, export, convert
+    BadCommand("evaluate_radius_zero", _evaluate("--radii", "0"), 2, ("--radii", "positive")),
+    BadCommand(
+        "evaluate_radius_text", _evaluate("--radii", "two"), 2, ("--radii", "numbers in mm")
+    ),
+    BadCommand(
+        "evaluate_missing_predictions",
+        lambda p: [
+            "evaluate",
+            "--pred",
+            p.work / "none",
+            "--gt",
+            p.dataset,
+            "--out",
+            p.work / "eval",
+        ],
+        2,
+        ("does not exist",),
+        lambda p: p.work / "none",
+    ),
+    BadCommand(
+        "export_opset_too_old",
+        lambda p: ["export", p.run, "--onnx", p.work / "m.onnx", "--opset", "10"],
+        2,
+        ("opset 10 is too old",),
+    ),
+    BadCommand(
+        "convert_missing_source",
+        lambda p: ["convert", "isbi2015", p.work / "nowhere", p.work / "out"],
+        2,
+        ("RawImage",),
+    ),
+    BadCommand(
+        "convert_over_edited_splits",
+        _edited_isbi_splits,
+        2,
+        ("other splits", "--force"),
+        lambda p: p.work / "isbi" / "dataset.json",
+    ),
+]

@@ -31,7 +31,10 @@ IMAGE_ENTRIES = [pytest.param(e, id=e.name) for e in CORPUS if e.kind == "image"
 def cli(capfd, *args: str) -> tuple[int, str]:
     """Run ``medlandmark ARGS`` in-process; the exit code and everything printed (file
     descriptors included, where ITK writes its own warnings)."""
-    code = main([str(a) for a in args])
+    try:
+        code = main([str(a) for a in args])
+    except SystemExit as stop:  # argparse refuses an option with its usage line, exit 2
+        code = stop.code
     out, err = capfd.readouterr()
     return code, out + err
 
@@ -396,3 +399,32 @@ def test_convert_afids_refuses_a_case_id_that_escapes_the_dataset(tmp_path: Path
     assert_clear(output, image, ("invalid case id '../escape'",))
     assert sorted(tmp_path.rglob("*")) == before  # nothing written, inside or outside
     assert cli(capfd, "convert", "afids", image, fcsv, tmp_path / "out" / "ds")[0] == 0
+
+
+# --- bad command lines -------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("command", [pytest.param(c, id=c.name) for c in bad_inputs.COMMANDS])
+def test_a_bad_command_gets_one_clear_line_and_its_exit_code(
+    command: bad_inputs.BadCommand, prepared: Path, trained_run: Path, tmp_path: Path, capfd
+) -> None:
+    """Every bad option, run folder or output of the corpus: the asserted exit code, one line
+    saying every needle (naming the file when there is one), no traceback, nothing written for
+    a refused training."""
+    place = bad_inputs.Place(prepared, tmp_path / "run", tmp_path / "work")
+    shutil.copytree(trained_run, place.run)
+    place.work.mkdir()
+    argv = command.argv(place)
+    code, output = cli(capfd, *argv)
+    assert code == command.exit_code, output
+    named = command.named(place) if command.named else None
+    if named is not None:  # a failed image of predict is a warning; the others fail as errors
+        prefix = ("error:",) if command.exit_code == 2 else ("warning:",)
+        assert_clear(output, named, (*prefix, *command.needles))
+    else:
+        errors = [line.lower() for line in output.splitlines() if "error" in line.lower()]
+        said = any(all(n.lower() in line for n in command.needles) for line in errors)
+        assert said, output
+        assert "Traceback" not in output and "internal error" not in output, output
+    assert not (place.work / "run" / "run.json").exists()
+    assert "pwned" not in output

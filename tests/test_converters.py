@@ -414,3 +414,27 @@ def test_afids_mrk_json_input_round_trips(tmp_path):
         read_landmarks(first / "landmarks" / "c1.mrk.json").points_mm,
         atol=1e-12,
     )
+
+
+def test_hand_xray_holds_out_every_fourth_case_for_testing(tmp_path):
+    rng = np.random.default_rng(2)
+    ids = [f"c{i}" for i in range(8)]
+    make_hand(
+        tmp_path / "src", dict.fromkeys(ids, 0.1), {c: rng.uniform(0, 39, (37, 2)) for c in ids}
+    )
+    spec = load_spec(convert_hand_xray(tmp_path / "src", tmp_path / "out"))
+    assert spec.splits == {"train": ["c0", "c1", "c2", "c4", "c5", "c6"], "test": ["c3", "c7"]}
+
+
+def test_converting_again_keeps_splits_edited_by_hand_unless_forced(tmp_path):
+    make_isbi(tmp_path / "src", {"TrainingData": ["001", "002", "003"]})
+    out = convert_isbi2015(tmp_path / "src", tmp_path / "out")
+    convert_isbi2015(tmp_path / "src", out)  # the same splits: converted again without a word
+    spec = json.loads((out / "dataset.json").read_text())
+    spec["splits"] = {"train": ["001", "002"], "test": ["003"]}
+    (out / "dataset.json").write_text(json.dumps(spec))
+    with pytest.raises(DatasetError, match="other splits .*train 2 cases, test 1 cases.*--force"):
+        convert_isbi2015(tmp_path / "src", out, annotator="senior")
+    assert load_spec(out).splits["test"] == ["003"]  # nothing was touched
+    convert_isbi2015(tmp_path / "src", out, annotator="senior", force=True)
+    assert load_spec(out).splits == {"train": ["001", "002", "003"]}

@@ -75,12 +75,13 @@ SCENARIOS = {
     "isbi": ("quickstart.md", "evaluation.md"),
     "synthetic": ("self-configuration.md", "training.md", "prediction.md", "evaluation.md"),
     "byod": ("bring-your-own-data.md", "dataset-format.md"),
+    "hand": ("hand-xray.md",),
 }
 SHRINK = {
     "train": ["--epochs", "1", "--iterations", "2", "--batch-size", "2"],
     "preprocess": ["--workers", "1"],
 }
-PLACEHOLDERS = ("isbi2015",)
+PLACEHOLDERS = ("isbi2015", "hand_xray")
 PENDING_PAGES = {"reliability.md"}  # linked from docs/README.md, being written
 ISBI_CASES = {"TrainingData": ("001", "002"), "Test1Data": ("151",)}
 GROUP_GEOMETRY = {  # the images the landmark examples of dataset-format.md are placed on
@@ -679,6 +680,16 @@ def test_quickstart_on_isbi2015(tmp_path: Path, monkeypatch: pytest.MonkeyPatch)
     assert metrics["n_cases"] == 1 and metrics["n_landmarks"] == 19
     reference = json.loads((work / "evaluation" / "junior_vs_senior" / "metrics.json").read_text())
     assert reference["n_cases"] == 3 and 0.5 < reference["mre_mm"] < 5.0
+
+
+@pytest.mark.usefixtures("one_thread")
+def test_hand_xray_walkthrough(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """hand-xray.md on the nine real Digital Hand Atlas radiographs: a pixel table to mm."""
+    source = shared_path("hand_xray")
+    assert run_scenario("hand", tmp_path, {"hand_xray": str(source)}, monkeypatch) >= 7
+    metrics = json.loads((tmp_path / "evaluation" / "hand" / "metrics.json").read_text())
+    assert metrics["n_cases"] == 2 and metrics["n_landmarks"] == 37
+    assert (tmp_path / "predictions" / "hand" / "overlays" / "3231.png").is_file()
 
 
 def test_plan_measures_again_when_a_case_is_added(tmp_path: Path) -> None:

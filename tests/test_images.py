@@ -135,7 +135,7 @@ def test_truncated_images_are_refused(tmp_path: Path, suffix: str) -> None:
 
 
 @pytest.mark.parametrize(
-    ("content", "needle"), [(b"", "empty"), (b"this is not an image at all", "wrong magic bytes")]
+    ("content", "needle"), [(b"", "empty"), (b"this is not an image at all", "not a PNG file")]
 )
 def test_empty_and_wrong_magic_are_refused(tmp_path: Path, content: bytes, needle: str) -> None:
     path = tmp_path / "x.png"

@@ -338,3 +338,53 @@ def test_prediction_killed_then_rerun_gives_the_same_landmarks(
     assert again.keys() == expected.keys()
     for case, points in expected.items():
         np.testing.assert_allclose(again[case], points, atol=1e-6, rtol=0)
+
+
+# ---------------------------------------------------------------- check and plan: Ctrl-C
+
+# argv: MARKER SLOW_S CLI-ARGS...; every case of check and of plan's fingerprint first touches
+# MARKER, then sleeps SLOW_S (a slow disk), then is read as usual
+SLOW_CASES_DRIVER = """
+import sys, time
+from pathlib import Path
+marker, slow_s, argv = Path(sys.argv[1]), float(sys.argv[2]), sys.argv[3:]
+import medlandmark.datasets.check as check
+import medlandmark.planning.fingerprint as fingerprint
+def slowed(function):
+    def run(*args, **kwargs):
+        marker.touch()
+        time.sleep(slow_s)
+        return function(*args, **kwargs)
+    return run
+check.case_problems = slowed(check.case_problems)
+fingerprint._case_fingerprint = slowed(fingerprint._case_fingerprint)
+from medlandmark.cli import main
+sys.exit(main(argv))
+"""
+INTERRUPT_WITHIN_S = 2.0
+
+
+@pytest.mark.parametrize("verb", ["check", "plan"])
+def test_ctrl_c_stops_check_and_plan_within_two_seconds(
+    verb: str, planned: tuple[Path, Path], tmp_path: Path
+) -> None:
+    """With 8 cases of 1 s each on at most 4 threads (2 s of reading or more), SIGINT once the first
+    case has started ends the process within 2 s, exit 130, saying so, and plan writes no plan."""
+    root = tmp_path / "ds"
+    shutil.copytree(planned[0], root, ignore=shutil.ignore_patterns("preprocessed", "reference"))
+    marker, log = tmp_path / "started", tmp_path / "log.txt"
+    argv = [verb, str(root)] + (["--workers", "4"] if verb == "plan" else [])
+    process = subprocess.Popen(
+        [sys.executable, "-c", SLOW_CASES_DRIVER, str(marker), "1.0", *argv],
+        stdout=log.open("w"),
+        stderr=subprocess.STDOUT,
+    )
+    _wait_for(process, log, marker.exists)
+    interrupted = time.monotonic()
+    process.send_signal(signal.SIGINT)
+    process.wait(timeout=60)
+    took = time.monotonic() - interrupted
+    assert process.returncode == 130, log.read_text()
+    assert took < INTERRUPT_WITHIN_S, f"{took:.1f} s after SIGINT:\n{log.read_text()}"
+    assert "interrupted" in log.read_text()
+    assert not (root / "preprocessed" / "plans.json").exists()

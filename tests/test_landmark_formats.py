@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -275,3 +276,27 @@ def test_a_huge_landmark_file_gets_one_short_answer(tmp_path: Path, names: int) 
     message = str(raised.value)
     assert len(message) < 300 and "p0, p1" in message and "more" in message
     assert ("39 992 more" if names == 40_000 else "19 992 more") in message
+
+
+@pytest.mark.parametrize(
+    ("suffix", "text"),
+    [
+        (".csv", "# coordinate_space: LPS\nname,x,y\na,1e308,2\nb,3,4\n"),
+        (
+            ".json",
+            '{"format": "medlandmark.landmarks", "version": 1, "coordinate_space": "LPS", "units": '
+            '"mm", "landmarks": [{"name": "a", "position": [1e308, 2]}, '
+            '{"name": "b", "position": [3, 4]}]}',
+        ),
+    ],
+)
+def test_a_coordinate_beyond_a_kilometre_is_refused(tmp_path: Path, suffix: str, text: str) -> None:
+    path = tmp_path / f"points{suffix}"
+    path.write_text(text)
+    with (
+        pytest.raises(LandmarkFileError, match="1e\\+06") as raised,
+        warnings.catch_warnings(),
+    ):
+        warnings.simplefilter("error")  # and no numpy overflow warning on the way
+        read_landmarks(path, names=["a", "b"])
+    assert raised.value.path == path

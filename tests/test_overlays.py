@@ -140,3 +140,18 @@ def test_3d_rows_are_capped_and_the_rest_listed(tmp_path: Path) -> None:
     assert all_rows.shape[0] > 2 * capped.shape[0]
     empty = LandmarkSet(["a"], np.full((1, 3), np.nan))
     assert read_png(overlay_3d(image, empty, tmp_path / "empty.png")).size > 0
+
+
+def test_labels_of_clustered_points_do_not_overlap() -> None:
+    from medlandmark.overlays import _overlap, label_offsets
+
+    points = np.array([[100.0, 100.0], [102.0, 101.0], [99.0, 103.0], [300.0, 300.0]])
+    labels = ["sella 0.93", "nasion 0.88", "orbitale 0.71", "far away"]
+    offsets = label_offsets(points, labels, 8)
+    boxes = []
+    for (x, y), (dx, dy), text in zip(points, offsets, labels, strict=True):
+        boxes.append((x + dx, y + dy, x + dx + 0.6 * 8 * len(text) + 4, y + dy + 1.3 * 8 + 2))
+    for i in range(len(boxes)):
+        for j in range(i + 1, len(boxes)):
+            assert _overlap(boxes[i], boxes[j]) == 0, (labels[i], labels[j])
+    assert offsets[3] == (5.0, 5.0)  # a lone point: up and to the right, as always

@@ -13,6 +13,7 @@ import torch
 from torch import nn
 
 from medlandmark.datasets.synthetic import make_synthetic_volume_dataset
+from medlandmark.errors import MedlandmarkError
 from medlandmark.heatmaps import (
     decode_heads,
     gaussian_heatmaps,
@@ -171,6 +172,13 @@ def test_hyatt_paper_trains_and_predicts_with_the_mean_of_its_heads(
     image = sorted((synthetic / "images").iterdir())[-1]
     prediction = predictor.predict(image)
     assert prediction.landmarks.points_mm.shape == (9, 2)
+    assert np.all((prediction.peak >= 0) & (prediction.peak <= 1))  # confidences
+    network = predictor.stages[0].networks[0]
+    outputs_only = Predictor.from_run(
+        tmp_path / "run", device="cpu", network_factory=lambda record, folder: network.forward
+    )  # what ONNX Runtime gives: outputs, no heads' strides
+    with pytest.raises(MedlandmarkError, match="mean_of_heads needs the PyTorch network"):
+        outputs_only.predict(image)
 
 
 def train_run(dataset: Path, run: Path, options: TrainOptions):
@@ -193,3 +201,12 @@ def test_h3de_paper_trains_on_volumes_with_its_bump_targets(tmp_path_factory) ->
     assert record.status == "finished" and record.settings.target == "radius_bump"
     assert record.settings.optimizer == "adam" and record.settings.adam_betas == (0.9, 0.98)
     assert math.isfinite(record.best.val_mre_mm)
+
+
+def test_the_bump_radius_is_the_papers_share_of_the_patch() -> None:
+    from medlandmark.heatmaps import bump_radius_voxels
+
+    assert bump_radius_voxels((128, 128, 64)) == 20.0  # the paper's patches
+    assert bump_radius_voxels((32, 32, 32)) == 5.0
+    assert bump_radius_voxels((40, 48, 40)) == pytest.approx(7.5)
+    assert bump_radius_voxels((256, 256, 128)) == 20.0

@@ -258,3 +258,41 @@ def test_a_resumed_run_trains_with_the_settings_of_the_resuming_command(
         resume=True,
     )
     assert longer.status == "finished" and longer.step == 6
+
+
+def test_in_a_log_each_epochs_progress_line_comes_before_its_validation(
+    synthetic: Path, tmp_path: Path, capfd
+) -> None:
+    from medlandmark.console import configure
+
+    configure(quiet=False)
+    train(
+        synthetic,
+        tmp_path / "run",
+        TrainOptions(epochs=2, iterations_per_epoch=3, validate_every=1, seed=2),
+    )
+    lines = capfd.readouterr().err.splitlines()
+    for step in (3, 6):
+        progress = next(i for i, line in enumerate(lines) if f": {step}/6 " in line)
+        validation = next(i for i, line in enumerate(lines) if line.startswith(f"step {step}:"))
+        assert progress < validation, "\n".join(lines)
+
+
+def test_validation_reads_the_memory_mapped_cache_without_a_warning(synthetic: Path) -> None:
+    """The cache is memory-mapped read-only; handing it to torch as is warned ("not writable")."""
+    import warnings
+
+    from medlandmark.models import network_for
+    from medlandmark.preprocessing import cache_folder, load_cached_case
+    from medlandmark.training.validation import predict_cached_case
+
+    plan = load_plan(synthetic / "preprocessed")
+    configuration = plan.configuration(None)
+    case = load_cached_case(cache_folder(synthetic / "preprocessed", configuration), "case000")
+    network = network_for("unet", configuration, len(plan.landmarks), 1).eval()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        points, peaks = predict_cached_case(
+            network, case, configuration.patch_size, torch.device("cpu")
+        )
+    assert points.shape == (len(plan.landmarks), 2) and peaks.shape == (len(plan.landmarks),)

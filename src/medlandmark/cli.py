@@ -25,6 +25,11 @@ DEFAULT_ISBI2015 = Path(
 )  # where the project's data lives, next to a clone
 
 
+FORCE_HELP = (
+    "into an existing dataset whose dataset.json has other splits (edited by hand): replace them"
+)
+
+
 def _radii(text: str) -> list[float]:
     try:
         radii = [float(r) for r in text.split(",") if r.strip()]
@@ -35,6 +40,13 @@ def _radii(text: str) -> list[float]:
     if not radii or any(r <= 0 for r in radii):
         raise argparse.ArgumentTypeError("radii must be positive millimetres")
     return radii
+
+
+class _Flattened(argparse.Action):
+    """Store the values of an option whose every word may hold several (``2 3`` or ``2,3``)."""
+
+    def __call__(self, parser, namespace, values, option_string=None) -> None:
+        setattr(namespace, self.dest, [v for value in values for v in value])
 
 
 _COMMON = argparse.ArgumentParser(add_help=False)
@@ -62,6 +74,18 @@ def _positive_int(text: str) -> int:
     if value < 1:
         raise argparse.ArgumentTypeError(f"must be 1 or more, got {text}")
     return value
+
+
+def _fold(text: str) -> int | str:
+    """``all`` or a fold number (whether the plan has that fold is train's to say)."""
+    if text == "all":
+        return text
+    try:
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"expected a fold number (0, 1, ...) or 'all', got {text!r}"
+        ) from None
 
 
 def _setting(text: str) -> tuple[str, object]:
@@ -149,6 +173,7 @@ def _add_isbi2015(kinds) -> None:
     isbi.add_argument("src", type=Path, help="folder with RawImage/ and AnnotationsByMD/")
     isbi.add_argument("out", type=Path, help="dataset folder to create")
     isbi.add_argument("--annotator", choices=["mean", "senior", "junior"], default="mean")
+    isbi.add_argument("--force", action="store_true", help=FORCE_HELP)
     isbi.set_defaults(func=_convert_isbi2015)
 
 
@@ -163,6 +188,7 @@ def _add_hand_xray(kinds) -> None:
     )
     hand.add_argument("src", type=Path, help="folder with images/ and landmarks_px.csv")
     hand.add_argument("out", type=Path, help="dataset folder to create")
+    hand.add_argument("--force", action="store_true", help=FORCE_HELP)
     hand.set_defaults(func=_convert_hand_xray)
 
 
@@ -261,7 +287,9 @@ def _add_plan(sub) -> None:
         help="HYATT-Net and H3DE-Net width multiplier instead of the budget's (1 = the papers'; "
         "the budget's is 1 from 24 GB on, sqrt(GB / 24) in steps of 1/8 below, at least 0.25)",
     )
-    plan.add_argument("--workers", type=int, default=2, help="parallel readers (default 2)")
+    plan.add_argument(
+        "--workers", type=_positive_int, default=2, help="parallel readers (default 2)"
+    )
     plan.set_defaults(func=_plan)
 
 
@@ -278,7 +306,9 @@ def _add_preprocess(sub) -> None:
     preprocess.add_argument(
         "-c", "--configurations", nargs="+", default=None, help="default: all in the plan"
     )
-    preprocess.add_argument("--workers", type=int, default=2, help="parallel processes (default 2)")
+    preprocess.add_argument(
+        "--workers", type=_positive_int, default=2, help="parallel processes (default 2)"
+    )
     preprocess.set_defaults(func=_preprocess)
 
 
@@ -321,7 +351,10 @@ def _add_train(sub) -> None:
         help="network (default: the recipe's, or unet)",
     )
     train.add_argument(
-        "--fold", default="0", help="cross-validation fold (0..4) or 'all' (no validation)"
+        "--fold",
+        type=_fold,
+        default=0,
+        help="cross-validation fold (0..4) or 'all' (no validation)",
     )
     train.add_argument("--epochs", type=int, default=None)
     train.add_argument("--iterations", type=int, default=None, help="iterations per epoch")
@@ -473,7 +506,10 @@ def _add_evaluate(sub) -> None:
         sub,
         "evaluate",
         "Compare predicted landmarks with ground truth, in world mm.",
-        "Evaluates the cases in --pred; writes OUT/metrics.json, OUT/report.md and PNG plots.",
+        "Evaluates the cases in --pred. Writes OUT/metrics.json (every figure), OUT/report.md and\n"
+        "OUT/report.html (the same for a browser, with plots), OUT/radial_errors.csv (one row per\n"
+        "case and landmark) and PNG plots; prints MRE, SDR and how many truly missing landmarks were\n"
+        "found missing and how many present ones were called missing.",
         "medlandmark evaluate --pred runs/isbi/pred --gt data/isbi2015 --out runs/isbi/eval",
     )
     evaluate.add_argument(
@@ -486,7 +522,13 @@ def _add_evaluate(sub) -> None:
         "--out", type=Path, required=True, help="folder for metrics.json, report.md, plots"
     )
     evaluate.add_argument(
-        "--radii", type=_radii, default=list(DEFAULT_RADII_MM), help="SDR radii in mm"
+        "--radii",
+        type=_radii,
+        nargs="+",
+        action=_Flattened,
+        default=list(DEFAULT_RADII_MM),
+        metavar="MM",
+        help="SDR radii in mm, as 2 2.5 3 4 or 2,2.5,3,4 (default: %(default)s)",
     )
     evaluate.set_defaults(func=_evaluate)
 
@@ -522,14 +564,14 @@ def _add_demo(sub) -> None:
 def _convert_isbi2015(args: argparse.Namespace) -> int:
     from medlandmark.datasets.converters import convert_isbi2015
 
-    convert_isbi2015(args.src, args.out, annotator=args.annotator)
+    convert_isbi2015(args.src, args.out, annotator=args.annotator, force=args.force)
     return 0
 
 
 def _convert_hand_xray(args: argparse.Namespace) -> int:
     from medlandmark.datasets.converters import convert_hand_xray
 
-    convert_hand_xray(args.src, args.out)
+    convert_hand_xray(args.src, args.out, force=args.force)
     return 0
 
 
@@ -594,7 +636,7 @@ def _train(args: argparse.Namespace) -> int:
         configuration=args.configuration,
         arch=recipe_arch(args.recipe, args.arch),
         recipe=args.recipe,
-        fold=args.fold if args.fold == "all" else int(args.fold),
+        fold=args.fold,
         epochs=args.epochs,
         iterations_per_epoch=args.iterations,
         batch_size=args.batch_size,

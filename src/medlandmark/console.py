@@ -32,7 +32,8 @@ def configure(quiet: bool = False, verbose: bool = False) -> None:
     """Set how much the package prints (``--quiet`` / ``--verbose``)."""
     _state.update(quiet=quiet, verbose=verbose)
     level = logging.DEBUG if verbose else logging.WARNING if quiet else logging.INFO
-    logging.basicConfig(level=level, format="%(message)s", stream=sys.stderr, force=True)
+    # other libraries' loggers (matplotlib's debug lines) stay at warnings; only ours follows
+    logging.basicConfig(level=logging.WARNING, format="%(message)s", stream=sys.stderr, force=True)
     log.setLevel(level)
 
 
@@ -58,7 +59,7 @@ def progress(items: Iterable[T], total: int | None = None, description: str = ""
     if _state["quiet"]:
         yield from items
         return
-    if console.is_terminal:
+    if console.is_terminal and not _live_display_active():
         columns = (
             TextColumn("{task.description}"),
             BarColumn(),
@@ -74,6 +75,12 @@ def progress(items: Iterable[T], total: int | None = None, description: str = ""
                 bar.advance(task)
         return
     yield from _logged(items, total, description)
+
+
+def _live_display_active() -> bool:
+    """A bar is showing already (training's, around its validation): a second one nests only in
+    recent rich versions, so plain lines are printed above it instead."""
+    return bool(getattr(console, "_live_stack", None) or getattr(console, "_live", None))
 
 
 class RateColumn(ProgressColumn):
@@ -126,8 +133,9 @@ class ProgressBar:
             )
         return self
 
-    def update(self, advance: int = 1, **fields: object) -> None:
-        """Advance and show ``fields`` (numbers are formatted compactly)."""
+    def update(self, advance: int = 1, line: bool = False, **fields: object) -> None:
+        """Advance and show ``fields`` (numbers are formatted compactly); in a log, ``line``
+        prints this step's line now (before what follows it, e.g. a validation)."""
         self.completed += advance
         status = "  ".join(
             f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in fields.items()
@@ -136,7 +144,8 @@ class ProgressBar:
             self._bar.update(self._task, advance=advance, status=status)
         elif not _state["quiet"]:
             now = time.monotonic()
-            if now - self._last_line >= LOG_INTERVAL_S * 5 or self.completed == self.total:
+            due = now - self._last_line >= LOG_INTERVAL_S * 5 or self.completed == self.total
+            if due or line:
                 self._last_line = now
                 console.print(f"{self.description}: {self.completed}/{self.total}  {status}")
 

@@ -46,6 +46,22 @@ def validation_problems(error: ValidationError, top_level: str, limit: int | Non
     """A pydantic validation error as ``where: what`` parts joined by "; " (the first ``limit``
     of them), ``top_level`` naming a problem with the whole object."""
     return "; ".join(
-        f"{'.'.join(str(p) for p in item['loc']) or top_level}: {item['msg']}"
+        f"{'.'.join(str(p) for p in item['loc']) or top_level}: {item['msg']}{_quoted_number(item)}"
         for item in error.errors()[:limit]
     )
+
+
+def _quoted_number(item: dict) -> str:
+    """A hint when a number was written as text (``"2"`` instead of ``2``), which pydantic
+    refuses in a field of fixed values without saying why."""
+    value = item.get("input")
+    if not isinstance(value, str) or item.get("type") not in NUMBER_ERRORS:
+        return ""
+    try:
+        float(value)
+    except ValueError:
+        return ""
+    return f' (got the text "{value}": write the number without quotes)'
+
+
+NUMBER_ERRORS = {"literal_error", "int_type", "float_type", "bool_type"}

@@ -26,7 +26,9 @@ METHODS = ("auto", "gaussian_fit", "quadratic", "centroid", "argmax")
 AUTO_METHOD = "gaussian_fit"
 DEFAULT_PRESENCE_THRESHOLD = 0.25  # targets peak at 1; a blank channel's peak is its noise
 DEFAULT_WINDOW = 6  # voxels either side of the peak: the half-maximum ball of sigma <= 5
-RADIUS_BUMP_VOXELS = 20.0  # H3DE-Net's target radius R, in full-resolution input voxels
+TARGET_LEVELS = {"gaussian": (0.0, 1.0), "radius_bump": (-1.0, 2.0)}  # (empty, peak) values
+RADIUS_BUMP_VOXELS = 20.0  # H3DE-Net's target radius R, in input voxels of ...
+RADIUS_BUMP_PATCH = 128  # ... its 128 x 128 x 64 patches: smaller patches get a smaller R
 NO_MISSING_FRACTION = 0.5  # calibration without missing examples: half the lowest present peak
 HALF_MAXIMUM = 0.5  # centroid and spread: the voxels above half the peak
 FIT_LEVEL = 0.2  # gaussian_fit: the voxels above this fraction of the peak ...
@@ -81,6 +83,12 @@ def gaussian_heatmaps(
         factor = factor.to(dtype).view(view)
         heatmaps = factor if heatmaps is None else heatmaps * factor
     return heatmaps.contiguous(), present
+
+
+def bump_radius_voxels(patch_size: Sequence[int]) -> float:
+    """H3DE-Net's R for a patch: 20 voxels on its 128-voxel patches, scaled down with a smaller
+    patch's largest side so that the ball covers the same share of it (5 voxels on 32^3)."""
+    return RADIUS_BUMP_VOXELS * min(1.0, max(int(p) for p in patch_size) / RADIUS_BUMP_PATCH)
 
 
 def radius_bump_heatmaps(
@@ -227,6 +235,13 @@ def decode_heads(heads: Tensor, strides: Sequence[Sequence[int]]) -> DecodedLand
     ]
     points = torch.stack([d.points for d in decoded]).mean(dim=0)
     return replace(decoded[0], points=points)
+
+
+def confidence_of(peaks: Tensor | np.ndarray, target: str = "gaussian") -> np.ndarray:
+    """Heatmap peaks as confidences in [0, 1]: 0 at the empty level of the training targets
+    (:data:`TARGET_LEVELS`), 1 at their peak; beyond either, clipped."""
+    empty, top = TARGET_LEVELS[target]
+    return np.clip((_numpy(peaks).astype(np.float64) - empty) / (top - empty), 0.0, 1.0)
 
 
 def calibrate_presence_threshold(

@@ -10,6 +10,7 @@ and anterior are up when the image direction allows.
 from __future__ import annotations
 
 import io
+import math
 from pathlib import Path
 
 import numpy as np
@@ -34,6 +35,9 @@ HEADER_LINE_IN = 0.2
 WINDOW_PERCENTILES = (0.5, 99.5)
 # panel title for a slice normal to world x, y, z (LPS)
 PLANE_NAMES = ("sagittal", "coronal", "axial")
+LABEL_FONT_SIZE_2D = 8
+LABEL_DISTANCES = (5.0, 12.0, 22.0)  # points from the landmark to its label, tried in turn
+LABEL_DIRECTIONS = ((1, 1), (1, -1), (-1, 1), (-1, -1), (1, 0), (-1, 0), (0, 1), (0, -1))
 
 
 def overlay_2d(
@@ -127,11 +131,14 @@ def figure_2d(
     axes.set_axis_off()
     predicted = world_to_index(landmarks.points_mm, geometry)
     true = None if truth is None else world_to_index(truth.points_mm, geometry)
-    for k, name in enumerate(landmarks.names):
-        if not landmarks.present[k]:
-            continue
+    shown = [k for k in range(len(landmarks.names)) if landmarks.present[k]]
+    labels = [_label(landmarks, k) for k in shown]
+    at_points = axes.transData.transform(predicted[shown][:, ::-1]) * 72.0 / DPI
+    offsets = label_offsets(at_points, labels, LABEL_FONT_SIZE_2D)
+    for k, label, offset in zip(shown, labels, offsets, strict=True):
+        name = landmarks.names[k]
         row, col = predicted[k]
-        _mark_prediction(axes, col, row, _label(landmarks, k), fontsize=8)
+        _mark_prediction(axes, col, row, label, fontsize=LABEL_FONT_SIZE_2D, offset=offset)
         t = _truth_row(truth, name)
         if t is not None:
             axes.plot([col, true[t][1]], [row, true[t][0]], color=LINK_COLOUR, linewidth=0.8)
@@ -289,7 +296,47 @@ def _plane_name(geometry: Geometry, normal: int) -> str:
     return f"{PLANE_NAMES[world]} slice"
 
 
-def _mark_prediction(axes, x: float, y: float, label: str | None, fontsize: int = 7) -> None:
+def label_offsets(
+    points: np.ndarray, labels: list[str], fontsize: float
+) -> list[tuple[float, float]]:
+    """An offset (points) for each label next to its point ``(x, y)`` in points, up = +y: the
+    first of eight directions, at growing distances, whose box (estimated from the text's
+    length) overlaps no label placed before it nor any point; the least crowded otherwise."""
+    width = [0.6 * fontsize * max(1, len(t)) + 4 for t in labels]
+    height = 1.3 * fontsize + 2
+    placed: list[tuple[float, float, float, float]] = []
+    dots = [(x - 3, y - 3, x + 3, y + 3) for x, y in np.asarray(points, dtype=float)]
+    chosen = []
+    for (x, y), w in zip(np.asarray(points, dtype=float), width, strict=True):
+        best, best_overlap = (5.0, 4.0), math.inf
+        for distance in LABEL_DISTANCES:
+            for dx, dy in LABEL_DIRECTIONS:
+                left = x + dx * distance - (w if dx < 0 else 0 if dx > 0 else w / 2)
+                bottom = y + dy * distance - (height if dy < 0 else 0 if dy > 0 else height / 2)
+                box = (left, bottom, left + w, bottom + height)
+                overlap = sum(_overlap(box, other) for other in (*placed, *dots))
+                if overlap < best_overlap:
+                    best, best_overlap = (left - x, bottom - y), overlap
+            if best_overlap == 0:
+                break
+        chosen.append(best)
+        placed.append((x + best[0], y + best[1], x + best[0] + w, y + best[1] + height))
+    return chosen
+
+
+def _overlap(a: tuple[float, ...], b: tuple[float, ...]) -> float:
+    """Area shared by two boxes (left, bottom, right, top)."""
+    return max(0.0, min(a[2], b[2]) - max(a[0], b[0])) * max(0.0, min(a[3], b[3]) - max(a[1], b[1]))
+
+
+def _mark_prediction(
+    axes,
+    x: float,
+    y: float,
+    label: str | None,
+    fontsize: int = 7,
+    offset: tuple[float, float] = (5.0, 4.0),
+) -> None:
     axes.scatter(
         [x], [y], s=36, marker="o", facecolors="none", edgecolors=PREDICTION_COLOUR, linewidths=1.5
     )
@@ -298,8 +345,10 @@ def _mark_prediction(axes, x: float, y: float, label: str | None, fontsize: int 
         axes.annotate(
             label,
             (x, y),
-            xytext=(5, 4),
+            xytext=offset,
             textcoords="offset points",
+            va="bottom",
+            ha="left",
             color=TEXT_COLOUR,
             fontsize=fontsize,
             bbox={"boxstyle": "round,pad=0.15", "fc": "black", "alpha": 0.5, "lw": 0},

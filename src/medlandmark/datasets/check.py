@@ -189,8 +189,8 @@ def _checked_cases(cases: list[Case], spec: DatasetSpec) -> Iterable[list[Proble
     try:
         results = pool.map(lambda case: case_problems(case, spec), cases)
         yield from console_module.progress(results, total=len(cases), description="checking cases")
-    finally:
-        pool.shutdown(wait=True, cancel_futures=True)  # Ctrl-C does not wait for every case
+    finally:  # Ctrl-C waits for no case that has not started, nor for the running ones here
+        pool.shutdown(wait=False, cancel_futures=True)
 
 
 def case_problems(case: Case, spec: DatasetSpec) -> list[Problem]:

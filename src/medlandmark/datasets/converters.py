@@ -116,6 +116,7 @@ AFIDS_SYMMETRIC_PAIRS = [
     ("ROSF", "LOSF"),
 ]
 
+HAND_TEST_EVERY = 4  # hand X-rays: every fourth case (in id order) is held out for testing
 # Entries a dataset folder may hold before its dataset.json is written (an unfinished conversion).
 DATASET_ENTRIES = {"images", "landmarks", DATASET_FILE, "splits.json"}
 
@@ -133,8 +134,9 @@ class _ConvertedCase:
 # --- ISBI 2015 ---------------------------------------------------------------------------------
 
 
-def convert_isbi2015(src: Path, out: Path, annotator: str = "mean") -> Path:
-    """ISBI 2015 cephalograms (official layout) -> dataset with splits train/test1[/test2]."""
+def convert_isbi2015(src: Path, out: Path, annotator: str = "mean", force: bool = False) -> Path:
+    """ISBI 2015 cephalograms (official layout) -> dataset with splits train/test1[/test2];
+    ``force`` replaces the splits of an existing dataset.json that differ."""
     src, out = Path(src), Path(out)
     if annotator not in ISBI_GROUND_TRUTH:
         raise DatasetError(f"unknown annotator '{annotator}' (use mean, senior or junior)")
@@ -164,7 +166,9 @@ def convert_isbi2015(src: Path, out: Path, annotator: str = "mean") -> Path:
         ),
         license="Research use, as granted by the ISBI 2015 challenge organisers.",
     )
-    _write_dataset(out, cases, spec, landmark_suffix=".csv", what=f"ISBI 2015 ({annotator})")
+    _write_dataset(
+        out, cases, spec, landmark_suffix=".csv", what=f"ISBI 2015 ({annotator})", force=force
+    )
     return out
 
 
@@ -239,8 +243,9 @@ def _isbi_case(image: Path, annotation_dirs: Sequence[Path]) -> _ConvertedCase:
 # --- Digital Hand Atlas --------------------------------------------------------------------------
 
 
-def convert_hand_xray(src: Path, out: Path) -> Path:
-    """Hand radiographs (``images/*.mha`` + ``landmarks_px.csv`` in pixels) -> dataset."""
+def convert_hand_xray(src: Path, out: Path, force: bool = False) -> Path:
+    """Hand radiographs (``images/*.mha`` + ``landmarks_px.csv`` in pixels) -> dataset with
+    splits train and test (every fourth case by id); ``force`` as for ISBI 2015."""
     src, out = Path(src), Path(out)
     images = _hand_images(src)
     table_path = src / "landmarks_px.csv"
@@ -260,6 +265,7 @@ def convert_hand_xray(src: Path, out: Path) -> Path:
         spatial_dims=2,
         landmarks=HAND_LANDMARKS,
         modalities=["xray"],
+        splits=hand_xray_splits(sorted(images)),
         description=(
             "Hand radiographs of the Digital Hand Atlas with 37 landmarks (finger tips and joints, "
             "wrist); pixel spacing from each image header."
@@ -272,8 +278,17 @@ def convert_hand_xray(src: Path, out: Path) -> Path:
         ),
         license="Research use, as granted by the Digital Hand Atlas and the landmark authors.",
     )
-    _write_dataset(out, cases, spec, landmark_suffix=".csv", what="hand X-ray")
+    _write_dataset(out, cases, spec, landmark_suffix=".csv", what="hand X-ray", force=force)
     return out
+
+
+def hand_xray_splits(case_ids: Sequence[str]) -> dict[str, list[str]]:
+    """A fixed held-out test split: every fourth case in id order (a quarter, spread over the
+    atlas's ages and sexes, which its ids group), the rest for training."""
+    ordered = sorted(case_ids)
+    test = [c for i, c in enumerate(ordered) if i % HAND_TEST_EVERY == HAND_TEST_EVERY - 1]
+    train = [c for c in ordered if c not in set(test)]
+    return {"train": train, "test": test} if test else {"train": train}
 
 
 def _hand_images(src: Path) -> dict[str, Path]:
@@ -451,10 +466,17 @@ def _refuse_foreign_folder(out: Path) -> None:
 
 
 def _write_dataset(
-    out: Path, cases: Sequence[_ConvertedCase], spec: DatasetSpec, landmark_suffix: str, what: str
+    out: Path,
+    cases: Sequence[_ConvertedCase],
+    spec: DatasetSpec,
+    landmark_suffix: str,
+    what: str,
+    force: bool = False,
 ) -> None:
     """Images and landmark files first, ``dataset.json`` last (an old one goes first, so that a
-    conversion stopped half-way shows)."""
+    conversion stopped half-way shows). An existing dataset.json whose splits differ from the
+    conversion's (edited by hand) is kept unless ``force``."""
+    _refuse_to_replace_edited_splits(out, spec, force)
     (out / DATASET_FILE).unlink(missing_ok=True)
     for case in console.progress(cases, description=f"writing {out}"):
         _place_file(
@@ -473,6 +495,34 @@ def _write_dataset(
         console.warn(str(problem))
     write_spec(out, spec)
     console.info(f"wrote {len(cases)} {what} cases to {out}")
+
+
+def _refuse_to_replace_edited_splits(out: Path, spec: DatasetSpec, force: bool) -> None:
+    """A DatasetError, before anything is written, when ``out``'s dataset.json has splits other
+    than ``spec``'s and ``force`` is off; with ``force``, a warning saying what is replaced."""
+    if not (out / DATASET_FILE).is_file():
+        return
+    previous = load_spec(out).splits
+    if previous == spec.splits:
+        return
+    old, new = _splits_text(previous), _splits_text(spec.splits)
+    if force:
+        console.warn(
+            f"{out / DATASET_FILE}: its splits ({old}) are replaced by the conversion's ({new})"
+        )
+        return
+    raise DatasetError(
+        f"already holds this dataset with other splits ({old}) than the conversion writes "
+        f"({new}); converting again would replace them: pass --force to do that, or convert into "
+        "a new folder",
+        out / DATASET_FILE,
+    )
+
+
+def _splits_text(splits: dict[str, list[str]] | None) -> str:
+    if not splits:
+        return "none"
+    return ", ".join(f"{name} {len(ids)} cases" for name, ids in splits.items())
 
 
 def _place_file(src: Path, dst: Path) -> None:

@@ -296,12 +296,18 @@ def _is_landmark_entry(path: Path) -> bool:
     return path.is_file() and full_suffix(path) in FORMAT_BY_SUFFIX
 
 
+BROKEN_LINK = "is a symbolic link that leads nowhere (a broken link, or a loop)"
+
+
 def _entries_by_case(folder: Path, accept, problems: list[Problem]) -> dict[str, Path]:
     found: dict[str, Path] = {}
     if not folder.is_dir():
         return found
     for entry in sorted(folder.iterdir()):
         if entry.name.startswith(".") or full_suffix(entry) == ".raw":
+            continue
+        if entry.is_symlink() and not entry.exists():
+            problems.append(Problem(entry, BROKEN_LINK))
             continue
         if not accept(entry):
             problems.append(Problem(entry, "unsupported file type, ignored", "warning"))

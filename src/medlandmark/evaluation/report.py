@@ -206,9 +206,8 @@ def print_summary(metrics: dict, out_dir: Path) -> None:
     for radius, percent in metrics["sdr"].items():
         table.add_row(f"SDR {radius} mm", format_percent(percent))
     missing = metrics["missing"]
-    table.add_row(
-        "missing tp/fp/fn/tn", f"{missing['tp']}/{missing['fp']}/{missing['fn']}/{missing['tn']}"
-    )
+    table.add_row("missing, found missing", f"{missing['tp']} of {missing['tp'] + missing['fn']}")
+    table.add_row("present, called missing", f"{missing['fp']} of {missing['fp'] + missing['tn']}")
     console.print(table)
     console.print(f"report: {escape(str(Path(out_dir) / REPORT_FILE))}", soft_wrap=True)
     html = metrics.get("files", {}).get("html_report")

@@ -21,6 +21,7 @@ from medlandmark.errors import MedlandmarkError
 from medlandmark.heatmaps import (
     DEFAULT_PRESENCE_THRESHOLD,
     DecodedLandmarks,
+    confidence_of,
     decode_heads,
     decode_heatmaps,
 )
@@ -49,7 +50,8 @@ NetworkFactory = Callable[[RunRecord, Path], Network]
 @dataclass
 class Prediction:
     """Landmarks of one image: world mm (NaN where predicted missing; the position found is
-    kept in ``landmarks.recorded_mm``), the heatmap peak as confidence, and the spread."""
+    kept in ``landmarks.recorded_mm``), the confidence (``peak``: the heatmap's peak on the scale
+    of the training targets, 0 = empty, 1 = a target's peak, clipped to 0-1) and the spread."""
 
     landmarks: LandmarkSet
     peak: np.ndarray
@@ -72,6 +74,7 @@ class Stage:
     spacing_mm: list[float] | None
     shape_model: ShapeModel | None = None
     prediction: str = "full_resolution"  # the runs' rule: which outputs give the points
+    target: str = "gaussian"  # the runs' training targets: what a peak means as a confidence
 
     def heatmaps(
         self,
@@ -236,7 +239,7 @@ class Predictor:
         heatmaps = heads[0]
         decoded = first.decode(heads)
         points = index_to_world(decoded.points[0].double().cpu().numpy(), geometry)
-        peak = decoded.peak[0].float().cpu().numpy()
+        peak = confidence_of(decoded.peak[0].float().cpu(), first.target)
         spread_mm = spread_in_mm(decoded.spread_per_axis[0], geometry)
         present = peak >= first.presence_threshold
         if len(self.stages) > 1:
@@ -279,10 +282,12 @@ class Predictor:
             points_mm[outliers], spread_mm[outliers] = again[outliers], again_spread[outliers]
             return
         radius_mm = guided_radius_mm(shape_model, geometry)
+        target = self.stages[0].target
         for k in outliers:
-            points_mm[k], peak[k], spread_mm[k] = decode_near(
+            points_mm[k], found, spread_mm[k] = decode_near(
                 heatmaps[k], geometry, expected_mm[k], radius_mm
             )
+            peak[k] = confidence_of(np.float64(found), target)
 
     def _refine(
         self,
@@ -442,6 +447,7 @@ def _stage(
         threshold = record.presence_threshold
         thresholds.append(DEFAULT_PRESENCE_THRESHOLD if threshold is None else threshold)
     _, record = runs[0]
+    settings = record.settings
     pairs = symmetric_pair_indices(record.landmarks, record.symmetric_pairs)
     shape = record.shape_model
     return Stage(
@@ -452,5 +458,6 @@ def _stage(
         pairs=pairs,
         spacing_mm=record.spacing_mm,
         shape_model=None if shape is None else ShapeModel.from_dict(shape.model_dump()),
-        prediction="full_resolution" if record.settings is None else record.settings.prediction,
+        prediction="full_resolution" if settings is None else settings.prediction,
+        target="gaussian" if settings is None else settings.target,
     )

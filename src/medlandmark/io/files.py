@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import errno
 import glob
 import os
 import shutil
@@ -11,6 +12,15 @@ from collections.abc import Iterator
 from pathlib import Path
 
 COMPOUND_SUFFIXES = (".nii.gz", ".mrk.json", ".seg.nrrd")
+
+
+def _umask() -> int:
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+FILE_MODE = 0o666 & ~_umask()  # what open() would give a new file: colleagues may read outputs
 
 
 def full_suffix(path: str | Path) -> str:
@@ -36,18 +46,46 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
     On any error the temporary file is removed and ``path`` is untouched.
     """
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp_name = tempfile.mkstemp(
-        prefix=f".{stem(path)}.partial-", suffix=full_suffix(path), dir=path.parent
-    )
+    make_parent_folder(path)
+    with _errors_naming(path):
+        fd, tmp_name = tempfile.mkstemp(
+            prefix=f".{stem(path)}.partial-", suffix=full_suffix(path), dir=path.parent
+        )
     os.close(fd)
     tmp = Path(tmp_name)
     try:
         yield tmp
-        os.replace(tmp, path)
+        if tmp.exists():
+            os.chmod(tmp, FILE_MODE)  # mkstemp makes it private (0600)
+        with _errors_naming(path):
+            os.replace(tmp, path)
     finally:
         if tmp.exists():
             tmp.unlink()
+
+
+def make_parent_folder(path: str | Path) -> None:
+    """Create ``path``'s folder (and its parents); an OSError naming the first of them that
+    exists as a file, or the folder that cannot be made, never a temporary name."""
+    parent = Path(path).parent
+    for folder in (parent, *parent.parents):
+        if folder.exists() and not folder.is_dir():
+            raise NotADirectoryError(errno.ENOTDIR, "is a file, not a folder", str(folder))
+        if folder.is_dir():
+            break
+    with _errors_naming(parent):
+        parent.mkdir(parents=True, exist_ok=True)
+
+
+@contextlib.contextmanager
+def _errors_naming(path: Path):
+    """An OSError of the block (a temporary file refused in a read-only folder...) re-raised
+    naming ``path`` and saying it cannot be written there."""
+    try:
+        yield
+    except OSError as error:
+        reason = f"cannot write here ({error.strerror or error})"
+        raise type(error)(error.errno, reason, str(path)) from None
 
 
 def remove_partials(path: str | Path) -> int:
@@ -74,8 +112,9 @@ def atomic_directory_write(path: str | Path) -> Iterator[Path]:
     final names in a temporary folder beside ``path`` and moved in, the header last.
     """
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp_dir = Path(tempfile.mkdtemp(prefix=f".{stem(path)}.partial-", dir=path.parent))
+    make_parent_folder(path)
+    with _errors_naming(path):
+        tmp_dir = Path(tempfile.mkdtemp(prefix=f".{stem(path)}.partial-", dir=path.parent))
     try:
         yield tmp_dir / path.name
         written = sorted(tmp_dir.iterdir(), key=lambda p: p.name == path.name)

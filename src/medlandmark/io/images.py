@@ -18,9 +18,12 @@ from pathlib import Path
 import numpy as np
 import SimpleITK as sitk
 
+from medlandmark.console import warn
 from medlandmark.errors import ImageError
 from medlandmark.io.files import atomic_directory_write, atomic_path, full_suffix
-from medlandmark.io.geometry import Geometry
+from medlandmark.io.geometry import Geometry, index_to_world
+from medlandmark.io.nifti import read_nifti_transforms, transforms_disagreement_mm
+from medlandmark.io.signatures import refuse_wrong_signature
 
 # Formats whose files carry no trustworthy physical spacing: it comes from dataset.json or the CLI.
 FORMATS_WITHOUT_SPACING = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
@@ -34,6 +37,9 @@ IMAGE_SUFFIXES = (
     *FORMATS_WITHOUT_SPACING,
 )
 MAX_VOXELS = int(os.environ.get("MEDLANDMARK_MAX_VOXELS", 1_500_000_000))
+MIN_SIZE = 2  # voxels along every axis: a single row or column holds no landmark's neighbourhood
+TRANSFORMS_APART_MM = 0.1  # a NIfTI's qform and sform further apart than this: warned
+_warned_transforms: set[Path] = set()
 
 sitk.ProcessObject.SetGlobalWarningDisplay(False)
 
@@ -82,12 +88,17 @@ def read_image_info(
             path, _read_dicom_series(path), spacing_xy_mm, allow_missing_spacing
         )
     reader = _file_reader(path)
+    if full_suffix(path) in FORMATS_WITHOUT_SPACING:
+        check_image_complete(path)  # before ITK, whose PNG reader prints libpng's complaints
+    if full_suffix(path) in (".mha", ".mhd"):
+        _refuse_incomplete_metaimage_header(path)  # ITK's MetaImage reader prints to stderr
     try:
         reader.ReadImageInformation()
     except RuntimeError as error:
         raise ImageError(f"not a readable image ({_itk_reason(error)})", path) from None
     size = reader.GetSize()
     _refuse_too_large(path, size, reader.GetNumberOfComponents())
+    _refuse_too_small(path, size)
     _refuse_bad_nifti_spacing(path)
     geometry, from_file = _geometry(
         path,
@@ -98,9 +109,52 @@ def read_image_info(
         spacing_xy_mm,
         allow_missing_spacing,
     )
+    _warn_if_nifti_transforms_disagree(path, geometry)
     channels = _channels_after_conversion(reader.GetNumberOfComponents())
     pixel_type = sitk.GetPixelIDValueAsString(reader.GetPixelID())
     return ImageInfo(geometry, channels, pixel_type, from_file)
+
+
+def _refuse_too_small(path: Path, size: Sequence[int]) -> None:
+    """An image with fewer than MIN_SIZE voxels along an axis (a single slice of a 3D file is a
+    2D image, not a thin volume)."""
+    axes = [int(n) for n in size]
+    if len(axes) == 3 and axes[2] == 1:
+        axes = axes[:2]
+    if len(axes) in (2, 3) and min(axes) < MIN_SIZE:
+        raise ImageError(
+            f"image is {' x '.join(str(n) for n in axes)} voxels: too small to hold landmarks "
+            f"(at least {MIN_SIZE} along every axis)",
+            path,
+        )
+
+
+def _warn_if_nifti_transforms_disagree(path: Path, geometry: Geometry) -> None:
+    """Warn (once per file) when a NIfTI's qform and sform place it differently, saying which
+    one ITK used: a reader that takes the other sees the landmarks elsewhere."""
+    if full_suffix(path) not in (".nii", ".nii.gz") or path in _warned_transforms:
+        return
+    transforms = read_nifti_transforms(path)
+    if transforms is None:
+        return
+    apart = transforms_disagreement_mm(transforms)
+    if apart <= TRANSFORMS_APART_MM:
+        return
+    _warned_transforms.add(path)
+    last = np.zeros(3)  # the far corner voxel, in ITK (x, y, z) order
+    last[: geometry.ndim] = np.asarray(geometry.shape[::-1], dtype=np.float64) - 1
+    corner = np.array([*last, 1.0])
+    world = index_to_world(last[: geometry.ndim][::-1], geometry)
+    distances = {
+        name: float(np.linalg.norm((matrix @ corner)[: len(world)] - world))
+        for name, matrix in (("qform", transforms.qform), ("sform", transforms.sform))
+    }
+    used = min(distances, key=distances.get)
+    warn(
+        f"{path}: its NIfTI qform and sform disagree (they place the image up to {apart:.1f} mm "
+        f"apart); the {used} was used, as ITK chooses. If landmarks do not line up with this "
+        "image, fix its header (set the wrong transform's code to 0)"
+    )
 
 
 def read_image(
@@ -173,10 +227,13 @@ def write_image(path: str | Path, array: np.ndarray, geometry: Geometry) -> None
 
 
 def _file_reader(path: Path) -> sitk.ImageFileReader:
+    if path.is_symlink() and not path.exists():
+        raise ImageError("is a symbolic link that leads nowhere (a broken link, or a loop)", path)
     if not path.exists():
         raise ImageError("image file does not exist", path)
     if path.stat().st_size == 0:
         raise ImageError("image file is empty (0 bytes)", path)
+    refuse_wrong_signature(path)
     reader = sitk.ImageFileReader()
     reader.SetFileName(str(path))
     return reader
@@ -412,6 +469,7 @@ def _check_metaimage_data(path: Path) -> None:
             header_bytes = offset
             break
     data_file = fields.get("ElementDataFile", "")
+    _refuse_data_file_outside(path, data_file)
     if header_bytes is None or fields.get("CompressedData", "False").lower() == "true":
         return
     if fields.get("BinaryData", "True").lower() == "false":  # voxels written as text
@@ -437,6 +495,43 @@ def _check_metaimage_data(path: Path) -> None:
         raise ImageError(
             f"{where} is truncated ({actual:,} bytes of voxel data, its header declares "
             f"{expected:,})",
+            path,
+        )
+
+
+METAIMAGE_REQUIRED = ("NDims", "DimSize", "ElementType", "ElementDataFile")
+
+
+def _refuse_incomplete_metaimage_header(path: Path) -> None:
+    """A MetaImage header must name its dimensions, type and data (the last line); a file cut
+    inside its header is refused here, before ITK prints its own complaint."""
+    with path.open("rb") as handle:
+        head = handle.read(1 << 16)
+    keys = set()
+    for line in head.splitlines():
+        key = line.decode("latin-1").partition("=")[0].strip()
+        keys.add(key)
+        if key == "ElementDataFile":
+            break
+    absent = [key for key in METAIMAGE_REQUIRED if key not in keys]
+    if absent:
+        raise ImageError(
+            f"MetaImage header is incomplete (no {', '.join(absent)} line): the file may be cut "
+            "inside its header",
+            path,
+        )
+
+
+def _refuse_data_file_outside(path: Path, data_file: str) -> None:
+    """A MetaImage header may name any file as its voxel data; one outside the header's folder
+    (an absolute path, or one that climbs out with "..") is refused, not read."""
+    if data_file.upper() in ("LOCAL", "LIST", "") or "%" in data_file:
+        return
+    normal = os.path.normpath(data_file)
+    if os.path.isabs(data_file) or normal == ".." or normal.startswith(".." + os.sep):
+        raise ImageError(
+            f"its voxel data file '{data_file}' lies outside the image's folder; a MetaImage "
+            "header must name a data file beside it",
             path,
         )
 

@@ -57,6 +57,9 @@ class RawLandmarks:
     confidence: np.ndarray | None = None
 
 
+MAX_COORDINATE = 1e6  # mm (or voxels): larger is no position in any image, and overflows later
+
+
 def _number(text: str, path: Path, where: str) -> float:
     text = text.strip()
     if text == "" or text.lower() in ("nan", "none", "null"):
@@ -67,6 +70,12 @@ def _number(text: str, path: Path, where: str) -> float:
         raise LandmarkFileError(f"{where}: '{text[:40]}' is not a number", path) from None
     if math.isinf(value):
         raise LandmarkFileError(f"{where}: coordinate is infinite", path)
+    if abs(value) > MAX_COORDINATE:
+        raise LandmarkFileError(
+            f"{where}: coordinate {value:g} is beyond {MAX_COORDINATE:g} (a kilometre in mm): not "
+            "a position in an image",
+            path,
+        )
     return value
 
 
@@ -189,7 +198,11 @@ def parse_json(text: str, path: Path) -> RawLandmarks:
         if position is not None and (
             not isinstance(position, list) or not all(_is_number(v) for v in position)
         ):
-            raise LandmarkFileError(f"landmark {number}: position must be a list of numbers", path)
+            raise LandmarkFileError(
+                f"landmark {number}: position must be a list of numbers of at most "
+                f"{MAX_COORDINATE:g} in size",
+                path,
+            )
         if not isinstance(present, bool):
             raise LandmarkFileError(f"landmark {number}: 'present' must be true or false", path)
         if present and position is None:
@@ -469,7 +482,7 @@ def _is_number(value: object) -> bool:
     if not isinstance(value, (int, float)) or isinstance(value, bool):
         return False
     try:
-        return math.isfinite(value)
+        return math.isfinite(value) and abs(value) <= MAX_COORDINATE
     except OverflowError:  # an integer beyond the float range
         return False
 

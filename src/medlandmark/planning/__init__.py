@@ -60,6 +60,7 @@ def plan_dataset(
             "(are the landmark files empty, or every point marked missing?)",
             Path(dataset_root) / "landmarks",
         )
+    info("planning spacings, patches, batches and network sizes...")
     try:
         plan = make_plan(
             fingerprint, gpu_memory_gb, base_features, spacing_override_mm, width_multiplier

@@ -158,9 +158,12 @@ def compute_fingerprint(
     if case_ids is None:
         splits = dataset.splits()
         case_ids = splits.get("train", dataset.case_ids)
-    with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
+    pool = ThreadPoolExecutor(max_workers=max(1, workers))
+    try:
         futures = [pool.submit(_case_fingerprint, dataset, c, i) for i, c in enumerate(case_ids)]
         cases = [f.result() for f in progress(futures, description="fingerprint")]
+    finally:  # Ctrl-C (or an error) cancels the cases not started instead of reading them all
+        pool.shutdown(wait=False, cancel_futures=True)
     spec = dataset.spec
     intensity = [
         _intensity_statistics(np.concatenate([c.intensity_samples[i] for c in cases]))

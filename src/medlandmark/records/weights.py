@@ -62,10 +62,10 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
     try:
         state = torch.load(path, map_location=map_location, weights_only=True)
     except pickle.UnpicklingError as error:
-        reason = str(error).splitlines()[0]
         raise CheckpointError(
             f"refused to load: the file holds objects other than tensors and plain data, and "
-            f"loading it could run code ({reason[:200]})",
+            f"loading it could run code{_unsupported_global(str(error))}; a medlandmark "
+            "checkpoint never does: delete it and train again, or resume from a copy you trust",
             path,
         ) from None
     except (RuntimeError, EOFError, OSError) as error:
@@ -95,13 +95,50 @@ def load_weights(path: str | Path, model: nn.Module) -> nn.Module:
         raise CheckpointError(
             f"not a readable safetensors file ({str(error)[:200]})", path
         ) from None
-    try:
-        unwrap(model).load_state_dict(tensors, strict=True)
-    except RuntimeError as error:
+    mismatch = weights_mismatch(unwrap(model).state_dict(), tensors)
+    if mismatch:
         raise CheckpointError(
-            f"weights do not fit the network ({str(error).splitlines()[0]})", path
-        ) from None
+            f"weights do not fit the {type(unwrap(model)).__name__} that run.json describes "
+            f"({mismatch}); were they trained with another plan or architecture?",
+            path,
+        )
+    unwrap(model).load_state_dict(tensors, strict=True)
     return model
+
+
+def weights_mismatch(expected: dict, found: dict) -> str:
+    """What differs between a network's tensors and a file's (missing, unexpected, other
+    shapes; an example of each), or "" when they fit."""
+    missing = [k for k in expected if k not in found]
+    unexpected = [k for k in found if k not in expected]
+    reshaped = [
+        k for k in expected if k in found and tuple(expected[k].shape) != tuple(found[k].shape)
+    ]
+    parts = []
+    if missing:
+        parts.append(f"{len(missing)} tensors missing, e.g. {missing[0]}")
+    if unexpected:
+        parts.append(f"{len(unexpected)} unexpected, e.g. {unexpected[0]}")
+    if reshaped:
+        k = reshaped[0]
+        shapes = [" x ".join(str(n) for n in t[k].shape) for t in (found, expected)]
+        parts.append(
+            f"{len(reshaped)} of other shapes, e.g. {k}: {shapes[0]} in the file, {shapes[1]} "
+            "in the network"
+        )
+    return "; ".join(parts)
+
+
+def _unsupported_global(text: str) -> str:
+    """What torch's restricted unpickler stopped at ("Unsupported global: ...", "Unsupported
+    operand ..."), without torch's advice to load the file anyway."""
+    lines = [line.strip() for line in text.splitlines()]
+    for index, line in enumerate(lines):
+        if "WeightsUnpickler error:" in line:
+            rest = [line.split("WeightsUnpickler error:", 1)[1].strip(), *lines[index + 1 :]]
+            reason = next((r for r in rest if r), "")
+            return f" (the loader stopped at: {reason[:160]})" if reason else ""
+    return ""
 
 
 def unwrap(model: nn.Module) -> nn.Module:

@@ -28,8 +28,9 @@ from medlandmark.console import ProgressBar, info, warn
 from medlandmark.datasets.dataset import Dataset
 from medlandmark.device import device_memory_gb, select_device
 from medlandmark.heatmaps import (
-    RADIUS_BUMP_VOXELS,
+    bump_radius_voxels,
     calibrate_presence_threshold,
+    confidence_of,
     deep_supervision_targets,
     points_at_stride,
     radius_bump_heatmaps,
@@ -164,6 +165,11 @@ def _start(dataset_root: Path, run_dir: Path, options: TrainOptions, resume: boo
     except KeyError as error:
         raise TrainingError(error.args[0], preprocessed / PLANS_FILE) from None
     options = replace(options, configuration=configuration.name)
+    if options.coarse_run is not None and configuration.stage != "fine":
+        raise TrainingError(
+            f"--coarse-run is for a cascade's fine stage; {configuration.name} is a "
+            f"{configuration.stage} stage"
+        )
     settings = run_settings(plan, options)
     augment = augment_config(options.augment)  # refused before anything is written
     amp_dtype = _amp_dtype(options.amp, device)
@@ -270,10 +276,12 @@ def _take_step(run: _Run, bar: ProgressBar) -> None:
     run.epoch.losses.append(loss)
     samples = len(run.epoch.losses) * run.per_rank_batch * run.context.world_size
     rate = samples / (time.perf_counter() - run.epoch.started)
-    bar.update(1, loss=loss, lr=state.scheduler.get_last_lr()[0], samples_per_s=rate)
     state.clock.seconds += time.perf_counter() - started
     boundary = state.step % run.settings.iterations_per_epoch == 0
-    if boundary or state.step == run.last_step or state.clock.out_of_time:
+    epoch_ends = boundary or state.step == run.last_step or state.clock.out_of_time
+    lr = state.scheduler.get_last_lr()[0]
+    bar.update(1, line=epoch_ends, loss=loss, lr=lr, samples_per_s=rate)  # before validation
+    if epoch_ends:
         _end_epoch(run, rate)
 
 
@@ -417,10 +425,9 @@ def _training_targets(
     shapes = [output.shape[2:] for output in outputs]
     strides = model.output_strides[: len(outputs)]
     if settings.target == "radius_bump":
+        radius = bump_radius_voxels(configuration.patch_size)
         pairs = [
-            radius_bump_heatmaps(
-                points_at_stride(points, stride), shape, RADIUS_BUMP_VOXELS / np.mean(stride)
-            )
+            radius_bump_heatmaps(points_at_stride(points, stride), shape, radius / np.mean(stride))
             for shape, stride in zip(shapes, strides, strict=True)
         ]
         return [target for target, _ in pairs], pairs[0][1]
@@ -445,6 +452,11 @@ def fold_case_ids(
         raise TrainingError("the dataset has no training cases", dataset.root)
     if fold == "all":
         return cases, []
+    if not 0 <= int(fold) < folds:
+        raise TrainingError(
+            f"fold {fold} does not exist: the plan has {folds} folds (0 to {folds - 1}), or use "
+            "'all' to train on every case without validation"
+        )
     order = np.random.default_rng(FOLD_SEED + seed).permutation(len(cases))
     val = sorted(cases[i] for i in order[int(fold) :: folds])
     if not val or len(val) == len(cases):
@@ -531,7 +543,18 @@ def _fine_offset_sd(
     if coarse_run is not None:
         record = read_run_record(coarse_run)
         measured = None if record.best is None else record.best.error_sd_voxels
-        if record.configuration != configuration.previous_stage or measured is None:
+        if record.plan.spatial_dims != plan.spatial_dims or record.landmarks != plan.landmarks:
+            raise TrainingError(
+                f"--coarse-run is a {record.plan.spatial_dims}D run of other landmarks "
+                f"({record.dataset or 'another dataset'}), not the coarse stage of this "
+                f"{plan.spatial_dims}D plan",
+                Path(coarse_run) / RUN_FILE,
+            )
+        if (
+            record.configuration != configuration.previous_stage
+            or measured is None
+            or len(measured) != configuration.spatial_dims
+        ):
             raise TrainingError(
                 f"{coarse_run} is not a validated run of {configuration.previous_stage}"
             )
@@ -645,7 +668,8 @@ def _validate_and_keep_best(run: _Run, row: dict) -> None:
             error_sd_voxels=result.error_sd_voxels,
         )
         save_weights(run.run_dir / BEST_WEIGHTS, model)
-        threshold = calibrate_presence_threshold(result.peaks, result.truly_present)
+        confidences = confidence_of(result.peaks, run.settings.target)
+        threshold = calibrate_presence_threshold(confidences, result.truly_present)
         run.record.presence_threshold = threshold
         write_run_record(run.run_dir, run.record)
     if result.mre_mm is None:

@@ -53,8 +53,9 @@ RECIPES: dict[str, Recipe] = {
         Recipe(
             "h3de-paper",
             "h3de",
-            "targets 2 exp(-d^2 / 0.2 R^2) within R = 20 voxels and -1 elsewhere, SmoothL1 on that "
-            "ball and on as many hardest voxels outside it, full-resolution output only, Adam "
+            "targets 2 exp(-d^2 / 0.2 R^2) within R = 20 voxels (on 128-voxel patches, fewer on "
+            "smaller ones) and -1 elsewhere, SmoothL1 on that ball and on as many hardest voxels "
+            "outside it, full-resolution output only, Adam "
             "1e-3 with betas (0.9, 0.98) and L2 weight decay 5e-4, x 0.98 per epoch down to 3 %, "
             "no gradient clipping; missing landmarks trained toward -1 everywhere",
             {

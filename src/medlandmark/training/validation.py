@@ -10,6 +10,7 @@ import torch
 from torch import nn
 
 from medlandmark import metrics
+from medlandmark.console import progress
 from medlandmark.heatmaps import decode_heads
 from medlandmark.io.geometry import index_to_world
 from medlandmark.preprocessing import CachedCase
@@ -26,7 +27,7 @@ def predict_cached_case(
 ) -> tuple[np.ndarray, np.ndarray]:
     """Predicted landmarks (cache voxel indices, ``(K, D)``) and their heatmap peaks, by the
     ``prediction`` rule (:func:`~medlandmark.sliding_window.head_strides`)."""
-    image = torch.from_numpy(np.asarray(case.image, dtype=np.float32)).to(device)
+    image = torch.from_numpy(np.array(case.image, dtype=np.float32)).to(device)  # writable
     strides = head_strides(model, prediction, len(patch_size))
     heads = sliding_window_outputs(model, image, patch_size, strides, amp_dtype=amp_dtype)
     decoded = decode_heads(heads, strides)
@@ -62,7 +63,7 @@ def validate(
     was_training = model.training
     model.eval()
     predictions, truths, peaks, offsets = [], [], [], []
-    for case in cases:
+    for case in progress(cases, description="validation"):
         predicted, peak = predict_cached_case(
             model, case, patch_size, device, amp_dtype, prediction
         )
