@@ -173,6 +173,9 @@ def test_hyatt_paper_trains_and_predicts_with_the_mean_of_its_heads(
     prediction = predictor.predict(image)
     assert prediction.landmarks.points_mm.shape == (9, 2)
     assert np.all((prediction.peak >= 0) & (prediction.peak <= 1))  # confidences
+    bounds = prediction.landmarks.error_bound_mm  # the run's validated radii, where present
+    present = prediction.present
+    assert bounds is not None and np.all(bounds[present] > 0) and np.isnan(bounds[~present]).all()
     network = predictor.stages[0].networks[0]
     outputs_only = Predictor.from_run(
         tmp_path / "run", device="cpu", network_factory=lambda record, folder: network.forward

@@ -53,6 +53,8 @@ def test_training_writes_a_complete_run_and_the_loss_falls(synthetic: Path, tmp_
     assert len(losses) == 4 and losses[-1] < 0.7 * losses[0], losses
     saved = json.loads((run / "run.json").read_text())
     assert saved["best"]["val_mre_mm"] > 0 and 0 < saved["presence_threshold"] < 1
+    assert saved["error_bound_level"] == 0.9 and len(saved["error_bounds_mm"]) == 9
+    assert all(b > 0 for b in saved["error_bounds_mm"])  # conformal radii of validation errors
     assert set(saved["val_cases"]).isdisjoint(saved["train_cases"])
     shape = saved["shape_model"]  # the training landmarks' constellation, for the shape check
     assert (

@@ -15,12 +15,14 @@ Conventions, written into ``metrics.json`` too:
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 
 import numpy as np
 
 DEFAULT_RADII_MM = (2.0, 2.5, 3.0, 4.0)  # the cephalometric literature's SDR radii
 SDR_TOLERANCE_MM = 1e-6
+ERROR_BOUND_LEVEL = 0.9  # the probability an error bound (conformal radius) is calibrated for
 SD_DDOF = 0
 SD_CONVENTION = "population standard deviation (ddof=0) over all evaluated points"
 SDR_RULE = (
@@ -178,6 +180,40 @@ def worst_cases(
         )
     rows.sort(key=lambda row: (-row["mre_mm"], row["case_id"]))
     return rows[:count]
+
+
+def conformal_radius_mm(errors_mm: np.ndarray, level: float = ERROR_BOUND_LEVEL) -> float | None:
+    """Split conformal radius: the ``ceil((n + 1) level)``-th smallest of the ``n`` finite
+    validation errors, so that a new point's error falls within it with probability at least
+    ``level`` (exchangeable cases); None when ``n`` is too small for that rank."""
+    values = np.sort(evaluated(errors_mm))
+    rank = math.ceil((values.size + 1) * level)
+    return float(values[rank - 1]) if 0 < rank <= values.size else None
+
+
+def conformal_radii_mm(
+    errors_mm: np.ndarray, level: float = ERROR_BOUND_LEVEL
+) -> list[float] | None:
+    """One radius per landmark (column) of ``(cases, K)`` validation errors; a landmark with
+    too few validation points takes the radius of all points together (None when even those
+    are too few)."""
+    errors_mm = np.asarray(errors_mm, dtype=np.float64)
+    pooled = conformal_radius_mm(errors_mm, level)
+    if pooled is None:
+        return None
+    radii = [conformal_radius_mm(errors_mm[:, k], level) for k in range(errors_mm.shape[1])]
+    return [pooled if r is None else r for r in radii]
+
+
+def bound_coverage(errors_mm: np.ndarray, bounds_mm: np.ndarray) -> float | None:
+    """Percent of the points with both an error and a bound whose error is within the bound."""
+    errors_mm, bounds_mm = np.broadcast_arrays(
+        np.asarray(errors_mm, dtype=np.float64), np.asarray(bounds_mm, dtype=np.float64)
+    )
+    usable = np.isfinite(errors_mm) & np.isfinite(bounds_mm)
+    if not usable.any():
+        return None
+    return float(100.0 * np.mean(errors_mm[usable] <= bounds_mm[usable] + SDR_TOLERANCE_MM))
 
 
 def _number(value: float) -> float | None:

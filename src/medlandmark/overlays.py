@@ -11,12 +11,14 @@ from __future__ import annotations
 
 import io
 import math
+from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from matplotlib.lines import Line2D
+from matplotlib.patches import Ellipse
 
 from medlandmark.errors import MedlandmarkError
 from medlandmark.io.files import atomic_write_bytes
@@ -139,6 +141,7 @@ def figure_2d(
         name = landmarks.names[k]
         row, col = predicted[k]
         _mark_prediction(axes, col, row, label, fontsize=LABEL_FONT_SIZE_2D, offset=offset)
+        _draw_error_bound(axes, landmarks, k, (col, row), geometry.spacing_mm)
         t = _truth_row(truth, name)
         if t is not None:
             axes.plot([col, true[t][1]], [row, true[t][0]], color=LINK_COLOUR, linewidth=0.8)
@@ -353,6 +356,29 @@ def _mark_prediction(
             fontsize=fontsize,
             bbox={"boxstyle": "round,pad=0.15", "fc": "black", "alpha": 0.5, "lw": 0},
         )
+
+
+def _draw_error_bound(
+    axes, landmarks: LandmarkSet, k: int, at: tuple[float, float], spacing_mm: Sequence[float]
+) -> None:
+    """The point's error bound as a dashed circle in mm (an ellipse in pixels of unequal
+    spacing), when the prediction carries one."""
+    bounds = landmarks.error_bound_mm
+    if bounds is None or not np.isfinite(bounds[k]):
+        return
+    row_mm, col_mm = spacing_mm
+    axes.add_patch(
+        Ellipse(
+            at,
+            2 * bounds[k] / col_mm,
+            2 * bounds[k] / row_mm,
+            fill=False,
+            edgecolor=PREDICTION_COLOUR,
+            linewidth=0.8,
+            linestyle="--",
+            alpha=0.8,
+        )
+    )
 
 
 def _legend_handles() -> list[Line2D]:

@@ -50,6 +50,7 @@ class Pairs:
     gt_mm: np.ndarray
     gt_cases_without_prediction: int
     dataset: Dataset | None = None
+    error_bound_mm: np.ndarray | None = None  # (N, K) the predictions' radii, NaN where none
 
     def landmark_sets(self, case_id: str) -> tuple[LandmarkSet, LandmarkSet]:
         """Prediction and ground truth of one case."""
@@ -79,6 +80,8 @@ def evaluate(
         "n_gt_cases_without_prediction": pairs.gt_cases_without_prediction,
         **m.summarize(errors_mm, pred_present, gt_present, pairs.case_ids, pairs.names, radii_mm),
     }
+    if pairs.error_bound_mm is not None:
+        metrics["error_bound"] = bound_coverage(errors_mm, pairs.error_bound_mm, pairs.names)
     out_dir.mkdir(parents=True, exist_ok=True)
     atomic_write_text(
         out_dir / ERRORS_FILE, _errors_csv(pairs, errors_mm, pred_present, gt_present)
@@ -113,7 +116,7 @@ def load_pairs(pred_dir: Path, gt: Path) -> Pairs:
                 path,
             )
     names: list[str] | None = None
-    pred_sets, gt_sets = [], []
+    pred_sets, gt_sets, bounds = [], [], []
     for case_id, path in progress(
         predictions.items(), total=len(predictions), description="evaluating"
     ):
@@ -126,6 +129,8 @@ def load_pairs(pred_dir: Path, gt: Path) -> Pairs:
             )
         pred_sets.append(pred_set.points_mm)
         gt_sets.append(gt_set.points_mm)
+        bound = pred_set.error_bound_mm
+        bounds.append(np.full(len(pred_set.names), np.nan) if bound is None else bound)
     unpredicted = len(set(truth.files) - set(predictions))
     if unpredicted:
         info(f"{unpredicted} ground-truth cases have no prediction and are not evaluated")
@@ -136,7 +141,22 @@ def load_pairs(pred_dir: Path, gt: Path) -> Pairs:
         np.stack(gt_sets),
         unpredicted,
         truth.dataset,
+        np.stack(bounds) if bounds and np.isfinite(np.stack(bounds)).any() else None,
     )
+
+
+def bound_coverage(errors_mm: np.ndarray, bounds_mm: np.ndarray, names: Sequence[str]) -> dict:
+    """How often the predictions' error bounds held: percent of the points with an error and a
+    bound whose error is within it, overall and per landmark."""
+    return {
+        "coverage_percent": m.bound_coverage(errors_mm, bounds_mm),
+        "n_points": int((np.isfinite(errors_mm) & np.isfinite(bounds_mm)).sum()),
+        "median_bound_mm": float(np.nanmedian(bounds_mm)),
+        "per_landmark_coverage_percent": {
+            name: m.bound_coverage(errors_mm[:, k], bounds_mm[:, k]) for k, name in enumerate(names)
+        },
+        "rule": "percent of points with both an error and a bound whose radial error <= the bound",
+    }
 
 
 def prediction_files(pred_dir: Path) -> dict[str, Path]:

@@ -111,6 +111,7 @@ def report_html(metrics: dict, overlays: CaseOverlays) -> str:
         *_summary(metrics),
         *_per_landmark(metrics),
         *_missing(metrics),
+        *_error_bounds(metrics),
         "<h2>Plots</h2>",
         '<div class="plots">',
         _figure(SDR_CURVE_FILE, "Success detection rate (percent of points within r mm)"),
@@ -201,6 +202,24 @@ def _missing(metrics: dict) -> list[str]:
         ["predicted present", f"{missing['fn']} (fn)", f"{missing['tn']} (tn)"],
     ]
     return ["<h2>Missing landmarks</h2>", _table(["", "truly missing", "truly present"], rows)]
+
+
+def _error_bounds(metrics: dict) -> list[str]:
+    """How often the predictions' error bounds held (nothing when they carry none)."""
+    bound = metrics.get("error_bound")
+    if bound is None:
+        return []
+    rows = [
+        [name, format_percent(coverage)]
+        for name, coverage in bound["per_landmark_coverage_percent"].items()
+    ]
+    return [
+        "<h2>Error bounds</h2>",
+        f"<p>The true point was within the predicted error bound for "
+        f"{_text(format_percent(bound['coverage_percent']))} of {bound['n_points']} points "
+        f"(median bound {_text(format_mm(bound['median_bound_mm']))} mm).</p>",
+        _table(["landmark", "coverage"], rows),
+    ]
 
 
 def _worst_cases(metrics: dict, overlays: CaseOverlays) -> list[str]:

@@ -94,6 +94,7 @@ def report_markdown(metrics: dict) -> str:
         _summary_lines(metrics)
         + _sdr_lines(metrics, radii)
         + _per_landmark_lines(metrics, radii)
+        + _error_bound_lines(metrics)
         + _missing_and_worst_lines(metrics)
         + _plots_and_conventions_lines(metrics)
     )
@@ -121,6 +122,26 @@ def _summary_lines(metrics: dict) -> list[str]:
     if unpredicted:
         lines += [f"{unpredicted} ground-truth cases have no prediction and are not evaluated.", ""]
     return lines
+
+
+def _error_bound_lines(metrics: dict) -> list[str]:
+    """How often the predictions' error bounds held (nothing when they carry none)."""
+    bound = metrics.get("error_bound")
+    if bound is None:
+        return []
+    lines = [
+        "## Error bounds",
+        "",
+        f"The true point was within the predicted error bound for "
+        f"{format_percent(bound['coverage_percent'])} of {bound['n_points']} points "
+        f"(median bound {format_mm(bound['median_bound_mm'])} mm).",
+        "",
+        "| landmark | coverage |",
+        "|---|---|",
+    ]
+    for name, coverage in bound["per_landmark_coverage_percent"].items():
+        lines.append(f"| {_cell(name)} | {format_percent(coverage)} |")
+    return [*lines, ""]
 
 
 def _sdr_lines(metrics: dict, radii: list[str]) -> list[str]:
@@ -208,6 +229,9 @@ def print_summary(metrics: dict, out_dir: Path) -> None:
     missing = metrics["missing"]
     table.add_row("missing, found missing", f"{missing['tp']} of {missing['tp'] + missing['fn']}")
     table.add_row("present, called missing", f"{missing['fp']} of {missing['fp'] + missing['tn']}")
+    bound = metrics.get("error_bound")
+    if bound is not None:
+        table.add_row("within the error bound", format_percent(bound["coverage_percent"]))
     console.print(table)
     console.print(f"report: {escape(str(Path(out_dir) / REPORT_FILE))}", soft_wrap=True)
     html = metrics.get("files", {}).get("html_report")

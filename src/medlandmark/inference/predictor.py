@@ -75,6 +75,7 @@ class Stage:
     shape_model: ShapeModel | None = None
     prediction: str = "full_resolution"  # the runs' rule: which outputs give the points
     target: str = "gaussian"  # the runs' training targets: what a peak means as a confidence
+    error_bounds_mm: np.ndarray | None = None  # per landmark, the runs' validated error radius
 
     def heatmaps(
         self,
@@ -254,8 +255,18 @@ class Predictor:
             points,
             recorded_mm=np.where(present[:, None], np.nan, kept),
             confidence=peak,
+            error_bound_mm=self._error_bounds(present),
         )
         return Prediction(landmarks, peak, spread_mm)
+
+    def _error_bounds(self, present: np.ndarray) -> np.ndarray | None:
+        """Each present point's error bound (mm): the last stage's that validated (a cascade
+        whose fine stage did not keeps its coarse stage's, larger ones); NaN for the missing."""
+        bounds = next(
+            (s.error_bounds_mm for s in reversed(self.stages) if s.error_bounds_mm is not None),
+            None,
+        )
+        return None if bounds is None else np.where(present, bounds, np.nan)
 
     def _follow_the_shape(
         self,
@@ -436,7 +447,7 @@ def _stage(
     network_factory: NetworkFactory | None,
 ) -> Stage:
     """The networks of one configuration's runs (an ensemble) and what their runs learnt."""
-    networks, thresholds = [], []
+    networks, thresholds, bounds = [], [], []
     for folder, record in runs:
         if network_factory is not None:
             network = network_factory(record, folder)
@@ -446,6 +457,8 @@ def _stage(
         networks.append(network)
         threshold = record.presence_threshold
         thresholds.append(DEFAULT_PRESENCE_THRESHOLD if threshold is None else threshold)
+        if record.error_bounds_mm is not None:
+            bounds.append(record.error_bounds_mm)
     _, record = runs[0]
     settings = record.settings
     pairs = symmetric_pair_indices(record.landmarks, record.symmetric_pairs)
@@ -460,4 +473,5 @@ def _stage(
         shape_model=None if shape is None else ShapeModel.from_dict(shape.model_dump()),
         prediction="full_resolution" if settings is None else settings.prediction,
         target="gaussian" if settings is None else settings.target,
+        error_bounds_mm=np.max(bounds, axis=0) if bounds else None,  # an ensemble: the widest
     )

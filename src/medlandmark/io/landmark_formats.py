@@ -55,8 +55,10 @@ class RawLandmarks:
     space: str
     recorded: np.ndarray | None = None
     confidence: np.ndarray | None = None
+    error_bound_mm: np.ndarray | None = None  # a prediction's radius per point (always mm)
 
 
+ERROR_BOUND = "error_bound_mm"  # the column / key of a prediction's error bound
 MAX_COORDINATE = 1e6  # mm (or voxels): larger is no position in any image, and overflows later
 
 
@@ -141,7 +143,8 @@ def parse_csv(text: str, path: Path) -> RawLandmarks:
         raise LandmarkFileError(f"header must start with name,x,y; got {','.join(rows[0])}", path)
     ndim = 3 if len(header) > 3 and header[3] == "z" else 2
     has_confidence = "confidence" in header
-    names, points, confidence = [], [], []
+    has_bound = ERROR_BOUND in header
+    names, points, confidence, bounds = [], [], [], []
     for number, row in enumerate(rows[1:], start=2):
         if len(row) != len(header):
             raise LandmarkFileError(
@@ -151,11 +154,14 @@ def parse_csv(text: str, path: Path) -> RawLandmarks:
         points.append([_number(v, path, f"row {number}") for v in row[1 : 1 + ndim]])
         if has_confidence:
             confidence.append(_number(row[header.index("confidence")], path, f"row {number}"))
+        if has_bound:
+            bounds.append(_number(row[header.index(ERROR_BOUND)], path, f"row {number}"))
     return RawLandmarks(
         names,
         _check_points(points, path),
         space,
         confidence=np.asarray(confidence) if has_confidence else None,
+        error_bound_mm=np.asarray(bounds) if has_bound else None,
     )
 
 
@@ -165,11 +171,14 @@ def format_csv(raw: RawLandmarks) -> str:
     out.write(f"# coordinate_space: {raw.space}\n")
     writer = csv.writer(out, lineterminator="\n")
     header = ["name", "x", "y", "z"][: ndim + 1]
-    writer.writerow(header + (["confidence"] if raw.confidence is not None else []))
+    header += ["confidence"] if raw.confidence is not None else []
+    writer.writerow(header + ([ERROR_BOUND] if raw.error_bound_mm is not None else []))
     for k, name in enumerate(_names(raw)):
         row = [name, *(_format_number(v) for v in raw.points[k])]
         if raw.confidence is not None:
             row.append(_format_number(raw.confidence[k]))
+        if raw.error_bound_mm is not None:
+            row.append(_format_number(raw.error_bound_mm[k]))
         writer.writerow(row)
     return out.getvalue()
 
@@ -189,7 +198,7 @@ def parse_json(text: str, path: Path) -> RawLandmarks:
     entries = data.get("landmarks")
     if not isinstance(entries, list):
         raise LandmarkFileError("'landmarks' must be a list", path)
-    names, points, recorded, confidence = [], [], [], []
+    names, points, recorded, confidence, bounds = [], [], [], [], []
     for number, entry in enumerate(entries, start=1):
         if not isinstance(entry, dict) or not isinstance(entry.get("name"), str):
             raise LandmarkFileError(f"landmark {number} needs a 'name' string", path)
@@ -212,6 +221,8 @@ def parse_json(text: str, path: Path) -> RawLandmarks:
         recorded.append([float(v) for v in position] if (position and not present) else None)
         value = entry.get("confidence")
         confidence.append(float(value) if _is_number(value) else math.nan)
+        bound = entry.get(ERROR_BOUND)
+        bounds.append(float(bound) if _is_number(bound) else math.nan)
     ndim = _json_ndim(points + recorded, path)
     point_array = _check_points([p or [math.nan] * ndim for p in points], path)
     recorded_array = np.asarray([r or [math.nan] * ndim for r in recorded], dtype=np.float64)
@@ -222,6 +233,7 @@ def parse_json(text: str, path: Path) -> RawLandmarks:
         space,
         recorded=recorded_array if not np.isnan(recorded_array).all() else None,
         confidence=np.asarray(confidence) if has_confidence else None,
+        error_bound_mm=np.asarray(bounds) if any(not math.isnan(b) for b in bounds) else None,
     )
 
 
@@ -241,6 +253,8 @@ def format_json(raw: RawLandmarks) -> str:
             entry["present"] = False
         if raw.confidence is not None and not math.isnan(raw.confidence[k]):
             entry["confidence"] = float(raw.confidence[k])
+        if raw.error_bound_mm is not None and not math.isnan(raw.error_bound_mm[k]):
+            entry[ERROR_BOUND] = float(raw.error_bound_mm[k])
         entries.append(entry)
     document = {
         "format": JSON_FORMAT_ID,
@@ -312,7 +326,7 @@ def format_slicer_json(raw: RawLandmarks) -> str:
             {
                 "id": str(k + 1),
                 "label": name,
-                "description": "",
+                "description": _bound_text(raw, k),
                 "associatedNodeID": "",
                 "position": [float(v) for v in points3[k]] if defined else [0.0, 0.0, 0.0],
                 "orientation": [-1.0, -0.0, -0.0, -0.0, -1.0, -0.0, 0.0, 0.0, 1.0],
@@ -388,9 +402,23 @@ def format_fcsv(raw: RawLandmarks) -> str:
     for k, name in enumerate(_names(raw)):
         coords = [_format_number(v) or "nan" for v in points3[k]]
         writer.writerow(
-            [f"vtkMRMLMarkupsFiducialNode_{k + 1}", *coords, 0, 0, 0, 1, 1, 1, 0, name, "", ""]
+            [
+                f"vtkMRMLMarkupsFiducialNode_{k + 1}",
+                *coords,
+                *(0, 0, 0, 1, 1, 1, 0),
+                name,
+                _bound_text(raw, k),
+                "",
+            ]
         )
     return out.getvalue()
+
+
+def _bound_text(raw: RawLandmarks, k: int) -> str:
+    """A point's error bound as Slicer's description text ("" without one)."""
+    if raw.error_bound_mm is None or math.isnan(raw.error_bound_mm[k]):
+        return ""
+    return f"error bound {raw.error_bound_mm[k]:.2f} mm"
 
 
 # --- ISBI 2015 challenge .txt: "x,y" pixel lines (then optional classification lines) -----------

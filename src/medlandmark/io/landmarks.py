@@ -56,13 +56,15 @@ class LandmarkSet:
     """Named landmarks, ``points_mm`` ``(K, D)`` in world LPS millimetres, NaN rows = missing.
 
     ``recorded_mm`` keeps known positions of points marked missing (e.g. outside the field of
-    view); ``confidence`` is a prediction's per-point confidence.
+    view); ``confidence`` is a prediction's per-point confidence and ``error_bound_mm`` its radius
+    (mm) within which the true point lies with the run's stated probability.
     """
 
     names: list[str]
     points_mm: np.ndarray
     recorded_mm: np.ndarray | None = None
     confidence: np.ndarray | None = field(default=None)
+    error_bound_mm: np.ndarray | None = field(default=None)
 
     def __post_init__(self) -> None:
         self.names = [str(n) for n in self.names]
@@ -99,6 +101,7 @@ class LandmarkSet:
             self.points_mm[order],
             None if self.recorded_mm is None else self.recorded_mm[order],
             None if self.confidence is None else self.confidence[order],
+            None if self.error_bound_mm is None else self.error_bound_mm[order],
         )
 
 
@@ -163,7 +166,7 @@ def read_landmarks(
     else:
         file_names = raw.names
     try:
-        landmarks = LandmarkSet(file_names, points, recorded, raw.confidence)
+        landmarks = LandmarkSet(file_names, points, recorded, raw.confidence, raw.error_bound_mm)
     except LandmarkFileError as error:
         raise LandmarkFileError(error.detail, path) from None
     return landmarks.select(names, path) if names is not None else landmarks
@@ -191,6 +194,7 @@ def write_landmarks(
         if landmarks.recorded_mm is None
         else _from_world(landmarks.recorded_mm, space, geometry, path),
         landmarks.confidence,
+        landmarks.error_bound_mm,
     )
     try:
         text = FORMATTERS[format_name](raw)

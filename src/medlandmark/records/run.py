@@ -104,6 +104,8 @@ class RunRecord(_Record):
         "weight_checksum_per_rank",
         "shape_model",
         "presence_threshold",
+        "error_bounds_mm",
+        "error_bound_level",
     )
     version: Literal[1] = 1
     status: RunStatus = "training"
@@ -123,7 +125,11 @@ class RunRecord(_Record):
     step: int = 0
     train_seconds: float | None = None  # training time so far (steps, validations, checkpoints)
     best: BestValidation | None = None
-    presence_threshold: float | None = Field(default=None, allow_inf_nan=False)  # a heatmap peak
+    presence_threshold: float | None = Field(default=None, allow_inf_nan=False)  # a confidence
+    # per landmark, the radius (mm) a predicted point's error stays within with probability
+    # error_bound_level, by split conformal prediction on the validation errors
+    error_bounds_mm: list[float] | None = None
+    error_bound_level: float | None = Field(default=None, gt=0, lt=1)
     shape_model: ShapeModelRecord | None = None
     weight_checksum_per_rank: list[float] | None = None
 
@@ -142,6 +148,12 @@ class RunRecord(_Record):
             )
         if self.spacing_mm is not None:
             positive_finite(self.spacing_mm)
+        bounds = self.error_bounds_mm
+        if bounds is not None and (
+            len(bounds) != len(self.landmarks)
+            or not all(math.isfinite(b) and b >= 0 for b in bounds)
+        ):
+            raise ValueError("error_bounds_mm must hold one finite radius >= 0 per landmark")
         shape = self.shape_model
         if shape is not None and (
             len(shape.reference_mm) != len(self.landmarks)

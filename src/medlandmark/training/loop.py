@@ -23,6 +23,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from medlandmark import metrics
 from medlandmark.augment import AugmentConfig
 from medlandmark.console import ProgressBar, info, warn
 from medlandmark.datasets.dataset import Dataset
@@ -671,6 +672,8 @@ def _validate_and_keep_best(run: _Run, row: dict) -> None:
         confidences = confidence_of(result.peaks, run.settings.target)
         threshold = calibrate_presence_threshold(confidences, result.truly_present)
         run.record.presence_threshold = threshold
+        run.record.error_bounds_mm = metrics.conformal_radii_mm(result.errors_mm)
+        run.record.error_bound_level = metrics.ERROR_BOUND_LEVEL
         write_run_record(run.run_dir, run.record)
     if result.mre_mm is None:
         warn(f"step {run.state.step}: no landmark is present in the validation cases: no MRE")

@@ -36,8 +36,9 @@ def predict_cached_case(
 
 @dataclass
 class Validation:
-    """Errors on the validation cases (world mm), the heatmap peak of every point and whether
-    it is truly present, and the RMS error per cache axis in voxels (None without any point)."""
+    """Errors on the validation cases (world mm; every point's too), the heatmap peak of every
+    point and whether it is truly present, and the RMS error per cache axis in voxels (None
+    without any point)."""
 
     mre_mm: float | None
     sdr: dict[str, float]
@@ -45,6 +46,7 @@ class Validation:
     peaks: np.ndarray
     truly_present: np.ndarray
     error_sd_voxels: list[float] | None
+    errors_mm: np.ndarray  # (cases, K), NaN where the landmark is not truly present
 
 
 @torch.no_grad()
@@ -83,4 +85,5 @@ def validate(
         peaks=np.stack(peaks),
         truly_present=~np.isnan(np.stack(truths)).any(axis=-1),
         error_sd_voxels=np.sqrt(np.mean(offsets**2, axis=0)).tolist() if len(offsets) else None,
+        errors_mm=errors,
     )
