@@ -228,7 +228,7 @@ def test_zero_byte_image(dataset: Path) -> None:
 
 def test_wrong_magic_bytes(dataset: Path) -> None:
     (dataset / "images" / "c.png").write_text("this is not a PNG image\n" * 20)
-    only_error_on(check_dataset(dataset), dataset / "images" / "c.png", "not a readable image")
+    only_error_on(check_dataset(dataset), dataset / "images" / "c.png", "not a PNG file")
 
 
 def test_nan_pixels(dataset: Path) -> None:
