@@ -286,8 +286,8 @@ def hand_xray_splits(case_ids: Sequence[str]) -> dict[str, list[str]]:
     """A fixed held-out test split: every fourth case in id order (a quarter, spread over the
     atlas's ages and sexes, which its ids group), the rest for training."""
     ordered = sorted(case_ids)
-    test = [c for i, c in enumerate(ordered) if i % HAND_TEST_EVERY == HAND_TEST_EVERY - 1]
-    train = [c for c in ordered if c not in set(test)]
+    test = ordered[HAND_TEST_EVERY - 1 :: HAND_TEST_EVERY]
+    train = [c for i, c in enumerate(ordered) if i % HAND_TEST_EVERY != HAND_TEST_EVERY - 1]
     return {"train": train, "test": test} if test else {"train": train}
 
 

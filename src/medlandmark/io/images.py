@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import gzip
 import os
-import struct
 import zlib
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -22,7 +21,13 @@ from medlandmark.console import warn
 from medlandmark.errors import ImageError
 from medlandmark.io.files import atomic_directory_write, atomic_path, full_suffix
 from medlandmark.io.geometry import Geometry, index_to_world
-from medlandmark.io.nifti import read_nifti_transforms, transforms_disagreement_mm
+from medlandmark.io.nifti import (
+    NiftiHeader,
+    nifti_transforms,
+    parse_nifti_header,
+    read_nifti_header,
+    transforms_disagreement_mm,
+)
 from medlandmark.io.signatures import refuse_wrong_signature
 
 # Formats whose files carry no trustworthy physical spacing: it comes from dataset.json or the CLI.
@@ -37,6 +42,7 @@ IMAGE_SUFFIXES = (
     *FORMATS_WITHOUT_SPACING,
 )
 MAX_VOXELS = int(os.environ.get("MEDLANDMARK_MAX_VOXELS", 1_500_000_000))
+NIFTI_SUFFIXES = (".nii", ".nii.gz")
 MIN_SIZE = 2  # voxels along every axis: a single row or column holds no landmark's neighbourhood
 TRANSFORMS_APART_MM = 0.1  # a NIfTI's qform and sform further apart than this: warned
 _warned_transforms: set[Path] = set()
@@ -99,7 +105,8 @@ def read_image_info(
     size = reader.GetSize()
     _refuse_too_large(path, size, reader.GetNumberOfComponents())
     _refuse_too_small(path, size)
-    _refuse_bad_nifti_spacing(path)
+    nifti = read_nifti_header(path) if full_suffix(path) in NIFTI_SUFFIXES else None
+    _refuse_bad_nifti_spacing(path, nifti)
     geometry, from_file = _geometry(
         path,
         size,
@@ -109,7 +116,7 @@ def read_image_info(
         spacing_xy_mm,
         allow_missing_spacing,
     )
-    _warn_if_nifti_transforms_disagree(path, geometry)
+    _warn_if_nifti_transforms_disagree(path, geometry, nifti)
     channels = _channels_after_conversion(reader.GetNumberOfComponents())
     pixel_type = sitk.GetPixelIDValueAsString(reader.GetPixelID())
     return ImageInfo(geometry, channels, pixel_type, from_file)
@@ -129,14 +136,15 @@ def _refuse_too_small(path: Path, size: Sequence[int]) -> None:
         )
 
 
-def _warn_if_nifti_transforms_disagree(path: Path, geometry: Geometry) -> None:
-    """Warn (once per file) when a NIfTI's qform and sform place it differently, saying which
-    one ITK used: a reader that takes the other sees the landmarks elsewhere."""
-    if full_suffix(path) not in (".nii", ".nii.gz") or path in _warned_transforms:
+def _warn_if_nifti_transforms_disagree(
+    path: Path, geometry: Geometry, header: NiftiHeader | None
+) -> None:
+    """Warn (once per file) when a NIfTI's qform and sform (its ``header``; None for another
+    format) place it differently, saying which one ITK used: a reader that takes the other sees
+    the landmarks elsewhere."""
+    if header is None or path in _warned_transforms:
         return
-    transforms = read_nifti_transforms(path)
-    if transforms is None:
-        return
+    transforms = nifti_transforms(header)
     apart = transforms_disagreement_mm(transforms)
     if apart <= TRANSFORMS_APART_MM:
         return
@@ -189,7 +197,7 @@ def read_image(
     array = array.reshape((array.shape[0], *geometry.shape))
     if require_finite and np.issubdtype(array.dtype, np.floating):
         bad = int(np.count_nonzero(~np.isfinite(array)))
-        if full_suffix(path) in (".nii", ".nii.gz"):
+        if full_suffix(path) in NIFTI_SUFFIXES:
             bad = max(bad, _count_nonfinite_nifti_voxels(path))
         if bad:
             raise ImageError(f"{bad} voxels are NaN or infinite", path)
@@ -349,7 +357,7 @@ def check_image_complete(path: str | Path) -> None:
     last; raises :class:`ImageError`."""
     path = Path(path)
     suffix = full_suffix(path)
-    if suffix in (".nii", ".nii.gz") and _nifti_truncated(path):
+    if suffix in NIFTI_SUFFIXES and _nifti_truncated(path):
         raise ImageError("image file is truncated (less voxel data than its header declares)", path)
     if suffix in (".mha", ".mhd"):
         _check_metaimage_data(path)
@@ -373,7 +381,8 @@ def _nifti_truncated(path: Path) -> bool:
     compressed = full_suffix(path) == ".nii.gz"
     try:
         with (gzip.open if compressed else open)(path, "rb") as handle:
-            end = _nifti_data_end(handle.read(540))
+            header = parse_nifti_header(handle.read(540))
+        end = None if header is None else header.data_end
         if end is None:
             return False
         if not compressed:
@@ -389,47 +398,13 @@ def _nifti_truncated(path: Path) -> bool:
         return True
 
 
-def _nifti_data_end(header: bytes) -> int | None:
-    """Byte offset where a NIfTI-1/2 file's voxel data ends, from its header (None: unknown)."""
-    for order in "<>":
-        if len(header) >= 348 and struct.unpack(f"{order}i", header[:4])[0] == 348:
-            dims = struct.unpack(f"{order}8h", header[40:56])
-            bitpix = struct.unpack(f"{order}h", header[72:74])[0]
-            offset = int(struct.unpack(f"{order}f", header[108:112])[0])
-            break
-        if len(header) >= 540 and struct.unpack(f"{order}i", header[:4])[0] == 540:
-            dims = struct.unpack(f"{order}8q", header[16:80])
-            bitpix = struct.unpack(f"{order}h", header[14:16])[0]
-            offset = struct.unpack(f"{order}q", header[168:176])[0]
-            break
-    else:
-        return None
-    if not 1 <= dims[0] <= 7 or bitpix <= 0:
-        return None
-    voxels = int(np.prod([max(int(d), 1) for d in dims[1 : dims[0] + 1]], dtype=np.int64))
-    return int(offset) + (voxels * int(bitpix) + 7) // 8
-
-
-def _refuse_bad_nifti_spacing(path: Path) -> None:
-    """ITK reads a NIfTI pixdim of 0 or NaN as 1 mm: a wrong geometry, silently."""
-    if full_suffix(path) not in (".nii", ".nii.gz"):
+def _refuse_bad_nifti_spacing(path: Path, header: NiftiHeader | None) -> None:
+    """ITK reads a NIfTI pixdim of 0 or NaN as 1 mm: a wrong geometry, silently. ``header``:
+    the file's NIfTI header (None for another format, or one ITK alone could read: whatever is
+    wrong then shows when the voxels are read)."""
+    if header is None:
         return
-    try:
-        with (gzip.open if full_suffix(path) == ".nii.gz" else open)(path, "rb") as handle:
-            header = handle.read(540)
-    except (OSError, EOFError, zlib.error):
-        return  # ITK has read the header; whatever is wrong shows when the voxels are read
-    for order in "<>":
-        if len(header) >= 348 and struct.unpack(f"{order}i", header[:4])[0] == 348:
-            dims = struct.unpack(f"{order}8h", header[40:56])
-            pixdim = struct.unpack(f"{order}8f", header[76:108])
-            break
-        if len(header) >= 540 and struct.unpack(f"{order}i", header[:4])[0] == 540:
-            dims = struct.unpack(f"{order}8q", header[16:80])
-            pixdim = struct.unpack(f"{order}8d", header[104:168])
-            break
-    else:
-        return
+    dims, pixdim = header.dims, header.pixdim
     axes = [a for a in range(1, min(max(int(dims[0]), 0), 3) + 1) if dims[a] > 1]
     bad = [pixdim[a] for a in axes if not (np.isfinite(pixdim[a]) and pixdim[a] > 0)]
     if bad:
@@ -455,19 +430,25 @@ _METAIMAGE_TYPE_BYTES = {
 }
 
 
-def _check_metaimage_data(path: Path) -> None:
-    """An uncompressed MetaImage (.mha/.mhd) must hold the bytes its header declares."""
+def _metaimage_header(path: Path) -> tuple[dict[str, str], int | None]:
+    """A MetaImage's ``key = value`` header lines up to its last, ElementDataFile, and the
+    header's length in bytes (None when that line is not in the first 64 KiB)."""
     with path.open("rb") as handle:
         head = handle.read(1 << 16)
     fields: dict[str, str] = {}
-    header_bytes, offset = None, 0
+    offset = 0
     for line in head.splitlines(keepends=True):
         offset += len(line)
         key, _, value = line.decode("latin-1").partition("=")
         fields[key.strip()] = value.strip()
         if key.strip() == "ElementDataFile":
-            header_bytes = offset
-            break
+            return fields, offset
+    return fields, None
+
+
+def _check_metaimage_data(path: Path) -> None:
+    """An uncompressed MetaImage (.mha/.mhd) must hold the bytes its header declares."""
+    fields, header_bytes = _metaimage_header(path)
     data_file = fields.get("ElementDataFile", "")
     _refuse_data_file_outside(path, data_file)
     if header_bytes is None or fields.get("CompressedData", "False").lower() == "true":
@@ -505,15 +486,8 @@ METAIMAGE_REQUIRED = ("NDims", "DimSize", "ElementType", "ElementDataFile")
 def _refuse_incomplete_metaimage_header(path: Path) -> None:
     """A MetaImage header must name its dimensions, type and data (the last line); a file cut
     inside its header is refused here, before ITK prints its own complaint."""
-    with path.open("rb") as handle:
-        head = handle.read(1 << 16)
-    keys = set()
-    for line in head.splitlines():
-        key = line.decode("latin-1").partition("=")[0].strip()
-        keys.add(key)
-        if key == "ElementDataFile":
-            break
-    absent = [key for key in METAIMAGE_REQUIRED if key not in keys]
+    fields, _ = _metaimage_header(path)
+    absent = [key for key in METAIMAGE_REQUIRED if key not in fields]
     if absent:
         raise ImageError(
             f"MetaImage header is incomplete (no {', '.join(absent)} line): the file may be cut "
@@ -544,19 +518,11 @@ def _count_nonfinite_nifti_voxels(path: Path) -> int:
     turns them into 0, which would hide a corrupt image."""
     opener = gzip.open if full_suffix(path) == ".nii.gz" else open
     with opener(path, "rb") as handle:
-        header = handle.read(540)
-        sizeof_hdr = struct.unpack("<i", header[:4])[0]
-        order = "<" if sizeof_hdr in (348, 540) else ">"
-        if struct.unpack(f"{order}i", header[:4])[0] == 348:
-            datatype = struct.unpack(f"{order}h", header[70:72])[0]
-            offset = int(struct.unpack(f"{order}f", header[108:112])[0])
-        else:
-            datatype = struct.unpack(f"{order}h", header[12:14])[0]
-            offset = struct.unpack(f"{order}q", header[168:176])[0]
-        if datatype not in _NIFTI_FLOAT_TYPES:
+        header = parse_nifti_header(handle.read(540))
+        if header is None or header.datatype not in _NIFTI_FLOAT_TYPES:
             return 0
-        dtype = np.dtype(_NIFTI_FLOAT_TYPES[datatype]).newbyteorder(order)
-        handle.seek(offset)
+        dtype = np.dtype(_NIFTI_FLOAT_TYPES[header.datatype]).newbyteorder(header.byte_order)
+        handle.seek(header.vox_offset)
         bad = 0
         chunk_bytes = dtype.itemsize * (1 << 22)
         while chunk := handle.read(chunk_bytes):

@@ -22,6 +22,103 @@ RAS_TO_LPS = np.diag([-1.0, -1.0, 1.0, 1.0])
 
 
 @dataclass(frozen=True)
+class NiftiHeader:
+    """The fields of a NIfTI-1 or NIfTI-2 header that medlandmark reads itself (``dims`` and
+    ``pixdim`` as the 8 values of the standard; ``quatern`` = quatern_b, c, d and qoffset_x,
+    y, z; ``srows`` = srow_x, srow_y, srow_z, 4 values each)."""
+
+    byte_order: str  # "<" or ">"
+    dims: tuple[int, ...]
+    datatype: int
+    bitpix: int
+    pixdim: tuple[float, ...]
+    vox_offset: int
+    qform_code: int
+    sform_code: int
+    quatern: tuple[float, ...]
+    srows: tuple[float, ...]
+
+    @property
+    def data_end(self) -> int | None:
+        """Byte offset where the voxel data ends (None: the dimensions make no sense)."""
+        if not 1 <= self.dims[0] <= 7 or self.bitpix <= 0:
+            return None
+        sizes = [max(int(d), 1) for d in self.dims[1 : self.dims[0] + 1]]
+        voxels = int(np.prod(sizes, dtype=np.int64))
+        return self.vox_offset + (voxels * self.bitpix + 7) // 8
+
+
+# per version: header size, then (struct format, offset) of each NiftiHeader field
+_LAYOUTS = {
+    1: (
+        348,
+        {
+            "dims": ("8h", 40),
+            "datatype": ("h", 70),
+            "bitpix": ("h", 72),
+            "pixdim": ("8f", 76),
+            "vox_offset": ("f", 108),
+            "qform_code": ("h", 252),
+            "sform_code": ("h", 254),
+            "quatern": ("6f", 256),
+            "srows": ("12f", 280),
+        },
+    ),
+    2: (
+        540,
+        {
+            "dims": ("8q", 16),
+            "datatype": ("h", 12),
+            "bitpix": ("h", 14),
+            "pixdim": ("8d", 104),
+            "vox_offset": ("q", 168),
+            "qform_code": ("i", 344),
+            "sform_code": ("i", 348),
+            "quatern": ("6d", 352),
+            "srows": ("12d", 400),
+        },
+    ),
+}
+
+
+def parse_nifti_header(header: bytes) -> NiftiHeader | None:
+    """The header in a NIfTI file's first 540 bytes (None when it is neither version)."""
+    for order in "<>":
+        size = struct.unpack(f"{order}i", header[:4])[0] if len(header) >= 4 else 0
+        for layout_size, fields in _LAYOUTS.values():
+            if size == layout_size and len(header) >= layout_size:
+                values = {
+                    name: struct.unpack_from(f"{order}{form}", header, offset)
+                    for name, (form, offset) in fields.items()
+                }
+                scalars = {k: v[0] for k, v in values.items() if len(v) == 1}
+                return NiftiHeader(
+                    byte_order=order,
+                    dims=values["dims"],
+                    datatype=scalars["datatype"],
+                    bitpix=scalars["bitpix"],
+                    pixdim=values["pixdim"],
+                    vox_offset=int(scalars["vox_offset"]),
+                    qform_code=scalars["qform_code"],
+                    sform_code=scalars["sform_code"],
+                    quatern=values["quatern"],
+                    srows=values["srows"],
+                )
+    return None
+
+
+def read_nifti_header(path: str | Path) -> NiftiHeader | None:
+    """The header of a .nii or .nii.gz file (None when it cannot be read or parsed)."""
+    path = Path(path)
+    opener = gzip.open if full_suffix(path) == ".nii.gz" else open
+    try:
+        with opener(path, "rb") as handle:
+            return parse_nifti_header(handle.read(540))
+    except (OSError, EOFError, zlib.error):
+        return None
+
+
+@dataclass(frozen=True)
 class NiftiTransforms:
     """A NIfTI header's spatial size and its index-to-world transforms (4 x 4, LPS mm; None
     when its code is 0, i.e. not set)."""
@@ -33,47 +130,19 @@ class NiftiTransforms:
 
 def read_nifti_transforms(path: str | Path) -> NiftiTransforms | None:
     """The qform and sform of a NIfTI-1 or NIfTI-2 file (None when the header is unreadable)."""
-    path = Path(path)
-    opener = gzip.open if full_suffix(path) == ".nii.gz" else open
-    try:
-        with opener(path, "rb") as handle:
-            header = handle.read(540)
-    except (OSError, EOFError, zlib.error):
-        return None
-    for order in "<>":
-        size = struct.unpack(f"{order}i", header[:4])[0] if len(header) >= 4 else 0
-        if size == 348 and len(header) >= 348:
-            return _nifti1(header, order)
-        if size == 540 and len(header) >= 540:
-            return _nifti2(header, order)
-    return None
+    header = read_nifti_header(path)
+    return None if header is None else nifti_transforms(header)
 
 
-def _nifti1(header: bytes, order: str) -> NiftiTransforms:
-    dims = struct.unpack(f"{order}8h", header[40:56])
-    pixdim = struct.unpack(f"{order}8f", header[76:108])
-    qform_code, sform_code = struct.unpack(f"{order}2h", header[252:256])
-    quatern = struct.unpack(f"{order}6f", header[256:280])
-    srows = struct.unpack(f"{order}12f", header[280:328])
-    return _transforms(dims, pixdim, qform_code, sform_code, quatern, srows)
-
-
-def _nifti2(header: bytes, order: str) -> NiftiTransforms:
-    dims = struct.unpack(f"{order}8q", header[16:80])
-    pixdim = struct.unpack(f"{order}8d", header[104:168])
-    qform_code, sform_code = struct.unpack(f"{order}2i", header[344:352])
-    quatern = struct.unpack(f"{order}6d", header[352:400])
-    srows = struct.unpack(f"{order}12d", header[400:496])
-    return _transforms(dims, pixdim, qform_code, sform_code, quatern, srows)
-
-
-def _transforms(dims, pixdim, qform_code, sform_code, quatern, srows) -> NiftiTransforms:
+def nifti_transforms(header: NiftiHeader) -> NiftiTransforms:
+    """The spatial size and the transforms that ``header`` sets."""
+    dims = header.dims
     shape = tuple(max(int(dims[a]), 1) if a <= dims[0] else 1 for a in (1, 2, 3))
-    qform = _qform(pixdim, quatern) if qform_code > 0 else None
+    qform = _qform(header.pixdim, header.quatern) if header.qform_code > 0 else None
     sform = None
-    if sform_code > 0:
+    if header.sform_code > 0:
         sform = np.eye(4)
-        sform[:3, :] = np.asarray(srows, dtype=np.float64).reshape(3, 4)
+        sform[:3, :] = np.asarray(header.srows, dtype=np.float64).reshape(3, 4)
         sform = RAS_TO_LPS @ sform
     return NiftiTransforms(shape, qform, sform)
 

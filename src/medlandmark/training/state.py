@@ -55,9 +55,9 @@ class TrainState:
         amp_dtype: torch.dtype | None,
         time_budget_s: float | None = None,
     ) -> TrainState:
-        """A fresh state for ``model``: the settings' optimiser, warm-up then the planned decay (over the
-        steps, or over ``time_budget_s`` seconds of training when given), a gradient scaler that
-        is active under fp16 only, and an EMA when ``settings.ema_decay`` is set."""
+        """A fresh state for ``model``: the settings' optimiser, warm-up then the planned decay
+        (over the steps, or over ``time_budget_s`` seconds of training when given), a gradient
+        scaler that is active under fp16 only, and an EMA when ``settings.ema_decay`` is set."""
         optimizer = build_optimizer(
             model,
             settings.optimizer,
