@@ -182,6 +182,42 @@ def worst_cases(
     return rows[:count]
 
 
+BAD_CASE_MRE_MM = 5.0
+BAD_CASE_LOST_SHARE = 0.5
+BAD_CASE_RULE = (
+    f"a bad case has an MRE above {BAD_CASE_MRE_MM:g} mm, or more than "
+    f"{BAD_CASE_LOST_SHARE:.0%} of its truly present landmarks reported missing"
+)
+
+
+def bad_cases(
+    errors_mm: np.ndarray, pred_present: np.ndarray, gt_present: np.ndarray
+) -> np.ndarray:
+    """``(N,)`` True for the cases :data:`BAD_CASE_RULE` calls bad, from ``(N, K)`` arrays."""
+    with np.errstate(invalid="ignore"):
+        mre = np.array([np.nanmean(row) if np.isfinite(row).any() else 0.0 for row in errors_mm])
+    truly = gt_present.sum(axis=1)
+    lost = (gt_present & ~pred_present).sum(axis=1) / np.maximum(truly, 1)
+    return (mre > BAD_CASE_MRE_MM) | (lost > BAD_CASE_LOST_SHARE)
+
+
+def verdict_separation(bad: np.ndarray, flagged: np.ndarray) -> dict:
+    """How well flags (doubtful or failed) pick out the bad cases: the share of bad cases
+    flagged and the share of flagged cases that were good (None where there are none)."""
+    bad, flagged = np.asarray(bad, dtype=bool), np.asarray(flagged, dtype=bool)
+    return {
+        "bad_cases": int(bad.sum()),
+        "flagged_cases": int(flagged.sum()),
+        "bad_flagged_percent": _number(100.0 * (bad & flagged).sum() / bad.sum())
+        if bad.any()
+        else None,
+        "flagged_good_percent": _number(100.0 * (flagged & ~bad).sum() / flagged.sum())
+        if flagged.any()
+        else None,
+        "bad_case_rule": BAD_CASE_RULE,
+    }
+
+
 def conformal_radius_mm(errors_mm: np.ndarray, level: float = ERROR_BOUND_LEVEL) -> float | None:
     """Split conformal radius: the ``ceil((n + 1) level)``-th smallest of the ``n`` finite
     validation errors, so that a new point's error falls within it with probability at least

@@ -29,22 +29,26 @@ MIN_CASES = 3
 
 @dataclass(frozen=True)
 class ExpectedFit:
-    """Expected positions ``(K, D)`` in world mm, the landmarks that agreed with them, and the
-    fit's RMS residual over those in mm."""
+    """Expected positions ``(K, D)`` in world mm, the landmarks that agreed with them, the
+    fit's RMS residual over those in mm, and the fitted map's handedness (+1 keeps the
+    reference's, -1 mirrors it)."""
 
     expected_mm: np.ndarray
     inliers: np.ndarray
     rms_mm: float
+    handedness: int = 1
 
 
 @dataclass(frozen=True)
 class ShapeModel:
     """Reference shape ``(K, D)`` (mm; NaN for a landmark never seen), the distance within which
-    a found landmark agrees with the fit, and the allowed singular values of the affine map."""
+    a found landmark agrees with the fit, the allowed singular values of the affine map, and the
+    handedness every training case had (+1 or -1; 0 when they differed or it is unknown)."""
 
     reference_mm: np.ndarray
     inlier_mm: float
     singular_values: tuple[float, float]
+    handedness: int = 0
 
     @property
     def minimum_points(self) -> int:
@@ -56,6 +60,7 @@ class ShapeModel:
             "reference_mm": [None if np.isnan(p).any() else p.tolist() for p in self.reference_mm],
             "inlier_mm": self.inlier_mm,
             "singular_values": list(self.singular_values),
+            "handedness": self.handedness,
         }
 
     @classmethod
@@ -65,7 +70,8 @@ class ShapeModel:
             [[np.nan] * ndim if p is None else p for p in data["reference_mm"]], dtype=np.float64
         )
         low, high = data["singular_values"]
-        return cls(reference, float(data["inlier_mm"]), (float(low), float(high)))
+        handedness = int(data.get("handedness", 0))
+        return cls(reference, float(data["inlier_mm"]), (float(low), float(high)), handedness)
 
     def expected(
         self, points_mm: np.ndarray, usable: np.ndarray, seed: int = 0
@@ -95,7 +101,10 @@ class ShapeModel:
             apply_affine(matrix, self.reference_mm[inliers]) - points_mm[inliers], axis=1
         )
         return ExpectedFit(
-            apply_affine(matrix, self.reference_mm), inliers, float(np.sqrt(np.mean(residual**2)))
+            apply_affine(matrix, self.reference_mm),
+            inliers,
+            float(np.sqrt(np.mean(residual**2))),
+            handedness_of(matrix),
         )
 
     def cut_off(self, points_mm: np.ndarray, usable: np.ndarray, geometry: Geometry) -> np.ndarray:
@@ -143,6 +152,12 @@ def affine_fit(source_mm: np.ndarray, target_mm: np.ndarray) -> np.ndarray | Non
     return matrix
 
 
+def handedness_of(matrix: np.ndarray) -> int:
+    """+1 when an affine map from :func:`affine_fit` keeps orientation, -1 when it mirrors."""
+    ndim = matrix.shape[1]
+    return 1 if np.linalg.det(matrix[:ndim]) >= 0 else -1
+
+
 def apply_affine(matrix: np.ndarray, points_mm: np.ndarray) -> np.ndarray:
     """Points ``(N, D)`` mapped by an affine ``(D + 1, D)`` matrix from :func:`affine_fit`."""
     return np.c_[points_mm, np.ones(len(points_mm))] @ matrix
@@ -178,7 +193,7 @@ def fit_shape_model(shapes_mm: Sequence[np.ndarray]) -> ShapeModel | None:
             mean[common], first[common]
         )  # kept in the first case's frame: no drift or collapse
         reference = mean if gauge is None else apply_affine(gauge, mean)
-    residuals, values = [], []
+    residuals, values, hands = [], [], set()
     for shape in usable:
         common = np.isfinite(shape).all(axis=1) & np.isfinite(reference).all(axis=1)
         matrix = affine_fit(reference[common], shape[common])
@@ -188,6 +203,7 @@ def fit_shape_model(shapes_mm: Sequence[np.ndarray]) -> ShapeModel | None:
             np.linalg.norm(apply_affine(matrix, reference[common]) - shape[common], axis=1)
         )
         values.append(np.linalg.svd(matrix[:ndim], compute_uv=False))
+        hands.add(handedness_of(matrix))
     if not residuals:
         return None
     rms = float(np.sqrt(np.mean(np.concatenate(residuals) ** 2)))
@@ -196,4 +212,5 @@ def fit_shape_model(shapes_mm: Sequence[np.ndarray]) -> ShapeModel | None:
         reference,
         max(INLIER_RMS_FACTOR * rms, 1e-6),
         (float(values.min() / SINGULAR_VALUE_SLACK), float(values.max() * SINGULAR_VALUE_SLACK)),
+        hands.pop() if len(hands) == 1 else 0,
     )

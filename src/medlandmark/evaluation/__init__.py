@@ -26,6 +26,7 @@ from medlandmark.errors import DatasetError, LandmarkFileError
 from medlandmark.evaluation.html_report import write_html_report, write_worst_case_overlays
 from medlandmark.evaluation.report import WORST_CASES_SHOWN, print_summary, write_report
 from medlandmark.io.files import atomic_write_text, full_suffix, stem
+from medlandmark.io.landmark_formats import VERDICT_STATUSES, CaseVerdict
 from medlandmark.io.landmarks import FORMAT_BY_SUFFIX, LandmarkSet, read_landmarks
 from medlandmark.metrics import DEFAULT_RADII_MM
 from medlandmark.records.run import PREDICTION_SUMMARY_FILE
@@ -51,6 +52,7 @@ class Pairs:
     gt_cases_without_prediction: int
     dataset: Dataset | None = None
     error_bound_mm: np.ndarray | None = None  # (N, K) the predictions' radii, NaN where none
+    verdicts: list[CaseVerdict | None] | None = None  # the predictions' case verdicts
 
     def landmark_sets(self, case_id: str) -> tuple[LandmarkSet, LandmarkSet]:
         """Prediction and ground truth of one case."""
@@ -82,6 +84,8 @@ def evaluate(
     }
     if pairs.error_bound_mm is not None:
         metrics["error_bound"] = bound_coverage(errors_mm, pairs.error_bound_mm, pairs.names)
+    if pairs.verdicts is not None:
+        metrics["verdict"] = verdict_metrics(pairs, errors_mm, pred_present, gt_present, radii_mm)
     out_dir.mkdir(parents=True, exist_ok=True)
     atomic_write_text(
         out_dir / ERRORS_FILE, _errors_csv(pairs, errors_mm, pred_present, gt_present)
@@ -116,7 +120,7 @@ def load_pairs(pred_dir: Path, gt: Path) -> Pairs:
                 path,
             )
     names: list[str] | None = None
-    pred_sets, gt_sets, bounds = [], [], []
+    pred_sets, gt_sets, bounds, verdicts = [], [], [], []
     for case_id, path in progress(
         predictions.items(), total=len(predictions), description="evaluating"
     ):
@@ -131,6 +135,7 @@ def load_pairs(pred_dir: Path, gt: Path) -> Pairs:
         gt_sets.append(gt_set.points_mm)
         bound = pred_set.error_bound_mm
         bounds.append(np.full(len(pred_set.names), np.nan) if bound is None else bound)
+        verdicts.append(pred_set.verdict)
     unpredicted = len(set(truth.files) - set(predictions))
     if unpredicted:
         info(f"{unpredicted} ground-truth cases have no prediction and are not evaluated")
@@ -142,6 +147,7 @@ def load_pairs(pred_dir: Path, gt: Path) -> Pairs:
         unpredicted,
         truth.dataset,
         np.stack(bounds) if bounds and np.isfinite(np.stack(bounds)).any() else None,
+        verdicts if any(v is not None for v in verdicts) else None,
     )
 
 
@@ -156,6 +162,47 @@ def bound_coverage(errors_mm: np.ndarray, bounds_mm: np.ndarray, names: Sequence
             name: m.bound_coverage(errors_mm[:, k], bounds_mm[:, k]) for k, name in enumerate(names)
         },
         "rule": "percent of points with both an error and a bound whose radial error <= the bound",
+    }
+
+
+def verdict_metrics(
+    pairs: Pairs,
+    errors_mm: np.ndarray,
+    pred_present: np.ndarray,
+    gt_present: np.ndarray,
+    radii_mm: Sequence[float],
+) -> dict:
+    """The predictions' case verdicts: how many of each, the metrics of the ``ok`` cases alone,
+    how well the flags (doubtful, failed) separate bad cases from good ones, and the flagged
+    cases with their reasons."""
+    statuses = [None if v is None else v.status for v in pairs.verdicts]
+    ok = np.array([s == "ok" for s in statuses])
+    flagged = np.array([s in ("doubtful", "failed") for s in statuses])
+    bad = m.bad_cases(errors_mm, pred_present, gt_present)
+    ok_ids = [c for c, keep in zip(pairs.case_ids, ok, strict=True) if keep]
+    ok_summary = m.summarize(
+        errors_mm[ok], pred_present[ok], gt_present[ok], ok_ids, pairs.names, radii_mm
+    )
+    case_mre = [m.error_statistics(errors_mm[i])["mre_mm"] for i in range(len(statuses))]
+    return {
+        "counts": {s: statuses.count(s) for s in VERDICT_STATUSES},
+        "without_verdict": statuses.count(None),
+        "ok_cases": {
+            key: ok_summary[key]
+            for key in ("n_cases", "n_points", "mre_mm", "sd_mm", "sdr", "missing")
+        },
+        **m.verdict_separation(bad, flagged),
+        "flagged": [
+            {
+                "case_id": case_id,
+                "status": verdict.status,
+                "reasons": list(verdict.reasons),
+                "mre_mm": case_mre[i],
+                "bad": bool(bad[i]),
+            }
+            for i, (case_id, verdict) in enumerate(zip(pairs.case_ids, pairs.verdicts, strict=True))
+            if flagged[i]
+        ],
     }
 
 

@@ -22,6 +22,7 @@ from medlandmark.evaluation.report import (
     WORST_CASES_SHOWN,
     format_mm,
     format_percent,
+    verdict_sentences,
 )
 from medlandmark.io.files import atomic_write_text
 from medlandmark.io.landmarks import LandmarkSet
@@ -112,6 +113,7 @@ def report_html(metrics: dict, overlays: CaseOverlays) -> str:
         *_per_landmark(metrics),
         *_missing(metrics),
         *_error_bounds(metrics),
+        *_verdicts(metrics),
         "<h2>Plots</h2>",
         '<div class="plots">',
         _figure(SDR_CURVE_FILE, "Success detection rate (percent of points within r mm)"),
@@ -220,6 +222,32 @@ def _error_bounds(metrics: dict) -> list[str]:
         f"(median bound {_text(format_mm(bound['median_bound_mm']))} mm).</p>",
         _table(["landmark", "coverage"], rows),
     ]
+
+
+def _verdicts(metrics: dict) -> list[str]:
+    """The case verdicts the predictions carry, and the flagged cases (nothing without any)."""
+    verdict = metrics.get("verdict")
+    if verdict is None:
+        return []
+    parts = ["<h2>Case verdicts</h2>"]
+    parts += [f"<p>{_text(s)}</p>" for s in verdict_sentences(verdict)]
+    rows = [
+        [
+            row["case_id"],
+            row["status"],
+            format_mm(row["mre_mm"]),
+            "yes" if row["bad"] else "no",
+            "; ".join(row["reasons"]),
+        ]
+        for row in verdict["flagged"]
+    ]
+    if rows:
+        parts.append(
+            _table(
+                ["case", "verdict", "MRE (mm)", "bad", "reasons"], rows, text_columns=(0, 1, 3, 4)
+            )
+        )
+    return parts
 
 
 def _worst_cases(metrics: dict, overlays: CaseOverlays) -> list[str]:

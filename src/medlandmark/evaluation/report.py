@@ -95,6 +95,7 @@ def report_markdown(metrics: dict) -> str:
         + _sdr_lines(metrics, radii)
         + _per_landmark_lines(metrics, radii)
         + _error_bound_lines(metrics)
+        + _verdict_lines(metrics, radii)
         + _missing_and_worst_lines(metrics)
         + _plots_and_conventions_lines(metrics)
     )
@@ -142,6 +143,57 @@ def _error_bound_lines(metrics: dict) -> list[str]:
     for name, coverage in bound["per_landmark_coverage_percent"].items():
         lines.append(f"| {_cell(name)} | {format_percent(coverage)} |")
     return [*lines, ""]
+
+
+def verdict_sentences(verdict: dict) -> list[str]:
+    """The verdicts in plain sentences, shared by the Markdown and HTML reports."""
+    counts = verdict["counts"]
+    ok = verdict["ok_cases"]
+    sentences = [
+        f"Verdicts: {counts['ok']} ok, {counts['doubtful']} doubtful, {counts['failed']} failed"
+        + (f", {verdict['without_verdict']} without one." if verdict["without_verdict"] else "."),
+        f"The {ok['n_cases']} ok cases: MRE {format_mm(ok['mre_mm'])} mm, SD "
+        f"{format_mm(ok['sd_mm'])} mm over {ok['n_points']} points.",
+    ]
+    if verdict["bad_cases"]:
+        sentences.append(
+            f"Of {verdict['bad_cases']} bad cases, {format_percent(verdict['bad_flagged_percent'])} "
+            "were flagged doubtful or failed."
+        )
+    else:
+        sentences.append("No case was bad.")
+    if verdict["flagged_cases"]:
+        sentences.append(
+            f"Of {verdict['flagged_cases']} flagged cases, "
+            f"{format_percent(verdict['flagged_good_percent'])} were good."
+        )
+    sentences.append(f"Rule: {verdict['bad_case_rule']}.")
+    return sentences
+
+
+def _verdict_lines(metrics: dict, radii: list[str]) -> list[str]:
+    """The case verdicts the predictions carry (nothing when they carry none)."""
+    verdict = metrics.get("verdict")
+    if verdict is None:
+        return []
+    lines = ["## Case verdicts", "", *(f"{s}  " for s in verdict_sentences(verdict)), ""]
+    ok_sdr = verdict["ok_cases"]["sdr"]
+    lines += [
+        "| cases | " + " | ".join(f"SDR {r} mm" for r in radii) + " |",
+        "|---|" + "---:|" * len(radii),
+        "| ok | " + " | ".join(format_percent(ok_sdr.get(r)) for r in radii) + " |",
+        "| all | " + " | ".join(format_percent(metrics["sdr"][r]) for r in radii) + " |",
+        "",
+    ]
+    if verdict["flagged"]:
+        lines += ["| case | verdict | MRE (mm) | bad | reasons |", "|---|---|---:|---|---|"]
+        for row in verdict["flagged"]:
+            lines.append(
+                f"| {_cell(row['case_id'])} | {row['status']} | {format_mm(row['mre_mm'])} | "
+                f"{'yes' if row['bad'] else 'no'} | {_cell('; '.join(row['reasons']))} |"
+            )
+        lines.append("")
+    return lines
 
 
 def _sdr_lines(metrics: dict, radii: list[str]) -> list[str]:
@@ -232,6 +284,14 @@ def print_summary(metrics: dict, out_dir: Path) -> None:
     bound = metrics.get("error_bound")
     if bound is not None:
         table.add_row("within the error bound", format_percent(bound["coverage_percent"]))
+    verdict = metrics.get("verdict")
+    if verdict is not None:
+        counts = verdict["counts"]
+        table.add_row(
+            "verdicts ok / doubtful / failed",
+            f"{counts['ok']} / {counts['doubtful']} / {counts['failed']}",
+        )
+        table.add_row("MRE of the ok cases", f"{format_mm(verdict['ok_cases']['mre_mm'])} mm")
     console.print(table)
     console.print(f"report: {escape(str(Path(out_dir) / REPORT_FILE))}", soft_wrap=True)
     html = metrics.get("files", {}).get("html_report")

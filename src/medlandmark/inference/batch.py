@@ -27,6 +27,8 @@ SUMMARY_COLUMNS = [
     "present",
     "missing",
     "mean_confidence",
+    "verdict",
+    "verdict_reasons",
     "seconds",
     "message",
 ]
@@ -88,7 +90,9 @@ def predict_files(
     options: PredictOptions | None = None,
 ) -> list[dict]:
     """Predict every input into ``out/<case_id>.<format>`` and ``out/summary.csv``; returns the
-    summary rows (``status`` is ``ok`` or ``failed``, with the reason)."""
+    summary rows (``status``: whether the image was predicted, ``ok`` or ``failed`` with the
+    reason; ``verdict``: how far its landmarks can be trusted, ``ok``, ``doubtful`` or
+    ``failed``, with the reasons). One line is printed per doubtful or failed case."""
     options = options or PredictOptions()
     if options.output_format not in OUTPUT_FORMATS:
         raise MedlandmarkError(
@@ -116,6 +120,9 @@ def predict_files(
             if options.overlay:
                 _write_overlay(out / "overlays" / f"{case_id}.png", image, prediction)
             rows.append(_summary_row(case_id, target, prediction, started))
+            verdict = prediction.verdict
+            if verdict is not None and verdict.status != "ok":
+                warn(f"{case_id}: {verdict.text}")
         except MedlandmarkError as error:
             message = str(error) if error.path is not None else f"{path}: {error}"
             warn(message)
@@ -124,6 +131,12 @@ def predict_files(
     failed = sum(r["status"] == "failed" for r in rows)
     failures = f"; {failed} failed (see {SUMMARY_FILE})" if failed else ""
     info(f"predicted {len(rows) - failed} of {len(rows)} images into {out}{failures}")
+    doubted = {v: sum(r["verdict"] == v for r in rows) for v in ("doubtful", "failed")}
+    if any(doubted.values()):
+        info(
+            f"verdicts: {doubted['doubtful']} doubtful, {doubted['failed']} failed of "
+            f"{len(rows) - failed} predicted (reasons in {SUMMARY_FILE} and each landmark file)"
+        )
     return rows
 
 
@@ -136,6 +149,10 @@ def _summary_row(case_id: str, target: Path, prediction, started: float) -> dict
         "present": int(present.sum()),
         "missing": int((~present).sum()),
         "mean_confidence": round(float(np.mean(prediction.peak)), 4),
+        "verdict": "" if prediction.verdict is None else prediction.verdict.status,
+        "verdict_reasons": ""
+        if prediction.verdict is None
+        else "; ".join(prediction.verdict.reasons),
         "seconds": round(time.perf_counter() - started, 3),
         "message": "",
     }

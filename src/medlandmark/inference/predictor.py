@@ -34,14 +34,22 @@ from medlandmark.io.geometry import (
     world_to_index,
 )
 from medlandmark.io.images import ImageData, read_image
+from medlandmark.io.landmark_formats import CaseVerdict
 from medlandmark.io.landmarks import LandmarkSet, pair_permutation, symmetric_pair_indices
 from medlandmark.models import channels_last
 from medlandmark.preprocessing import preprocess_image
 from medlandmark.preprocessing.crops import crop_with_zeros
 from medlandmark.records.plan import Configuration, Plan
-from medlandmark.records.run import ONNX_FILE, RUN_FILE, RunRecord, read_run_record
+from medlandmark.records.run import (
+    ONNX_FILE,
+    RUN_FILE,
+    RunRecord,
+    VerdictThresholds,
+    read_run_record,
+)
 from medlandmark.shape_model import ShapeModel
 from medlandmark.sliding_window import head_strides, sliding_window_outputs
+from medlandmark.verdict import CaseEvidence, case_evidence, combined_thresholds, judge
 
 Network = Callable[[torch.Tensor], Sequence[torch.Tensor]]
 NetworkFactory = Callable[[RunRecord, Path], Network]
@@ -51,11 +59,17 @@ NetworkFactory = Callable[[RunRecord, Path], Network]
 class Prediction:
     """Landmarks of one image: world mm (NaN where predicted missing; the position found is
     kept in ``landmarks.recorded_mm``), the confidence (``peak``: the heatmap's peak on the scale
-    of the training targets, 0 = empty, 1 = a target's peak, clipped to 0-1) and the spread."""
+    of the training targets, 0 = empty, 1 = a target's peak, clipped to 0-1), the spread, and
+    the case's verdict (also in ``landmarks.verdict``) with the evidence it rests on."""
 
     landmarks: LandmarkSet
     peak: np.ndarray
     spread_mm: np.ndarray
+    evidence: CaseEvidence | None = None
+
+    @property
+    def verdict(self) -> CaseVerdict | None:
+        return self.landmarks.verdict
 
     @property
     def present(self) -> np.ndarray:
@@ -76,6 +90,7 @@ class Stage:
     prediction: str = "full_resolution"  # the runs' rule: which outputs give the points
     target: str = "gaussian"  # the runs' training targets: what a peak means as a confidence
     error_bounds_mm: np.ndarray | None = None  # per landmark, the runs' validated error radius
+    verdict_thresholds: VerdictThresholds | None = None  # the runs' validated case checks
 
     def heatmaps(
         self,
@@ -243,6 +258,7 @@ class Predictor:
         peak = confidence_of(decoded.peak[0].float().cpu(), first.target)
         spread_mm = spread_in_mm(decoded.spread_per_axis[0], geometry)
         present = peak >= first.presence_threshold
+        evidence = case_evidence(peak, present, points, first.shape_model, image.geometry)
         if len(self.stages) > 1:
             points, spread_mm = self._refine(image, points, present, spread_mm)
         if self.shape_check and first.shape_model is not None:
@@ -256,8 +272,9 @@ class Predictor:
             recorded_mm=np.where(present[:, None], np.nan, kept),
             confidence=peak,
             error_bound_mm=self._error_bounds(present),
+            verdict=judge(evidence, first.verdict_thresholds, self.names),
         )
-        return Prediction(landmarks, peak, spread_mm)
+        return Prediction(landmarks, peak, spread_mm, evidence)
 
     def _error_bounds(self, present: np.ndarray) -> np.ndarray | None:
         """Each present point's error bound (mm): the last stage's that validated (a cascade
@@ -447,7 +464,7 @@ def _stage(
     network_factory: NetworkFactory | None,
 ) -> Stage:
     """The networks of one configuration's runs (an ensemble) and what their runs learnt."""
-    networks, thresholds, bounds = [], [], []
+    networks, thresholds, bounds, checks = [], [], [], []
     for folder, record in runs:
         if network_factory is not None:
             network = network_factory(record, folder)
@@ -459,6 +476,8 @@ def _stage(
         thresholds.append(DEFAULT_PRESENCE_THRESHOLD if threshold is None else threshold)
         if record.error_bounds_mm is not None:
             bounds.append(record.error_bounds_mm)
+        if record.verdict_thresholds is not None:
+            checks.append(record.verdict_thresholds)
     _, record = runs[0]
     settings = record.settings
     pairs = symmetric_pair_indices(record.landmarks, record.symmetric_pairs)
@@ -474,4 +493,5 @@ def _stage(
         prediction="full_resolution" if settings is None else settings.prediction,
         target="gaussian" if settings is None else settings.target,
         error_bounds_mm=np.max(bounds, axis=0) if bounds else None,  # an ensemble: the widest
+        verdict_thresholds=combined_thresholds(checks),
     )

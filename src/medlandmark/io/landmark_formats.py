@@ -42,6 +42,29 @@ FCSV_COLUMNS = [
 ]
 
 
+VERDICT_STATUSES = ("ok", "doubtful", "failed")
+
+
+@dataclass(frozen=True)
+class CaseVerdict:
+    """How far a prediction of one case can be trusted: ``ok``, ``doubtful`` or ``failed``, and
+    why (one short sentence per reason)."""
+
+    status: str
+    reasons: tuple[str, ...] = ()
+
+    def __post_init__(self) -> None:
+        if self.status not in VERDICT_STATUSES:
+            raise ValueError(
+                f"unknown case status {self.status!r} (use {', '.join(VERDICT_STATUSES)})"
+            )
+
+    @property
+    def text(self) -> str:
+        """One line: the status, then the reasons after a colon."""
+        return self.status + (": " + "; ".join(self.reasons) if self.reasons else "")
+
+
 @dataclass
 class RawLandmarks:
     """Points as a file holds them: ``(K, D)`` in ``space``, NaN rows for missing points.
@@ -56,6 +79,7 @@ class RawLandmarks:
     recorded: np.ndarray | None = None
     confidence: np.ndarray | None = None
     error_bound_mm: np.ndarray | None = None  # a prediction's radius per point (always mm)
+    verdict: CaseVerdict | None = None  # a prediction's trust in the whole case
 
 
 ERROR_BOUND = "error_bound_mm"  # the column / key of a prediction's error bound
@@ -120,11 +144,12 @@ def _space(value: object, path: Path) -> str:
 def parse_csv(text: str, path: Path) -> RawLandmarks:
     lines = text.splitlines()
     space = None
-    body = []
+    body, header_lines = [], {}
     for line in lines:
         stripped = line.strip()
         if stripped.startswith("#"):
             key, _, value = stripped.lstrip("#").partition(":")
+            header_lines[key.strip().lower()] = value.strip()
             if key.strip().lower() == "coordinate_space":
                 space = _space(value, path)
         elif stripped:
@@ -162,6 +187,9 @@ def parse_csv(text: str, path: Path) -> RawLandmarks:
         space,
         confidence=np.asarray(confidence) if has_confidence else None,
         error_bound_mm=np.asarray(bounds) if has_bound else None,
+        verdict=_verdict_from_text(
+            header_lines.get("case_status"), header_lines.get("case_reasons"), path
+        ),
     )
 
 
@@ -169,6 +197,10 @@ def format_csv(raw: RawLandmarks) -> str:
     ndim = raw.points.shape[1]
     out = io.StringIO()
     out.write(f"# coordinate_space: {raw.space}\n")
+    if raw.verdict is not None:
+        out.write(f"# case_status: {raw.verdict.status}\n")
+        if raw.verdict.reasons:
+            out.write(f"# case_reasons: {_reasons_text(raw.verdict)}\n")
     writer = csv.writer(out, lineterminator="\n")
     header = ["name", "x", "y", "z"][: ndim + 1]
     header += ["confidence"] if raw.confidence is not None else []
@@ -234,6 +266,7 @@ def parse_json(text: str, path: Path) -> RawLandmarks:
         recorded=recorded_array if not np.isnan(recorded_array).all() else None,
         confidence=np.asarray(confidence) if has_confidence else None,
         error_bound_mm=np.asarray(bounds) if any(not math.isnan(b) for b in bounds) else None,
+        verdict=_json_verdict(data.get("verdict"), path),
     )
 
 
@@ -263,6 +296,8 @@ def format_json(raw: RawLandmarks) -> str:
         "units": "mm",
         "landmarks": entries,
     }
+    if raw.verdict is not None:
+        document["verdict"] = {"status": raw.verdict.status, "reasons": list(raw.verdict.reasons)}
     return json.dumps(document, indent=2) + "\n"
 
 
@@ -314,7 +349,16 @@ def parse_slicer_json(text: str, path: Path) -> RawLandmarks:
                 f"control point {number} ('{label}'): position must be 3 numbers", path
             )
         points.append([float(v) * scale for v in position])
-    return RawLandmarks(names, _check_points([p or [math.nan] * 3 for p in points], path), space)
+    attributes = markup.get("attributes")
+    attributes = attributes if isinstance(attributes, dict) else {}
+    return RawLandmarks(
+        names,
+        _check_points([p or [math.nan] * 3 for p in points], path),
+        space,
+        verdict=_verdict_from_text(
+            attributes.get(CASE_STATUS_ATTRIBUTE), attributes.get(CASE_REASONS_ATTRIBUTE), path
+        ),
+    )
 
 
 def format_slicer_json(raw: RawLandmarks) -> str:
@@ -336,19 +380,21 @@ def format_slicer_json(raw: RawLandmarks) -> str:
                 "positionStatus": "defined" if defined else "undefined",
             }
         )
-    document = {
-        "@schema": SLICER_SCHEMA,
-        "markups": [
-            {
-                "type": "Fiducial",
-                "coordinateSystem": raw.space,
-                "coordinateUnits": "mm",
-                "locked": False,
-                "labelFormat": "%N-%d",
-                "controlPoints": control_points,
-            }
-        ],
+    markup = {
+        "type": "Fiducial",
+        "coordinateSystem": raw.space,
+        "coordinateUnits": "mm",
+        "locked": False,
+        "labelFormat": "%N-%d",
+        "controlPoints": control_points,
     }
+    if raw.verdict is not None:  # the schema allows further properties: Slicer keeps them
+        markup["description"] = f"case {raw.verdict.text}"
+        markup["attributes"] = {
+            CASE_STATUS_ATTRIBUTE: raw.verdict.status,
+            CASE_REASONS_ATTRIBUTE: _reasons_text(raw.verdict),
+        }
+    document = {"@schema": SLICER_SCHEMA, "markups": [markup]}
     return json.dumps(document, indent=2) + "\n"
 
 
@@ -357,7 +403,7 @@ def format_slicer_json(raw: RawLandmarks) -> str:
 
 def parse_fcsv(text: str, path: Path) -> RawLandmarks:
     columns, space = FCSV_COLUMNS, "LPS"
-    rows = []
+    rows, case_lines = [], {}
     version_seen = False
     for line in text.splitlines():
         stripped = line.strip()
@@ -372,6 +418,8 @@ def parse_fcsv(text: str, path: Path) -> RawLandmarks:
                     raise LandmarkFileError(f"unknown CoordinateSystem '{value[:40]}'", path)
             elif key == "columns":
                 columns = [c.strip() for c in value.split(",")]
+            elif key in ("case_status", "case_reasons"):
+                case_lines[key] = value
         elif stripped:
             rows.append(line)
     if not version_seen:
@@ -389,7 +437,10 @@ def parse_fcsv(text: str, path: Path) -> RawLandmarks:
             )
         names.append(row[columns.index("label")].strip())
         points.append([_number(row[columns.index(a)], path, f"point {number}") for a in "xyz"])
-    return RawLandmarks(names, _check_points(points, path), space)
+    verdict = _verdict_from_text(
+        case_lines.get("case_status"), case_lines.get("case_reasons"), path
+    )
+    return RawLandmarks(names, _check_points(points, path), space, verdict=verdict)
 
 
 def format_fcsv(raw: RawLandmarks) -> str:
@@ -398,6 +449,10 @@ def format_fcsv(raw: RawLandmarks) -> str:
     out.write("# Markups fiducial file version = 4.11\n")
     out.write(f"# CoordinateSystem = {raw.space}\n")
     out.write(f"# columns = {','.join(FCSV_COLUMNS)}\n")
+    if raw.verdict is not None:  # Slicer skips comment lines it does not know
+        out.write(f"# case_status = {raw.verdict.status}\n")
+        if raw.verdict.reasons:
+            out.write(f"# case_reasons = {_reasons_text(raw.verdict)}\n")
     writer = csv.writer(out, lineterminator="\n")
     for k, name in enumerate(_names(raw)):
         coords = [_format_number(v) or "nan" for v in points3[k]]
@@ -412,6 +467,40 @@ def format_fcsv(raw: RawLandmarks) -> str:
             ]
         )
     return out.getvalue()
+
+
+CASE_STATUS_ATTRIBUTE = "medlandmark.case_status"
+CASE_REASONS_ATTRIBUTE = "medlandmark.case_reasons"
+
+
+def _reasons_text(verdict: CaseVerdict) -> str:
+    """The reasons on one line, separated by semicolons (which no reason contains)."""
+    return "; ".join(r.replace(";", ",").replace("\n", " ") for r in verdict.reasons)
+
+
+def _verdict_from_text(status: object, reasons: object, path: Path) -> CaseVerdict | None:
+    """A verdict from a status word and semicolon-separated reasons (None without a status)."""
+    if status is None or status == "":
+        return None
+    if not isinstance(status, str) or status.strip() not in VERDICT_STATUSES:
+        raise LandmarkFileError(
+            f"case status must be one of {', '.join(VERDICT_STATUSES)}, got {str(status)[:40]!r}",
+            path,
+        )
+    parts = reasons.split(";") if isinstance(reasons, str) else []
+    return CaseVerdict(status.strip(), tuple(p.strip() for p in parts if p.strip()))
+
+
+def _json_verdict(data: object, path: Path) -> CaseVerdict | None:
+    if data is None:
+        return None
+    reasons = data.get("reasons", []) if isinstance(data, dict) else None
+    if not isinstance(reasons, list) or not all(isinstance(r, str) for r in reasons):
+        raise LandmarkFileError(
+            "'verdict' must be an object with a 'status' and a list of 'reasons'", path
+        )
+    verdict = _verdict_from_text(data.get("status"), None, path)
+    return None if verdict is None else CaseVerdict(verdict.status, tuple(reasons))
 
 
 def _bound_text(raw: RawLandmarks, k: int) -> str:

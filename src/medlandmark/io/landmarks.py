@@ -25,6 +25,7 @@ from medlandmark.io.geometry import (
     ras_to_lps,
     world_to_itk_index,
 )
+from medlandmark.io.landmark_formats import CaseVerdict
 
 FORMAT_BY_SUFFIX = {
     ".csv": "csv",
@@ -57,7 +58,8 @@ class LandmarkSet:
 
     ``recorded_mm`` keeps known positions of points marked missing (e.g. outside the field of
     view); ``confidence`` is a prediction's per-point confidence and ``error_bound_mm`` its radius
-    (mm) within which the true point lies with the run's stated probability.
+    (mm) within which the true point lies with the run's stated probability; ``verdict`` is a
+    prediction's trust in the whole case (:class:`~medlandmark.io.landmark_formats.CaseVerdict`).
     """
 
     names: list[str]
@@ -65,6 +67,7 @@ class LandmarkSet:
     recorded_mm: np.ndarray | None = None
     confidence: np.ndarray | None = field(default=None)
     error_bound_mm: np.ndarray | None = field(default=None)
+    verdict: CaseVerdict | None = field(default=None)
 
     def __post_init__(self) -> None:
         self.names = [str(n) for n in self.names]
@@ -102,6 +105,7 @@ class LandmarkSet:
             None if self.recorded_mm is None else self.recorded_mm[order],
             None if self.confidence is None else self.confidence[order],
             None if self.error_bound_mm is None else self.error_bound_mm[order],
+            self.verdict,
         )
 
 
@@ -166,7 +170,9 @@ def read_landmarks(
     else:
         file_names = raw.names
     try:
-        landmarks = LandmarkSet(file_names, points, recorded, raw.confidence, raw.error_bound_mm)
+        landmarks = LandmarkSet(
+            file_names, points, recorded, raw.confidence, raw.error_bound_mm, raw.verdict
+        )
     except LandmarkFileError as error:
         raise LandmarkFileError(error.detail, path) from None
     return landmarks.select(names, path) if names is not None else landmarks
@@ -195,6 +201,7 @@ def write_landmarks(
         else _from_world(landmarks.recorded_mm, space, geometry, path),
         landmarks.confidence,
         landmarks.error_bound_mm,
+        landmarks.verdict,
     )
     try:
         text = FORMATTERS[format_name](raw)

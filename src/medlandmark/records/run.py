@@ -75,6 +75,7 @@ class ShapeModelRecord(_Record):
     reference_mm: list[list[float] | None] = Field(min_length=1)
     inlier_mm: float = Field(gt=0, allow_inf_nan=False)
     singular_values: tuple[float, float]
+    handedness: Literal[-1, 0, 1] = 0  # the training cases' (0: mixed, or a run from before)
 
     @model_validator(mode="after")
     def _consistent(self) -> ShapeModelRecord:
@@ -95,6 +96,21 @@ class ShapeModelRecord(_Record):
         return len(next(r for r in self.reference_mm if r is not None))
 
 
+class VerdictThresholds(_Record):
+    """The case checks of :mod:`medlandmark.verdict`, calibrated on ``cases`` validation cases:
+    typical values and the limits beyond which a prediction is doubtful or failed."""
+
+    cases: int = Field(ge=1)
+    confidence_typical: float = Field(allow_inf_nan=False)
+    confidence_doubtful: float = Field(allow_inf_nan=False)
+    confidence_failed: float = Field(allow_inf_nan=False)
+    shape_rms_typical_mm: float | None = Field(default=None, ge=0, allow_inf_nan=False)
+    shape_rms_doubtful_mm: float | None = Field(default=None, ge=0, allow_inf_nan=False)
+    disagreeing_share_doubtful: float = Field(ge=0, le=1)
+    missing_share_doubtful: float = Field(ge=0, le=1)
+    missing_share_failed: float = Field(ge=0, le=1)
+
+
 class RunRecord(_Record):
     """``run.json``: the network, its plan, its landmarks and what training learnt and measured."""
 
@@ -106,6 +122,7 @@ class RunRecord(_Record):
         "presence_threshold",
         "error_bounds_mm",
         "error_bound_level",
+        "verdict_thresholds",
     )
     version: Literal[1] = 1
     status: RunStatus = "training"
@@ -131,6 +148,7 @@ class RunRecord(_Record):
     error_bounds_mm: list[float] | None = None
     error_bound_level: float | None = Field(default=None, gt=0, lt=1)
     shape_model: ShapeModelRecord | None = None
+    verdict_thresholds: VerdictThresholds | None = None  # from the best validation's cases
     weight_checksum_per_rank: list[float] | None = None
 
     _arch = field_validator("arch")(plain_name)

@@ -54,11 +54,12 @@ from medlandmark.records.run import (
     RunRecord,
     RunSettings,
     ShapeModelRecord,
+    VerdictThresholds,
     read_run_record,
     write_run_record,
 )
 from medlandmark.records.weights import save_weights, unwrap
-from medlandmark.shape_model import fit_shape_model
+from medlandmark.shape_model import ShapeModel, fit_shape_model
 from medlandmark.training import distributed
 from medlandmark.training.batches import AugmentedBatches
 from medlandmark.training.losses import heatmap_loss
@@ -71,7 +72,8 @@ from medlandmark.training.options import (
 )
 from medlandmark.training.sampling import PatchSampler
 from medlandmark.training.state import TrainState, mixed_precision, total_steps
-from medlandmark.training.validation import validate
+from medlandmark.training.validation import Validation, validate
+from medlandmark.verdict import case_evidence, verdict_thresholds
 
 __all__ = ["TrainOptions", "TrainingError", "fold_case_ids", "train"]
 
@@ -674,6 +676,7 @@ def _validate_and_keep_best(run: _Run, row: dict) -> None:
         run.record.presence_threshold = threshold
         run.record.error_bounds_mm = metrics.conformal_radii_mm(result.errors_mm)
         run.record.error_bound_level = metrics.ERROR_BOUND_LEVEL
+        run.record.verdict_thresholds = _verdict_thresholds(run, result, confidences, threshold)
         write_run_record(run.run_dir, run.record)
     if result.mre_mm is None:
         warn(f"step {run.state.step}: no landmark is present in the validation cases: no MRE")
@@ -681,6 +684,19 @@ def _validate_and_keep_best(run: _Run, row: dict) -> None:
     sdr = result.sdr.get("2.0")
     sdr_text = "-" if sdr is None else f"{sdr:.1f}%"
     info(f"step {run.state.step}: validation MRE {result.mre_mm:.3f} mm, SDR@2mm {sdr_text}")
+
+
+def _verdict_thresholds(
+    run: _Run, result: Validation, confidences: np.ndarray, threshold: float
+) -> VerdictThresholds | None:
+    """The case checks calibrated on this validation (:mod:`medlandmark.verdict`)."""
+    shape = run.record.shape_model
+    shape_model = None if shape is None else ShapeModel.from_dict(shape.model_dump())
+    evidence = [
+        case_evidence(confidences[i], confidences[i] >= threshold, points, shape_model, c.geometry)
+        for i, (points, c) in enumerate(zip(result.points_mm, run.val_cases, strict=True))
+    ]
+    return verdict_thresholds(evidence)
 
 
 def _log(run_dir: Path, row: dict) -> None:

@@ -47,6 +47,7 @@ class Validation:
     truly_present: np.ndarray
     error_sd_voxels: list[float] | None
     errors_mm: np.ndarray  # (cases, K), NaN where the landmark is not truly present
+    points_mm: np.ndarray  # (cases, K, D) the predicted world positions
 
 
 @torch.no_grad()
@@ -86,4 +87,5 @@ def validate(
         truly_present=~np.isnan(np.stack(truths)).any(axis=-1),
         error_sd_voxels=np.sqrt(np.mean(offsets**2, axis=0)).tolist() if len(offsets) else None,
         errors_mm=errors,
+        points_mm=np.stack(predictions),
     )
