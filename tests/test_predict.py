@@ -282,7 +282,7 @@ def test_overlay_option_writes_a_png_per_case(trained, tmp_path: Path) -> None:
 class _CutsEverything:
     """A shape model stand-in that calls every landmark cut off and records what it was given."""
 
-    minimum_points, handedness = 5, 0
+    minimum_points, handedness, rotation_limit_deg = 5, 0, None
 
     def __init__(self) -> None:
         self.calls: list[tuple] = []
@@ -324,7 +324,7 @@ class _PlacesItElsewhere:
     """A shape model stand-in: nothing cut off, and the landmark expected ``offset_mm`` from
     where it was found (as when the network's peak sits on a look-alike)."""
 
-    inlier_mm, minimum_points, handedness = 3.0, 1, 0
+    inlier_mm, minimum_points, handedness, rotation_limit_deg = 3.0, 1, 0, None
 
     def __init__(self, offset_mm: np.ndarray) -> None:
         self.offset_mm = offset_mm

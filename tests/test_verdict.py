@@ -223,3 +223,26 @@ def test_training_calibrates_the_checks_and_predict_writes_verdicts(tmp_path: Pa
     for row in rows:
         if row["verdict"] != "ok":
             assert f"{row['case_id']}: {row['verdict']}" in printed
+
+
+def test_calibrate_restores_the_limits_of_a_run_trained_before_them(tmp_path: Path) -> None:
+    from medlandmark.cli import main
+    from medlandmark.records.run import read_run_record, write_run_record
+    from medlandmark.training.loop import TrainOptions, train
+
+    from .conftest import synthetic_training_set
+
+    dataset = synthetic_training_set(tmp_path / "ds", num_cases=8, size_px=48)
+    train(dataset, tmp_path / "run", TrainOptions(epochs=1, iterations_per_epoch=2, fold=0))
+    trained = read_run_record(tmp_path / "run")
+    older = trained.model_copy(update={"verdict_thresholds": None, "presence_threshold": None})
+    write_run_record(tmp_path / "run", older)
+    assert main(["calibrate", str(tmp_path / "run"), "--device", "cpu"]) == 0
+    again = read_run_record(tmp_path / "run")
+    before, after = trained.verdict_thresholds.model_dump(), again.verdict_thresholds.model_dump()
+    assert before.keys() == after.keys()
+    for key, value in before.items():
+        assert after[key] == (value if value is None else pytest.approx(value, rel=1e-4)), key
+    assert again.presence_threshold == pytest.approx(trained.presence_threshold, rel=1e-4)
+    train(dataset, tmp_path / "all", TrainOptions(epochs=1, iterations_per_epoch=1, fold="all"))
+    assert main(["calibrate", str(tmp_path / "all")]) == 2  # no validation cases: named

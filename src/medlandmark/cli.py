@@ -139,6 +139,7 @@ def build_parser() -> argparse.ArgumentParser:
         _add_preprocess,
         _add_models,
         _add_train,
+        _add_calibrate,
         _add_predict,
         _add_export,
         _add_evaluate,
@@ -472,6 +473,14 @@ def _add_predict(sub) -> None:
         help="keep landmarks that the training constellation, fitted to the landmarks found, places outside the image",
     )
     predict.add_argument(
+        "--orientation",
+        choices=["auto", "search", "fixed"],
+        default="auto",
+        help="search: try every mirror and turn of the image (3D: axis flips) and keep the one "
+        "whose landmarks fit the training shape best; fixed: trust the image as given; auto "
+        "(default): search 2D images, trust 3D headers",
+    )
+    predict.add_argument(
         "--onnx",
         nargs="?",
         const="run",
@@ -480,6 +489,21 @@ def _add_predict(sub) -> None:
         help="run with onnxruntime: this file, or each run's model.onnx when no file is given",
     )
     predict.set_defaults(func=_predict)
+
+
+def _add_calibrate(sub) -> None:
+    calibrate = _verb(
+        sub,
+        "calibrate",
+        "Recalibrate a trained run on its validation cases.",
+        "Validates the run's best weights on its validation cases again and stores in run.json\n"
+        "what they calibrate: the presence threshold, the error bounds and the limits of the case\n"
+        "verdicts (training does this at each best validation; this is for runs trained before).",
+        "medlandmark calibrate runs/isbi/2d_coarse_fold0",
+    )
+    calibrate.add_argument("run_dir", type=Path, help="a training run folder with validation cases")
+    calibrate.add_argument("--device", default="auto")
+    calibrate.set_defaults(func=_calibrate)
 
 
 def _add_export(sub) -> None:
@@ -671,9 +695,23 @@ def _predict(args: argparse.Namespace) -> int:
         weights=args.weights,
         onnx=args.onnx,
         shape_check=args.shape_check,
+        orientation=args.orientation,
     )
     rows = predict_files(args.model_dir, args.inputs, args.out, options)
     return EXIT_PROBLEMS if any(r["status"] == "failed" for r in rows) else 0
+
+
+def _calibrate(args: argparse.Namespace) -> int:
+    from medlandmark.training.loop import recalibrate
+
+    record = recalibrate(args.run_dir, args.device)
+    checks = record.verdict_thresholds
+    typical = "-" if checks is None else f"{checks.confidence_typical:.2f}"
+    console.print(
+        f"calibrated {args.run_dir} on {len(record.val_cases)} validation cases: presence "
+        f"threshold {record.presence_threshold:.3f}, typical mean confidence {typical}"
+    )
+    return 0
 
 
 def _export(args: argparse.Namespace) -> int:

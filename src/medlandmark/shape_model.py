@@ -23,6 +23,7 @@ from medlandmark.io.geometry import Geometry
 ALIGNMENT_ROUNDS = 10
 INLIER_RMS_FACTOR = 4.0  # an inlier is within this many training residual RMS of its expected place
 SINGULAR_VALUE_SLACK = 1.1  # the fitted map may scale this much beyond the training range
+ROTATION_SLACK_DEG = 20.0  # the fitted map may turn this much beyond the most turned training case
 RANSAC_TRIALS = 500
 MIN_CASES = 3
 
@@ -37,18 +38,22 @@ class ExpectedFit:
     inliers: np.ndarray
     rms_mm: float
     handedness: int = 1
+    rotation_deg: float = 0.0  # how far the fitted map turns the reference
 
 
 @dataclass(frozen=True)
 class ShapeModel:
     """Reference shape ``(K, D)`` (mm; NaN for a landmark never seen), the distance within which
     a found landmark agrees with the fit, the allowed singular values of the affine map, and the
-    handedness every training case had (+1 or -1; 0 when they differed or it is unknown)."""
+    handedness every training case had (+1 or -1; 0 when they differed or it is unknown), and
+    how far a fit may turn the reference (the most turned training case plus a slack; None: no
+    limit known)."""
 
     reference_mm: np.ndarray
     inlier_mm: float
     singular_values: tuple[float, float]
     handedness: int = 0
+    rotation_limit_deg: float | None = None
 
     @property
     def minimum_points(self) -> int:
@@ -61,6 +66,7 @@ class ShapeModel:
             "inlier_mm": self.inlier_mm,
             "singular_values": list(self.singular_values),
             "handedness": self.handedness,
+            "rotation_limit_deg": self.rotation_limit_deg,
         }
 
     @classmethod
@@ -71,7 +77,14 @@ class ShapeModel:
         )
         low, high = data["singular_values"]
         handedness = int(data.get("handedness", 0))
-        return cls(reference, float(data["inlier_mm"]), (float(low), float(high)), handedness)
+        limit = data.get("rotation_limit_deg")
+        return cls(
+            reference,
+            float(data["inlier_mm"]),
+            (float(low), float(high)),
+            handedness,
+            None if limit is None else float(limit),
+        )
 
     def expected(
         self, points_mm: np.ndarray, usable: np.ndarray, seed: int = 0
@@ -105,6 +118,7 @@ class ShapeModel:
             inliers,
             float(np.sqrt(np.mean(residual**2))),
             handedness_of(matrix),
+            rotation_deg_of(matrix),
         )
 
     def cut_off(self, points_mm: np.ndarray, usable: np.ndarray, geometry: Geometry) -> np.ndarray:
@@ -158,6 +172,18 @@ def handedness_of(matrix: np.ndarray) -> int:
     return 1 if np.linalg.det(matrix[:ndim]) >= 0 else -1
 
 
+def rotation_deg_of(matrix: np.ndarray) -> float:
+    """The angle (degrees, 0-180) of the rotation in an affine map from :func:`affine_fit`: its
+    linear part's nearest rotation (or rotation times a mirror), whatever the scaling."""
+    ndim = matrix.shape[1]
+    u, _, vt = np.linalg.svd(matrix[:ndim].T)
+    rotation = u @ vt
+    if np.linalg.det(rotation) < 0:  # a mirror: measure the rotation that follows it
+        rotation = rotation @ np.diag([-1.0] + [1.0] * (ndim - 1))
+    cosine = (np.trace(rotation) - (ndim - 2)) / 2
+    return float(np.degrees(np.arccos(np.clip(cosine, -1.0, 1.0))))
+
+
 def apply_affine(matrix: np.ndarray, points_mm: np.ndarray) -> np.ndarray:
     """Points ``(N, D)`` mapped by an affine ``(D + 1, D)`` matrix from :func:`affine_fit`."""
     return np.c_[points_mm, np.ones(len(points_mm))] @ matrix
@@ -193,7 +219,7 @@ def fit_shape_model(shapes_mm: Sequence[np.ndarray]) -> ShapeModel | None:
             mean[common], first[common]
         )  # kept in the first case's frame: no drift or collapse
         reference = mean if gauge is None else apply_affine(gauge, mean)
-    residuals, values, hands = [], [], set()
+    residuals, values, hands, angles = [], [], set(), []
     for shape in usable:
         common = np.isfinite(shape).all(axis=1) & np.isfinite(reference).all(axis=1)
         matrix = affine_fit(reference[common], shape[common])
@@ -204,6 +230,7 @@ def fit_shape_model(shapes_mm: Sequence[np.ndarray]) -> ShapeModel | None:
         )
         values.append(np.linalg.svd(matrix[:ndim], compute_uv=False))
         hands.add(handedness_of(matrix))
+        angles.append(rotation_deg_of(matrix))
     if not residuals:
         return None
     rms = float(np.sqrt(np.mean(np.concatenate(residuals) ** 2)))
@@ -213,4 +240,5 @@ def fit_shape_model(shapes_mm: Sequence[np.ndarray]) -> ShapeModel | None:
         max(INLIER_RMS_FACTOR * rms, 1e-6),
         (float(values.min() / SINGULAR_VALUE_SLACK), float(values.max() * SINGULAR_VALUE_SLACK)),
         hands.pop() if len(hands) == 1 else 0,
+        min(max(angles) + ROTATION_SLACK_DEG, 180.0),
     )

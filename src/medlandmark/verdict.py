@@ -44,8 +44,9 @@ class CaseEvidence:
     ``expected_inside``: the landmarks the shape fit places inside the image (all when there is
     no fit); ``mean_confidence`` and ``missing_share`` are over those; ``shape_rms_mm`` is the
     fit's residual (None: no fit), ``disagreeing`` the present landmarks the fit does not agree
-    with, ``mirrored`` whether the fit mirrors the training shape, ``outside`` the present
-    landmarks outside the image."""
+    with, ``mirrored`` whether the fit mirrors the training shape, ``rotation_deg`` how far it
+    turns it (``turned``: beyond the shape model's limit), ``outside`` the present landmarks
+    outside the image."""
 
     mean_confidence: float
     missing_share: float
@@ -56,6 +57,8 @@ class CaseEvidence:
     disagreeing_share: float
     mirrored: bool
     outside: tuple[int, ...]
+    rotation_deg: float | None = None
+    turned: bool = False
 
     @property
     def fitted(self) -> bool:
@@ -85,6 +88,8 @@ def case_evidence(
     mirrored = (
         fit is not None and shape_model.handedness != 0 and fit.handedness != shape_model.handedness
     )
+    limit = None if shape_model is None else shape_model.rotation_limit_deg
+    turned = fit is not None and limit is not None and fit.rotation_deg > limit
     return CaseEvidence(
         mean_confidence=float(np.mean(confidence[inside])) if inside.any() else float("nan"),
         missing_share=float(np.mean(~present[inside])) if inside.any() else 0.0,
@@ -95,6 +100,8 @@ def case_evidence(
         disagreeing_share=float(disagreeing.sum() / max(found.sum(), 1)),
         mirrored=bool(mirrored),
         outside=tuple(int(k) for k in np.flatnonzero(outside)),
+        rotation_deg=None if fit is None else fit.rotation_deg,
+        turned=bool(turned),
     )
 
 
@@ -157,6 +164,11 @@ def judge(
     if e.mirrored:
         failed.append(
             "the landmarks found form the mirror image of the training shape (a flipped image?)"
+        )
+    if e.turned and not e.mirrored:
+        failed.append(
+            f"the landmarks found are turned {e.rotation_deg:.0f} degrees from the training "
+            "shape, more than any training case (a rotated image?)"
         )
     if e.outside:
         doubtful.append(f"outside the image: {_names(e.outside, names)}")

@@ -29,6 +29,7 @@ SUMMARY_COLUMNS = [
     "mean_confidence",
     "verdict",
     "verdict_reasons",
+    "orientation",
     "seconds",
     "message",
 ]
@@ -81,6 +82,7 @@ class PredictOptions:
     weights: str = "best"
     onnx: str | Path | None = None
     shape_check: bool = True
+    orientation: str = "auto"
 
 
 def predict_files(
@@ -107,6 +109,7 @@ def predict_files(
         tta=options.tta,
         onnx=options.onnx,
         shape_check=options.shape_check,
+        orientation=options.orientation,
     )
     spacing = options.spacing_xy_mm or predictor.stages[0].spacing_mm
     rows = []
@@ -123,6 +126,10 @@ def predict_files(
             verdict = prediction.verdict
             if verdict is not None and verdict.status != "ok":
                 warn(f"{case_id}: {verdict.text}")
+            if prediction.orientation != "as given":
+                info(
+                    f"{case_id}: predicted {prediction.orientation} (that fits the training shape)"
+                )
         except MedlandmarkError as error:
             message = str(error) if error.path is not None else f"{path}: {error}"
             warn(message)
@@ -153,6 +160,7 @@ def _summary_row(case_id: str, target: Path, prediction, started: float) -> dict
         "verdict_reasons": ""
         if prediction.verdict is None
         else "; ".join(prediction.verdict.reasons),
+        "orientation": prediction.orientation,
         "seconds": round(time.perf_counter() - started, 3),
         "message": "",
     }

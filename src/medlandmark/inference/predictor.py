@@ -39,6 +39,7 @@ from medlandmark.io.landmarks import LandmarkSet, pair_permutation, symmetric_pa
 from medlandmark.models import channels_last
 from medlandmark.preprocessing import preprocess_image
 from medlandmark.preprocessing.crops import crop_with_zeros
+from medlandmark.preprocessing.orientation import candidate_orientations
 from medlandmark.records.plan import Configuration, Plan
 from medlandmark.records.run import (
     ONNX_FILE,
@@ -66,6 +67,7 @@ class Prediction:
     peak: np.ndarray
     spread_mm: np.ndarray
     evidence: CaseEvidence | None = None
+    orientation: str = "as given"  # the move that made the image look like the training images
 
     @property
     def verdict(self) -> CaseVerdict | None:
@@ -137,6 +139,9 @@ class Stage:
         ]
 
 
+ORIENTATION_MODES = ("auto", "search", "fixed")
+
+
 def spread_in_mm(spread_per_axis_voxels: torch.Tensor, geometry: Geometry) -> np.ndarray:
     """Heatmap spread ``(K,)`` in mm: each axis's spread in voxels times that axis's spacing,
     averaged over the axes."""
@@ -160,6 +165,10 @@ class Predictor:
     training batch size, which fits the device); out of memory halves it, then moves to the CPU.
     ``shape_check`` reports missing the landmarks that the training constellation, fitted to the
     landmarks found, places beyond the image's field of view (:mod:`medlandmark.shape_model`).
+    ``orientation``: ``fixed`` trusts the image as given; ``search`` runs the first stage on
+    every mirror and turn of the voxels (:func:`candidate_orientations`; in 3D the axis flips)
+    and predicts on the one whose landmarks fit the training shape best; ``auto`` searches 2D
+    images (radiographs: no header says which way the anatomy faces) and trusts 3D headers.
     """
 
     def __init__(
@@ -170,9 +179,15 @@ class Predictor:
         tta: bool = False,
         windows_per_batch: int | None = None,
         shape_check: bool = True,
+        orientation: str = "auto",
     ):
         self.stages, self.names, self.device, self.tta = stages, names, torch.device(device), tta
         self.shape_check = shape_check
+        if orientation not in ORIENTATION_MODES:
+            raise MedlandmarkError(
+                f"orientation must be one of {', '.join(ORIENTATION_MODES)}, got '{orientation}'"
+            )
+        self.orientation = orientation
         planned = min(s.configuration.batch_size for s in stages)
         self.windows_per_batch = max(1, windows_per_batch or planned)
 
@@ -186,6 +201,7 @@ class Predictor:
         network_factory: NetworkFactory | None = None,
         onnx: str | Path | None = None,
         shape_check: bool = True,
+        orientation: str = "auto",
     ) -> Predictor:
         """Load a run folder, or a folder of runs (ensembles per configuration, a cascade when a
         coarse configuration and its fine one are both present). ``onnx`` runs the networks
@@ -204,7 +220,7 @@ class Predictor:
             _stage(runs, device, weights, network_factory)
             for runs in _stage_order(by_configuration, Path(model_dir))
         ]
-        return cls(stages, names, device, tta, shape_check=shape_check)
+        return cls(stages, names, device, tta, shape_check=shape_check, orientation=orientation)
 
     def predict(
         self,
@@ -219,7 +235,7 @@ class Predictor:
             image = read_image(image, spacing_xy_mm=spacing_xy_mm or self.stages[0].spacing_mm)
         while True:
             try:
-                return self._predict(image)
+                return self._predict_oriented(image)
             except RuntimeError as error:
                 if not is_out_of_memory(error):
                     raise
@@ -246,6 +262,40 @@ class Predictor:
             raise MedlandmarkError(
                 f"out of memory on the CPU even with one sliding window per batch ({reason})", name
             )
+
+    def _predict_oriented(self, image: ImageData) -> Prediction:
+        """:meth:`_predict` on the image as given, or on the candidate orientation whose first
+        stage's landmarks fit the training shape best, mapped back to the image as given."""
+        search = self.orientation == "search" or (self.orientation == "auto" and image.ndim == 2)
+        if not search or self.stages[0].shape_model is None:
+            return self._predict(image)
+        candidates = candidate_orientations(image.geometry, turns=True)
+        scores = [self._orientation_score(o.image(image)) for o in candidates]
+        chosen = candidates[max(range(len(scores)), key=scores.__getitem__)]  # ties: the first
+        if chosen.is_identity:
+            return self._predict(image)
+        prediction = self._predict(chosen.image(image))
+        landmarks = prediction.landmarks
+        landmarks.points_mm = chosen.world_back(landmarks.points_mm, image.geometry)
+        if landmarks.recorded_mm is not None:
+            landmarks.recorded_mm = chosen.world_back(landmarks.recorded_mm, image.geometry)
+        prediction.orientation = chosen.name
+        return prediction
+
+    def _orientation_score(self, image: ImageData) -> tuple[float, ...]:
+        """How well the first stage's landmarks on ``image`` fit the training shape: a plausible
+        fit, neither mirrored nor turned beyond the training cases, first; then the landmarks that agree with it times their mean confidence."""
+        first = self.stages[0]
+        array, geometry = preprocess_image(image, first.plan, first.configuration)
+        heads = first.heatmaps(array, geometry, self.device, False, self.windows_per_batch)
+        decoded = first.decode(heads)
+        points = index_to_world(decoded.points[0].double().cpu().numpy(), geometry)
+        peak = confidence_of(decoded.peak[0].float().cpu(), first.target)
+        present = peak >= first.presence_threshold
+        evidence = case_evidence(peak, present, points, first.shape_model, image.geometry)
+        agreeing = evidence.present_count - len(evidence.disagreeing) if evidence.fitted else 0
+        plausible = evidence.fitted and not (evidence.mirrored or evidence.turned)
+        return (float(plausible), agreeing * float(np.nan_to_num(evidence.mean_confidence)))
 
     def _predict(self, image: ImageData) -> Prediction:
         first = self.stages[0]

@@ -76,6 +76,7 @@ class ShapeModelRecord(_Record):
     inlier_mm: float = Field(gt=0, allow_inf_nan=False)
     singular_values: tuple[float, float]
     handedness: Literal[-1, 0, 1] = 0  # the training cases' (0: mixed, or a run from before)
+    rotation_limit_deg: float | None = Field(default=None, ge=0, le=180)  # None: a run from before
 
     @model_validator(mode="after")
     def _consistent(self) -> ShapeModelRecord:

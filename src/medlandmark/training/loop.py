@@ -54,11 +54,10 @@ from medlandmark.records.run import (
     RunRecord,
     RunSettings,
     ShapeModelRecord,
-    VerdictThresholds,
     read_run_record,
     write_run_record,
 )
-from medlandmark.records.weights import save_weights, unwrap
+from medlandmark.records.weights import load_weights, save_weights, unwrap
 from medlandmark.shape_model import ShapeModel, fit_shape_model
 from medlandmark.training import distributed
 from medlandmark.training.batches import AugmentedBatches
@@ -671,12 +670,7 @@ def _validate_and_keep_best(run: _Run, row: dict) -> None:
             error_sd_voxels=result.error_sd_voxels,
         )
         save_weights(run.run_dir / BEST_WEIGHTS, model)
-        confidences = confidence_of(result.peaks, run.settings.target)
-        threshold = calibrate_presence_threshold(confidences, result.truly_present)
-        run.record.presence_threshold = threshold
-        run.record.error_bounds_mm = metrics.conformal_radii_mm(result.errors_mm)
-        run.record.error_bound_level = metrics.ERROR_BOUND_LEVEL
-        run.record.verdict_thresholds = _verdict_thresholds(run, result, confidences, threshold)
+        calibrate_record(run.record, result, run.val_cases, run.settings.target)
         write_run_record(run.run_dir, run.record)
     if result.mre_mm is None:
         warn(f"step {run.state.step}: no landmark is present in the validation cases: no MRE")
@@ -686,17 +680,62 @@ def _validate_and_keep_best(run: _Run, row: dict) -> None:
     info(f"step {run.state.step}: validation MRE {result.mre_mm:.3f} mm, SDR@2mm {sdr_text}")
 
 
-def _verdict_thresholds(
-    run: _Run, result: Validation, confidences: np.ndarray, threshold: float
-) -> VerdictThresholds | None:
-    """The case checks calibrated on this validation (:mod:`medlandmark.verdict`)."""
-    shape = run.record.shape_model
+def calibrate_record(
+    record: RunRecord, result: Validation, val_cases: Sequence[CachedCase], target: str
+) -> None:
+    """In place: what a validation calibrates in ``record``: the presence threshold, the error
+    bounds and the case checks (:mod:`medlandmark.verdict`)."""
+    confidences = confidence_of(result.peaks, target)
+    threshold = calibrate_presence_threshold(confidences, result.truly_present)
+    record.presence_threshold = threshold
+    record.error_bounds_mm = metrics.conformal_radii_mm(result.errors_mm)
+    record.error_bound_level = metrics.ERROR_BOUND_LEVEL
+    shape = record.shape_model
     shape_model = None if shape is None else ShapeModel.from_dict(shape.model_dump())
     evidence = [
         case_evidence(confidences[i], confidences[i] >= threshold, points, shape_model, c.geometry)
-        for i, (points, c) in enumerate(zip(result.points_mm, run.val_cases, strict=True))
+        for i, (points, c) in enumerate(zip(result.points_mm, val_cases, strict=True))
     ]
-    return verdict_thresholds(evidence)
+    record.verdict_thresholds = verdict_thresholds(evidence)
+
+
+def recalibrate(run_dir: str | Path, device: str = "auto") -> RunRecord:
+    """Validate a run's best weights on its validation cases again, refit its shape model on its
+    training cases, and store what they calibrate in ``run.json`` (for runs trained before a
+    calibration existed, or after its rules changed). Returns the updated record."""
+    run_dir = Path(run_dir)
+    record = read_run_record(run_dir)
+    if not record.val_cases:
+        raise TrainingError(
+            f"the run trained on fold {record.fold} without validation cases: nothing to "
+            "calibrate on",
+            run_dir / RUN_FILE,
+        )
+    if not (run_dir / BEST_WEIGHTS).is_file():
+        raise TrainingError("the run has no best weights yet: nothing to calibrate", run_dir)
+    preprocessed = preprocessed_folder(
+        record.dataset_path or ".", record.options.get("preprocessed")
+    )
+    folder = cache_folder(preprocessed, record.plan_configuration)
+    val_cases = [load_cached_case(folder, c) for c in record.val_cases]
+    record.shape_model = _shape_model([load_cached_case(folder, c) for c in record.train_cases])
+    torch_device = select_device(device)
+    network = network_for(
+        record.arch, record.plan_configuration, len(record.landmarks), len(record.plan.modalities)
+    )
+    load_weights(run_dir / BEST_WEIGHTS, network)
+    settings = record.settings
+    prediction = "full_resolution" if settings is None else settings.prediction
+    result = validate(
+        network.to(torch_device).eval(),
+        val_cases,
+        record.plan_configuration.patch_size,
+        torch_device,
+        prediction=prediction,
+    )
+    calibrate_record(record, result, val_cases, "gaussian" if settings is None else settings.target)
+    write_run_record(run_dir, record)
+    return record
 
 
 def _log(run_dir: Path, row: dict) -> None:
