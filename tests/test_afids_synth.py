@@ -145,6 +145,7 @@ def test_random_draws_follow_the_seed_and_the_case_index():
             1,
         ),
         ((1.0, 1.0, 3.0), TEMPLATE_DIRECTION, 2),
+        ((2.0, 1.0, 1.0), np.diag([1.0, 1.0, -1.0]), 3),  # a grid stored mirrored (det -1)
     ],
 )
 def test_blob_in_the_image_lands_on_the_mapped_landmark(tmp_path, spacing_mm, direction, seed):
@@ -166,6 +167,19 @@ def test_blob_in_the_image_lands_on_the_mapped_landmark(tmp_path, spacing_mm, di
     assert case.landmarks.present[0]
     assert np.linalg.norm(expected_mm - landmarks.points_mm[0]) > 1.0  # the warp moved it
     assert np.linalg.norm(blob_centre_mm(tmp_path / "case.nii.gz") - expected_mm) < 0.5
+
+
+def test_the_strong_variation_draws_wider_and_keeps_the_default_draws():
+    from medlandmark.datasets.afids_synth import STRONGER_SPACINGS_MM, VARIATIONS
+
+    default = [draw_case(case_rng(0, i), SynthOptions()) for i in range(3)]
+    again = [draw_case(case_rng(0, i), VARIATIONS["default"]) for i in range(3)]
+    assert [d.spacing_mm for d in default] == [d.spacing_mm for d in again]
+    strong = [draw_case(case_rng(1, i), VARIATIONS["strong"]) for i in range(40)]
+    assert {d.spacing_mm for d in strong} <= set(STRONGER_SPACINGS_MM)
+    assert any(np.linalg.det(d.direction) < 0 for d in strong)  # mirrored grids
+    assert any(np.linalg.det(d.direction) > 0 for d in strong)
+    assert max(abs(d.rotation_deg).max() for d in strong) > 15.0  # beyond the default range
 
 
 # --- fields of view ------------------------------------------------------------------------------

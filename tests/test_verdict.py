@@ -207,6 +207,7 @@ def test_training_calibrates_the_checks_and_predict_writes_verdicts(tmp_path: Pa
     record = read_run_record(tmp_path / "run")
     thresholds = record.verdict_thresholds
     assert thresholds is not None and thresholds.cases == len(record.val_cases)
+    assert 0 < record.relative_presence_threshold < 2
     assert record.shape_model is not None and record.shape_model.handedness == 1
     images = sorted((dataset / "images").iterdir())[:3]
     rows = predict_files(tmp_path / "run", images, tmp_path / "out", PredictOptions("csv"))
@@ -246,3 +247,19 @@ def test_calibrate_restores_the_limits_of_a_run_trained_before_them(tmp_path: Pa
     assert again.presence_threshold == pytest.approx(trained.presence_threshold, rel=1e-4)
     train(dataset, tmp_path / "all", TrainOptions(epochs=1, iterations_per_epoch=1, fold="all"))
     assert main(["calibrate", str(tmp_path / "all")]) == 2  # no validation cases: named
+
+
+def test_relative_presence_ignores_a_contrast_that_lowers_every_peak() -> None:
+    from medlandmark.heatmaps import relative_confidences
+    from medlandmark.inference.predictor import Stage
+
+    confidence = np.array([0.9, 0.85, 0.8, 0.88, 0.1, 0.05])  # two landmarks absent
+    dimmed = 0.3 * confidence  # the same case under another contrast
+    np.testing.assert_allclose(relative_confidences(dimmed), relative_confidences(confidence))
+    np.testing.assert_allclose(relative_confidences(confidence)[:4].mean(), 1.0, atol=0.05)
+    stage = Stage(None, None, [], 0.25, [], None, relative_presence_threshold=0.5)
+    assert stage.present(confidence, "absolute").tolist() == [True] * 4 + [False] * 2
+    assert stage.present(dimmed, "absolute").tolist() == [True, True, False, True, False, False]
+    assert stage.present(dimmed, "relative").tolist() == [True] * 4 + [False] * 2
+    older = Stage(None, None, [], 0.25, [], None)  # a run without the relative threshold
+    assert older.present(dimmed, "relative").tolist() == older.present(dimmed, "absolute").tolist()

@@ -232,6 +232,14 @@ def _add_afids_synth(kinds) -> None:
     afids_synth.add_argument(
         "--seed", type=int, default=0, help="random seed, 0 or more (default 0)"
     )
+    afids_synth.add_argument(
+        "--variation",
+        choices=["default", "strong"],
+        default="default",
+        help="ranges of the random draws: default (what the benchmarks train on) or strong "
+        "(wider spacings, larger turns, mirrored grids, stronger contrast, bias and noise: a "
+        "shifted test set)",
+    )
     afids_synth.set_defaults(func=_convert_afids_synth)
 
 
@@ -481,6 +489,14 @@ def _add_predict(sub) -> None:
         "(default): search 2D images, trust 3D headers",
     )
     predict.add_argument(
+        "--presence",
+        choices=["absolute", "relative"],
+        default="absolute",
+        help="absolute: a landmark is present when its confidence reaches the run's threshold; "
+        "relative: when its confidence over the case's reference level (the mean of its upper "
+        "half) reaches the run's relative threshold, which a contrast shift does not move",
+    )
+    predict.add_argument(
         "--onnx",
         nargs="?",
         const="run",
@@ -609,7 +625,14 @@ def _convert_afids(args: argparse.Namespace) -> int:
 def _convert_afids_synth(args: argparse.Namespace) -> int:
     from medlandmark.datasets.afids_synth import convert_afids_synth
 
-    convert_afids_synth(args.template, args.fcsv, args.out, cases=args.cases, seed=args.seed)
+    convert_afids_synth(
+        args.template,
+        args.fcsv,
+        args.out,
+        cases=args.cases,
+        seed=args.seed,
+        variation=args.variation,
+    )
     return 0
 
 
@@ -696,6 +719,7 @@ def _predict(args: argparse.Namespace) -> int:
         onnx=args.onnx,
         shape_check=args.shape_check,
         orientation=args.orientation,
+        presence=args.presence,
     )
     rows = predict_files(args.model_dir, args.inputs, args.out, options)
     return EXIT_PROBLEMS if any(r["status"] == "failed" for r in rows) else 0

@@ -244,6 +244,15 @@ def confidence_of(peaks: Tensor | np.ndarray, target: str = "gaussian") -> np.nd
     return np.clip((_numpy(peaks).astype(np.float64) - empty) / (top - empty), 0.0, 1.0)
 
 
+def relative_confidences(confidence: np.ndarray) -> np.ndarray:
+    """Confidences ``(..., K)`` over their case's reference level, the mean of the case's upper
+    half: a contrast or noise that lowers every peak of a case leaves them where they were, and
+    up to half of the landmarks may be absent without moving the reference."""
+    values = np.asarray(confidence, dtype=np.float64)
+    upper = np.sort(values, axis=-1)[..., values.shape[-1] // 2 :]
+    return values / np.maximum(upper.mean(axis=-1, keepdims=True), 1e-6)
+
+
 def calibrate_presence_threshold(
     peaks: Tensor | np.ndarray, truly_present: Tensor | np.ndarray
 ) -> float:

@@ -86,6 +86,39 @@ class SynthOptions:
     max_log_bias: float = 0.3
     noise_range: tuple[float, float] = (0.01, 0.04)  # Rician sigma / the template's bright level
     bright_level_range: tuple[float, float] = (800.0, 3000.0)  # output value of that level
+    improper_probability: float = 0.0  # grids stored with one axis reversed (a det -1 direction)
+
+
+STRONGER_SPACINGS_MM = (
+    (1.0, 1.0, 1.0),
+    (2.0, 1.0, 1.0),
+    (1.0, 2.0, 1.0),
+    (1.0, 1.0, 2.0),
+    (1.0, 3.0, 1.0),
+    (3.0, 1.0, 1.0),
+    (1.5, 3.0, 1.5),
+    (2.0, 2.0, 2.0),
+)
+VARIATIONS = {
+    # what training sees (the benchmarks' datasets)
+    "default": SynthOptions(),
+    # a shifted test set: wider spacings, larger turns, grids stored mirrored, stronger contrast
+    # changes, bias and noise than the default draws
+    "strong": SynthOptions(
+        max_rotation_deg=25.0,
+        scale_range=(0.85, 1.15),
+        max_translation_mm=10.0,
+        spacings_mm=STRONGER_SPACINGS_MM,
+        oblique_probability=0.7,
+        max_oblique_deg=30.0,
+        crop_probability=0.4,
+        gamma_range=(0.5, 2.0),
+        max_log_bias=0.5,
+        noise_range=(0.02, 0.08),
+        bright_level_range=(300.0, 6000.0),
+        improper_probability=0.5,
+    ),
+}
 
 
 @dataclass(frozen=True)
@@ -184,14 +217,19 @@ def convert_afids_synth(
     cases: int = 60,
     seed: int = 0,
     options: SynthOptions | None = None,
+    variation: str = "default",
 ) -> Path:
-    """Write ``cases`` randomly warped copies of ``template`` with its AFIDs to dataset ``out``."""
+    """Write ``cases`` randomly warped copies of ``template`` with its AFIDs to dataset ``out``;
+    ``variation`` names the ranges of the draws (:data:`VARIATIONS`) unless ``options`` are
+    given."""
     template, fcsv, out = Path(template), Path(fcsv), Path(out)
     if cases < 1:
         raise DatasetError(f"the number of cases must be at least 1, got {cases}")
     if seed < 0:
         raise DatasetError(f"the seed must be 0 or more, got {seed}")
-    options = options or SynthOptions()
+    if variation not in VARIATIONS:
+        raise DatasetError(f"unknown variation '{variation}' (use {', '.join(VARIATIONS)})")
+    options = options or VARIATIONS[variation]
     source = load_template(template, fcsv)
     check_output_dataset(out, AFIDS_LANDMARKS)
     ids = synth_case_ids(cases)
@@ -205,7 +243,7 @@ def convert_afids_synth(
     stale = sorted({c.case_id for c in discover_cases(out)[0]} - set(ids))
     if stale:
         console.warn(f"{out} also holds cases this run did not write: {', '.join(stale[:10])}")
-    write_spec(out, _synth_spec(template, ids, seed))
+    write_spec(out, _synth_spec(template, ids, seed, variation))
     console.info(f"wrote {cases} warped AFIDs cases to {out} (seed {seed})")
     return out
 
@@ -271,6 +309,8 @@ def draw_case(rng: np.random.Generator, options: SynthOptions) -> CaseDraw:
         int(rng.integers(3)), bool(rng.random() < 0.5), float(rng.uniform(*options.crop_quantiles))
     )
     spacing = options.spacings_mm[int(rng.integers(len(options.spacings_mm)))]
+    if options.improper_probability > 0 and rng.random() < options.improper_probability:
+        direction = direction @ np.diag([1.0, 1.0, -1.0])  # last array axis stored reversed
     return CaseDraw(
         rotation_deg=rng.uniform(-options.max_rotation_deg, options.max_rotation_deg, 3),
         scales=rng.uniform(*options.scale_range, 3),
@@ -432,7 +472,7 @@ def bias_field(shape: tuple[int, ...], coefficients: np.ndarray, max_log_bias: f
     return np.exp(np.broadcast_to(log_bias, shape)).astype(np.float32)
 
 
-def _synth_spec(template: Path, case_ids: list[str], seed: int) -> DatasetSpec:
+def _synth_spec(template: Path, case_ids: list[str], seed: int, variation: str) -> DatasetSpec:
     return DatasetSpec(
         name="afids_synth",
         spatial_dims=3,
@@ -445,7 +485,9 @@ def _synth_spec(template: Path, case_ids: list[str], seed: int) -> DatasetSpec:
             f"elastic) of {template.name}, resampled to other spacings, orientations and fields "
             "of view, with new contrast, bias field and Rician noise; landmarks mapped exactly, "
             "those outside the field of view marked missing. Made by 'medlandmark convert "
-            f"afids-synth' with seed {seed}. Splits: 60 cases or more: test = cases 40-59, train = "
+            f"afids-synth' with seed {seed}"
+            + ("" if variation == "default" else f" and variation {variation}")
+            + ". Splits: 60 cases or more: test = cases 40-59, train = "
             "the others; fewer: the last third is test."
         ),
         reference=(

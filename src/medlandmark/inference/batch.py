@@ -83,6 +83,7 @@ class PredictOptions:
     onnx: str | Path | None = None
     shape_check: bool = True
     orientation: str = "auto"
+    presence: str = "absolute"
 
 
 def predict_files(
@@ -110,6 +111,7 @@ def predict_files(
         onnx=options.onnx,
         shape_check=options.shape_check,
         orientation=options.orientation,
+        presence=options.presence,
     )
     spacing = options.spacing_xy_mm or predictor.stages[0].spacing_mm
     rows = []

@@ -24,6 +24,7 @@ from medlandmark.heatmaps import (
     confidence_of,
     decode_heads,
     decode_heatmaps,
+    relative_confidences,
 )
 from medlandmark.inference.networks import load_run_network
 from medlandmark.io.geometry import (
@@ -92,6 +93,7 @@ class Stage:
     prediction: str = "full_resolution"  # the runs' rule: which outputs give the points
     target: str = "gaussian"  # the runs' training targets: what a peak means as a confidence
     error_bounds_mm: np.ndarray | None = None  # per landmark, the runs' validated error radius
+    relative_presence_threshold: float | None = None  # the runs' threshold for relative peaks
     verdict_thresholds: VerdictThresholds | None = None  # the runs' validated case checks
 
     def heatmaps(
@@ -132,6 +134,15 @@ class Stage:
         """The landmarks of ``heads`` (from :meth:`heatmaps`), by the prediction rule."""
         return decode_heads(heads, self.strides(self.networks[0]))
 
+    def present(self, confidence: np.ndarray, rule: str) -> np.ndarray:
+        """Which landmarks of one case are present by their confidences ``(K,)``: ``absolute``
+        compares each with the presence threshold, ``relative`` compares its ratio to the case's
+        reference level (:func:`relative_confidences`) with the relative threshold (the
+        absolute rule when the runs have none)."""
+        if rule == "relative" and self.relative_presence_threshold is not None:
+            return relative_confidences(confidence) >= self.relative_presence_threshold
+        return confidence >= self.presence_threshold
+
     def to(self, device: torch.device) -> None:
         """Move the (PyTorch) networks to ``device``."""
         self.networks = [
@@ -140,6 +151,7 @@ class Stage:
 
 
 ORIENTATION_MODES = ("auto", "search", "fixed")
+PRESENCE_RULES = ("absolute", "relative")
 
 
 def spread_in_mm(spread_per_axis_voxels: torch.Tensor, geometry: Geometry) -> np.ndarray:
@@ -169,6 +181,7 @@ class Predictor:
     every mirror and turn of the voxels (:func:`candidate_orientations`; in 3D the axis flips)
     and predicts on the one whose landmarks fit the training shape best; ``auto`` searches 2D
     images (radiographs: no header says which way the anatomy faces) and trusts 3D headers.
+    ``presence``: how a landmark is judged present (:meth:`Stage.present`).
     """
 
     def __init__(
@@ -180,6 +193,7 @@ class Predictor:
         windows_per_batch: int | None = None,
         shape_check: bool = True,
         orientation: str = "auto",
+        presence: str = "absolute",
     ):
         self.stages, self.names, self.device, self.tta = stages, names, torch.device(device), tta
         self.shape_check = shape_check
@@ -188,6 +202,11 @@ class Predictor:
                 f"orientation must be one of {', '.join(ORIENTATION_MODES)}, got '{orientation}'"
             )
         self.orientation = orientation
+        if presence not in PRESENCE_RULES:
+            raise MedlandmarkError(
+                f"presence must be one of {', '.join(PRESENCE_RULES)}, got '{presence}'"
+            )
+        self.presence = presence
         planned = min(s.configuration.batch_size for s in stages)
         self.windows_per_batch = max(1, windows_per_batch or planned)
 
@@ -202,6 +221,7 @@ class Predictor:
         onnx: str | Path | None = None,
         shape_check: bool = True,
         orientation: str = "auto",
+        presence: str = "absolute",
     ) -> Predictor:
         """Load a run folder, or a folder of runs (ensembles per configuration, a cascade when a
         coarse configuration and its fine one are both present). ``onnx`` runs the networks
@@ -220,7 +240,15 @@ class Predictor:
             _stage(runs, device, weights, network_factory)
             for runs in _stage_order(by_configuration, Path(model_dir))
         ]
-        return cls(stages, names, device, tta, shape_check=shape_check, orientation=orientation)
+        return cls(
+            stages,
+            names,
+            device,
+            tta,
+            shape_check=shape_check,
+            orientation=orientation,
+            presence=presence,
+        )
 
     def predict(
         self,
@@ -291,7 +319,7 @@ class Predictor:
         decoded = first.decode(heads)
         points = index_to_world(decoded.points[0].double().cpu().numpy(), geometry)
         peak = confidence_of(decoded.peak[0].float().cpu(), first.target)
-        present = peak >= first.presence_threshold
+        present = first.present(peak, self.presence)
         evidence = case_evidence(peak, present, points, first.shape_model, image.geometry)
         agreeing = evidence.present_count - len(evidence.disagreeing) if evidence.fitted else 0
         plausible = evidence.fitted and not (evidence.mirrored or evidence.turned)
@@ -307,7 +335,7 @@ class Predictor:
         points = index_to_world(decoded.points[0].double().cpu().numpy(), geometry)
         peak = confidence_of(decoded.peak[0].float().cpu(), first.target)
         spread_mm = spread_in_mm(decoded.spread_per_axis[0], geometry)
-        present = peak >= first.presence_threshold
+        present = first.present(peak, self.presence)
         evidence = case_evidence(peak, present, points, first.shape_model, image.geometry)
         if len(self.stages) > 1:
             points, spread_mm = self._refine(image, points, present, spread_mm)
@@ -514,7 +542,7 @@ def _stage(
     network_factory: NetworkFactory | None,
 ) -> Stage:
     """The networks of one configuration's runs (an ensemble) and what their runs learnt."""
-    networks, thresholds, bounds, checks = [], [], [], []
+    networks, thresholds, bounds, checks, relative = [], [], [], [], []
     for folder, record in runs:
         if network_factory is not None:
             network = network_factory(record, folder)
@@ -528,6 +556,8 @@ def _stage(
             bounds.append(record.error_bounds_mm)
         if record.verdict_thresholds is not None:
             checks.append(record.verdict_thresholds)
+        if record.relative_presence_threshold is not None:
+            relative.append(record.relative_presence_threshold)
     _, record = runs[0]
     settings = record.settings
     pairs = symmetric_pair_indices(record.landmarks, record.symmetric_pairs)
@@ -544,4 +574,5 @@ def _stage(
         target="gaussian" if settings is None else settings.target,
         error_bounds_mm=np.max(bounds, axis=0) if bounds else None,  # an ensemble: the widest
         verdict_thresholds=combined_thresholds(checks),
+        relative_presence_threshold=float(np.mean(relative)) if relative else None,
     )

@@ -121,6 +121,7 @@ class RunRecord(_Record):
         "weight_checksum_per_rank",
         "shape_model",
         "presence_threshold",
+        "relative_presence_threshold",
         "error_bounds_mm",
         "error_bound_level",
         "verdict_thresholds",
@@ -144,6 +145,8 @@ class RunRecord(_Record):
     train_seconds: float | None = None  # training time so far (steps, validations, checkpoints)
     best: BestValidation | None = None
     presence_threshold: float | None = Field(default=None, allow_inf_nan=False)  # a confidence
+    # the same on confidences over their case's reference (heatmaps.relative_confidences)
+    relative_presence_threshold: float | None = Field(default=None, allow_inf_nan=False)
     # per landmark, the radius (mm) a predicted point's error stays within with probability
     # error_bound_level, by split conformal prediction on the validation errors
     error_bounds_mm: list[float] | None = None

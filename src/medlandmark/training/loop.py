@@ -35,6 +35,7 @@ from medlandmark.heatmaps import (
     deep_supervision_targets,
     points_at_stride,
     radius_bump_heatmaps,
+    relative_confidences,
 )
 from medlandmark.io.files import atomic_write_bytes, atomic_write_text, remove_partials
 from medlandmark.io.geometry import index_to_world, left_right_axis
@@ -688,6 +689,9 @@ def calibrate_record(
     confidences = confidence_of(result.peaks, target)
     threshold = calibrate_presence_threshold(confidences, result.truly_present)
     record.presence_threshold = threshold
+    record.relative_presence_threshold = calibrate_presence_threshold(
+        relative_confidences(confidences), result.truly_present
+    )
     record.error_bounds_mm = metrics.conformal_radii_mm(result.errors_mm)
     record.error_bound_level = metrics.ERROR_BOUND_LEVEL
     shape = record.shape_model
