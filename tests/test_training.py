@@ -220,6 +220,20 @@ def test_fine_stage_offsets_come_from_the_coarse_runs_measured_error(
         ),
     )
     assert record.status == "finished"
+    validated = train(  # a fine stage with validation cases: patches around displaced landmarks
+        small_isbi,
+        tmp_path / "fine_fold0",
+        TrainOptions(
+            configuration="2d_fine",
+            epochs=1,
+            iterations_per_epoch=2,
+            fold=0,
+            coarse_run=str(tmp_path / "coarse"),
+        ),
+    )
+    assert validated.best is not None and validated.best.val_mre_mm > 0
+    assert len(validated.error_bounds_mm) == 19  # its own bounds, for the cascade's points
+    assert validated.verdict_thresholds is None  # cases are judged by the first stage
 
 
 def test_training_ends_with_one_closing_line_and_resuming_a_finished_run_does_nothing(
@@ -298,3 +312,30 @@ def test_validation_reads_the_memory_mapped_cache_without_a_warning(synthetic: P
             network, case, configuration.patch_size, torch.device("cpu")
         )
     assert points.shape == (len(plan.landmarks), 2) and peaks.shape == (len(plan.landmarks),)
+
+
+def test_fine_validation_decodes_each_landmark_in_a_displaced_patch() -> None:
+    """An exact stand-in network (its heatmaps are the image's blobs, one channel per landmark)
+    finds every landmark in its patch however far (within the patch) the offset moved it."""
+    from torch import nn
+
+    from medlandmark.io.geometry import Geometry
+    from medlandmark.preprocessing import CachedCase
+    from medlandmark.training.validation import validate_fine
+
+    class BlobsAreHeatmaps(nn.Module):
+        def forward(self, x):
+            return [x]
+
+    points = np.array([[20.3, 30.0], [45.0, 12.6], [np.nan, np.nan]])
+    grid = np.stack(np.meshgrid(np.arange(64), np.arange(64), indexing="ij"), -1)
+    image = np.zeros((3, 64, 64), np.float32)
+    for k in range(2):
+        image[k] = np.exp(-np.sum((grid - points[k]) ** 2, -1) / (2 * 2.0**2))
+    geometry = Geometry((0.5, 0.5), (0.0, 0.0), ((1.0, 0.0), (0.0, 1.0)), (64, 64))
+    case = CachedCase("c", image, geometry, geometry, ["a", "b", "c"], points)
+    result = validate_fine(BlobsAreHeatmaps(), [case], [24, 24], torch.device("cpu"), [3.0, 3.0])
+    assert result.errors_mm[0, :2].max() < 0.05 and np.isnan(result.errors_mm[0, 2])
+    assert result.truly_present.tolist() == [[True, True, False]]
+    again = validate_fine(BlobsAreHeatmaps(), [case], [24, 24], torch.device("cpu"), [3.0, 3.0])
+    np.testing.assert_array_equal(again.points_mm, result.points_mm)  # the same draw each time

@@ -72,7 +72,7 @@ from medlandmark.training.options import (
 )
 from medlandmark.training.sampling import PatchSampler
 from medlandmark.training.state import TrainState, mixed_precision, total_steps
-from medlandmark.training.validation import Validation, validate
+from medlandmark.training.validation import Validation, validate, validate_fine
 from medlandmark.verdict import case_evidence, verdict_thresholds
 
 __all__ = ["TrainOptions", "TrainingError", "fold_case_ids", "train"]
@@ -652,14 +652,14 @@ def _resume(
 def _validate_and_keep_best(run: _Run, row: dict) -> None:
     """Validate the kept weights; when they are the best so far, keep them and recalibrate."""
     model = run.state.kept_weights()
-    patch = run.configuration.patch_size
-    result = validate(
+    result = validated(
         model,
         run.val_cases,
-        patch,
+        run.configuration,
         run.device,
-        amp_dtype=run.amp_dtype,
-        prediction=run.settings.prediction,
+        run.batches.sampler.fine_offset_sd_voxels,
+        run.amp_dtype,
+        run.settings.prediction,
     )
     row["val_mre_mm"], row["val_sdr_2mm"] = result.mre_mm, result.sdr.get("2.0")
     best = run.record.best
@@ -681,19 +681,49 @@ def _validate_and_keep_best(run: _Run, row: dict) -> None:
     info(f"step {run.state.step}: validation MRE {result.mre_mm:.3f} mm, SDR@2mm {sdr_text}")
 
 
+def validated(
+    model: nn.Module,
+    cases: Sequence[CachedCase],
+    configuration: Configuration,
+    device: torch.device,
+    fine_offset_sd_voxels: Sequence[float] | None,
+    amp_dtype: torch.dtype | None = None,
+    prediction: str = "full_resolution",
+) -> Validation:
+    """A validation as prediction uses the configuration: whole images for a single or coarse
+    stage, patches around displaced landmarks for a cascade's fine stage."""
+    if configuration.stage == "fine" and fine_offset_sd_voxels is not None:
+        return validate_fine(
+            model,
+            cases,
+            configuration.patch_size,
+            device,
+            fine_offset_sd_voxels,
+            amp_dtype=amp_dtype,
+            prediction=prediction,
+        )
+    return validate(
+        model, cases, configuration.patch_size, device, amp_dtype=amp_dtype, prediction=prediction
+    )
+
+
 def calibrate_record(
     record: RunRecord, result: Validation, val_cases: Sequence[CachedCase], target: str
 ) -> None:
     """In place: what a validation calibrates in ``record``: the presence threshold, the error
-    bounds and the case checks (:mod:`medlandmark.verdict`)."""
+    bounds and the case checks (:mod:`medlandmark.verdict`; not for a fine stage, whose
+    points prediction does not judge cases by)."""
     confidences = confidence_of(result.peaks, target)
     threshold = calibrate_presence_threshold(confidences, result.truly_present)
     record.presence_threshold = threshold
+    record.error_bounds_mm = metrics.conformal_radii_mm(result.errors_mm)
+    record.error_bound_level = metrics.ERROR_BOUND_LEVEL
+    if record.plan_configuration.stage == "fine":  # its patches skip missing landmarks
+        record.relative_presence_threshold = record.verdict_thresholds = None
+        return
     record.relative_presence_threshold = calibrate_presence_threshold(
         relative_confidences(confidences), result.truly_present
     )
-    record.error_bounds_mm = metrics.conformal_radii_mm(result.errors_mm)
-    record.error_bound_level = metrics.ERROR_BOUND_LEVEL
     shape = record.shape_model
     shape_model = None if shape is None else ShapeModel.from_dict(shape.model_dump())
     evidence = [
@@ -730,11 +760,16 @@ def recalibrate(run_dir: str | Path, device: str = "auto") -> RunRecord:
     load_weights(run_dir / BEST_WEIGHTS, network)
     settings = record.settings
     prediction = "full_resolution" if settings is None else settings.prediction
-    result = validate(
+    configuration = record.plan_configuration
+    offsets = None
+    if configuration.stage == "fine":
+        offsets = _fine_offset_sd(configuration, record.plan, record.options.get("coarse_run"))
+    result = validated(
         network.to(torch_device).eval(),
         val_cases,
-        record.plan_configuration.patch_size,
+        configuration,
         torch_device,
+        offsets,
         prediction=prediction,
     )
     calibrate_record(record, result, val_cases, "gaussian" if settings is None else settings.target)

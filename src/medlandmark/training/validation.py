@@ -14,6 +14,7 @@ from medlandmark.console import progress
 from medlandmark.heatmaps import decode_heads
 from medlandmark.io.geometry import index_to_world
 from medlandmark.preprocessing import CachedCase
+from medlandmark.preprocessing.crops import crop_with_zeros
 from medlandmark.sliding_window import head_strides, sliding_window_outputs
 
 
@@ -75,6 +76,12 @@ def validate(
         offsets.append(predicted - case.landmarks_index)
         peaks.append(peak)
     model.train(was_training)
+    return _validation(predictions, truths, peaks, offsets, radii_mm)
+
+
+def _validation(predictions, truths, peaks, offsets, radii_mm) -> Validation:
+    """The :class:`Validation` of per-case predicted and true world points ``(K, D)``, peaks
+    ``(K,)`` and index offsets ``(K, D)``."""
     offsets = np.concatenate(offsets)
     offsets = offsets[~np.isnan(offsets).any(axis=1)]
     errors = metrics.radial_errors_mm(np.stack(predictions), np.stack(truths))
@@ -89,3 +96,47 @@ def validate(
         errors_mm=errors,
         points_mm=np.stack(predictions),
     )
+
+
+@torch.no_grad()
+def validate_fine(
+    model: nn.Module,
+    cases: Sequence[CachedCase],
+    patch_size: Sequence[int],
+    device: torch.device,
+    offset_sd_voxels: Sequence[float],
+    radii_mm: Sequence[float] = metrics.DEFAULT_RADII_MM,
+    amp_dtype: torch.dtype | None = None,
+    prediction: str = "full_resolution",
+    seed: int = 0,
+) -> Validation:
+    """A cascade's fine stage validated as prediction uses it: one patch per present landmark,
+    centred on the landmark displaced by a normal offset of ``offset_sd_voxels`` per axis (the
+    coarse stage's error spread, as in training; the same draw at every validation), decoded in
+    that landmark's channel. Truly missing landmarks get no patch (NaN)."""
+    was_training = model.training
+    model.eval()
+    strides = head_strides(model, prediction, len(patch_size))
+    patch = np.asarray(patch_size)
+    predictions, truths, peaks, offsets = [], [], [], []
+    for index, case in enumerate(progress(cases, description="validation (fine patches)")):
+        truth = case.landmarks_index
+        found = np.full(truth.shape, np.nan)
+        peak = np.full(len(truth), np.nan)
+        for k in np.flatnonzero(~np.isnan(truth).any(axis=1)):
+            rng = np.random.default_rng([seed, index, k])
+            centre = truth[k] + rng.normal(0.0, 1.0, len(patch)) * np.asarray(offset_sd_voxels)
+            start = np.round(centre - (patch - 1) / 2).astype(np.int64)
+            window = torch.from_numpy(
+                np.asarray(crop_with_zeros(case.image, start, patch), dtype=np.float32)
+            ).to(device)
+            heads = sliding_window_outputs(model, window, patch, strides, amp_dtype=amp_dtype)
+            decoded = decode_heads(heads[:, k : k + 1], strides)
+            found[k] = decoded.points[0, 0].double().cpu().numpy() + start
+            peak[k] = float(decoded.peak[0, 0])
+        predictions.append(index_to_world(found, case.geometry))
+        truths.append(index_to_world(truth, case.geometry))
+        offsets.append(found - truth)
+        peaks.append(peak)
+    model.train(was_training)
+    return _validation(predictions, truths, peaks, offsets, radii_mm)
