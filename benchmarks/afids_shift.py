@@ -21,6 +21,7 @@ from pathlib import Path
 
 import recipes
 import torch
+from orientation import write_transformed_split
 from recipes import SHARED_DATA
 
 from medlandmark.console import info
@@ -37,6 +38,7 @@ SHIFTED = {  # set name -> (seed, its role)
     "strong-seed1": (1, "test: reported only"),
 }
 CASES = 30
+FLIPPED_AXES = ("flipped axis 0", "flipped axis 1", "flipped axis 2")  # voxels moved, header kept
 
 
 def shifted_set(source: Path, work: Path, name: str, seed: int) -> Path:
@@ -49,18 +51,27 @@ def shifted_set(source: Path, work: Path, name: str, seed: int) -> Path:
     )
 
 
-def measured(model: Path, data: Path, case_ids: list[str], out: Path, rule: str, device: str):
+def measured(
+    model: Path,
+    data: Path,
+    case_ids: list[str],
+    out: Path,
+    rule: str,
+    device: str,
+    orientation: str = "auto",
+) -> dict:
     """Predict the cases with the presence ``rule``; the summary of their evaluation."""
     dataset = Dataset(data)
     images = [dataset.case(c).image_path for c in case_ids]
     started = time.perf_counter()
-    options = PredictOptions(device=device, presence=rule)
+    options = PredictOptions(device=device, presence=rule, orientation=orientation)
     rows = predict_files(model, images, out / "predictions", options)
     seconds = time.perf_counter() - started
     metrics = evaluate(out / "predictions", data, out / "evaluation", radii=recipes.RADII_MM)
     summary = recipes.split_summary(metrics, rows, seconds)
     summary["verdicts"] = metrics.get("verdict", {}).get("counts")
     summary["ok_mre_mm"] = metrics.get("verdict", {}).get("ok_cases", {}).get("mre_mm")
+    summary["orientations"] = sorted({r["orientation"] for r in rows if r.get("orientation")})
     return summary
 
 
@@ -71,6 +82,12 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--source", type=Path, default=SHARED_DATA / "afids_mni152")
     parser.add_argument("--work", type=Path, default=None)
     parser.add_argument("--rules", nargs="+", default=["absolute", "relative"])
+    parser.add_argument(
+        "--flips",
+        action="store_true",
+        help="also the test split with its voxels flipped along each axis and the header kept "
+        "(a wrong header), predicted with --orientation fixed and search",
+    )
     parser.add_argument("--threads", type=int, default=None)
     parser.add_argument("--device", default="auto")
     args = parser.parse_args(argv)
@@ -88,6 +105,18 @@ def main(argv: list[str] | None = None) -> dict:
             row = measured(args.model, data, case_ids, folder, rule, args.device)
             results.setdefault("sets", {}).setdefault(name, {})[rule] = row
             info(f"{name}, {rule}: {json.dumps(row)}")
+    if args.flips:
+        for flip in FLIPPED_AXES:
+            data = work / "datasets" / flip.replace(" ", "-")
+            if not (data / "dataset.json").is_file():
+                write_transformed_split(args.dataset, "test", flip, data)
+            for mode in ("fixed", "search"):
+                folder = work / flip.replace(" ", "-") / mode
+                row = measured(
+                    args.model, data, Dataset(data).case_ids, folder, "absolute", args.device, mode
+                )
+                results.setdefault("flips", {}).setdefault(flip, {})[mode] = row
+                info(f"{flip}, {mode}: {json.dumps(row)}")
     atomic_write_text(work / "results.json", json.dumps(results, indent=1) + "\n")
     print("| set | presence | cases | MRE (mm) | missing precision | missing recall | verdicts |")
     for name, rules in results["sets"].items():
@@ -95,6 +124,13 @@ def main(argv: list[str] | None = None) -> dict:
             print(
                 f"| {name} | {rule} | {row['n_cases']} | {row['mre_mm']:.3f} | "
                 f"{row['missing_precision']} | {row['missing_recall']} | {row['verdicts']} |"
+            )
+    for flip, modes in results.get("flips", {}).items():
+        for mode, row in modes.items():
+            print(
+                f"| test, {flip} (header kept) | orientation {mode} | {row['n_cases']} | "
+                f"{row['mre_mm']:.3f} | {row['missing_precision']} | {row['missing_recall']} | "
+                f"{row['verdicts']} |"
             )
     return results
 

@@ -41,17 +41,21 @@ TRANSFORMS = {  # this script's names -> the orientation search's candidates
 
 
 def orientation_named(geometry: Geometry, transform: str) -> Orientation:
-    """The move called ``transform`` (numpy's rot90 turns counterclockwise as displayed)."""
-    if transform not in TRANSFORMS:
-        raise ValueError(f"unknown transform {transform!r} (use {', '.join(TRANSFORMS)})")
-    candidates = candidate_orientations(geometry, turns=True)
-    return next(o for o in candidates if o.name == TRANSFORMS[transform])
+    """The move called ``transform`` (numpy's rot90 turns counterclockwise as displayed), or a
+    candidate of the orientation search by its name (3D: ``flipped axis 0``...)."""
+    candidates = {o.name: o for o in candidate_orientations(geometry, turns=True)}
+    name = TRANSFORMS.get(transform, transform)
+    if name not in candidates:
+        known = ", ".join([*TRANSFORMS, *candidates])
+        raise ValueError(f"unknown transform {transform!r} (use {known})")
+    return candidates[name]
 
 
 def write_transformed_split(
-    dataset_root: Path, split: str, transform: str, out: Path, spacing_mm: float
+    dataset_root: Path, split: str, transform: str, out: Path, spacing_mm: float | None = None
 ) -> Path:
-    """A dataset of the split's cases under ``transform`` (float MetaImage: lossless, with spacing)."""
+    """A dataset of the split's cases under ``transform``, the header kept (float MetaImage:
+    lossless, with spacing; ``spacing_mm``: the 2D pixel spacing, when the images store none)."""
     dataset = Dataset(dataset_root)
     spec = dataset.spec
     case_ids = dataset.split(split)
@@ -67,7 +71,8 @@ def write_transformed_split(
         write_image(out / "images" / f"{case_id}.mha", array, geometry)
         write_landmarks(out / "landmarks" / f"{case_id}.json", LandmarkSet(spec.landmarks, moved))
     document = spec.model_dump(mode="json", exclude_none=True)
-    document["spacing_mm"] = [spacing_mm, spacing_mm]
+    if spacing_mm is not None:
+        document["spacing_mm"] = [spacing_mm, spacing_mm]
     document["splits"] = {"test": case_ids}
     document["description"] = f"{dataset_root.name} {split}, {transform}"
     atomic_write_text(out / "dataset.json", json.dumps(document, indent=1) + "\n")

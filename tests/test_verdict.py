@@ -261,5 +261,6 @@ def test_relative_presence_ignores_a_contrast_that_lowers_every_peak() -> None:
     assert stage.present(confidence, "absolute").tolist() == [True] * 4 + [False] * 2
     assert stage.present(dimmed, "absolute").tolist() == [True, True, False, True, False, False]
     assert stage.present(dimmed, "relative").tolist() == [True] * 4 + [False] * 2
+    assert stage.present(0.1 * confidence, "shape").tolist() == [True] * 4 + [False] * 2
     older = Stage(None, None, [], 0.25, [], None)  # a run without the relative threshold
     assert older.present(dimmed, "relative").tolist() == older.present(dimmed, "absolute").tolist()

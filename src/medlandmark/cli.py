@@ -490,11 +490,13 @@ def _add_predict(sub) -> None:
     )
     predict.add_argument(
         "--presence",
-        choices=["absolute", "relative"],
+        choices=["absolute", "relative", "shape"],
         default="absolute",
         help="absolute: a landmark is present when its confidence reaches the run's threshold; "
         "relative: when its confidence over the case's reference level (the mean of its upper "
-        "half) reaches the run's relative threshold, which a contrast shift does not move",
+        "half) reaches the run's relative threshold, which a contrast shift does not move; "
+        "shape: present unless far weaker than the case's others (a quarter of its reference) "
+        "or placed outside the field of view by the shape check",
     )
     predict.add_argument(
         "--onnx",

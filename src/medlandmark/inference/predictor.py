@@ -138,7 +138,11 @@ class Stage:
         """Which landmarks of one case are present by their confidences ``(K,)``: ``absolute``
         compares each with the presence threshold, ``relative`` compares its ratio to the case's
         reference level (:func:`relative_confidences`) with the relative threshold (the
-        absolute rule when the runs have none)."""
+        absolute rule when the runs have none); ``shape`` keeps every landmark above a fixed
+        floor of that ratio (:data:`SHAPE_RULE_FLOOR`) and leaves "missing" to the shape
+        check, whose field-of-view test no contrast moves."""
+        if rule == "shape":
+            return relative_confidences(confidence) >= SHAPE_RULE_FLOOR
         if rule == "relative" and self.relative_presence_threshold is not None:
             return relative_confidences(confidence) >= self.relative_presence_threshold
         return confidence >= self.presence_threshold
@@ -151,7 +155,8 @@ class Stage:
 
 
 ORIENTATION_MODES = ("auto", "search", "fixed")
-PRESENCE_RULES = ("absolute", "relative")
+PRESENCE_RULES = ("absolute", "relative", "shape")
+SHAPE_RULE_FLOOR = 0.25  # of the case's reference level: far weaker than anything found
 
 
 def spread_in_mm(spread_per_axis_voxels: torch.Tensor, geometry: Geometry) -> np.ndarray:
