@@ -474,30 +474,7 @@ def _add_predict(sub) -> None:
         help="pixel spacing (x y) for PNG/JPEG/BMP/TIFF",
     )
     predict.add_argument("--weights", choices=["best", "final"], default="best")
-    predict.add_argument(
-        "--no-shape-check",
-        dest="shape_check",
-        action="store_false",
-        help="keep landmarks that the training constellation, fitted to the landmarks found, places outside the image",
-    )
-    predict.add_argument(
-        "--orientation",
-        choices=["auto", "search", "fixed"],
-        default="auto",
-        help="search: try every mirror and turn of the image (3D: axis flips) and keep the one "
-        "whose landmarks fit the training shape best; fixed: trust the image as given; auto "
-        "(default): search 2D images, trust 3D headers",
-    )
-    predict.add_argument(
-        "--presence",
-        choices=["absolute", "relative", "shape"],
-        default="absolute",
-        help="absolute: a landmark is present when its confidence reaches the run's threshold; "
-        "relative: when its confidence over the case's reference level (the mean of its upper "
-        "half) reaches the run's relative threshold, which a contrast shift does not move; "
-        "shape: present unless far weaker than the case's others (a quarter of its reference) "
-        "or placed outside the field of view by the shape check",
-    )
+    _add_judgement_options(predict)
     predict.add_argument(
         "--onnx",
         nargs="?",
@@ -507,6 +484,34 @@ def _add_predict(sub) -> None:
         help="run with onnxruntime: this file, or each run's model.onnx when no file is given",
     )
     predict.set_defaults(func=_predict)
+
+
+def _add_judgement_options(parser) -> None:
+    """``predict``'s options on what to trust: the shape check, the orientation, presence."""
+    parser.add_argument(
+        "--no-shape-check",
+        dest="shape_check",
+        action="store_false",
+        help="keep landmarks that the training constellation, fitted to the landmarks found, places outside the image",
+    )
+    parser.add_argument(
+        "--orientation",
+        choices=["auto", "search", "fixed"],
+        default="auto",
+        help="search: try every mirror and turn of the image (3D: axis flips) and keep the one "
+        "whose landmarks fit the training shape best; fixed: trust the image as given; auto "
+        "(default): search 2D images, trust 3D headers",
+    )
+    parser.add_argument(
+        "--presence",
+        choices=["absolute", "relative", "shape"],
+        default="absolute",
+        help="absolute: a landmark is present when its confidence reaches the run's threshold; "
+        "relative: when its confidence over the case's reference level (the mean of its upper "
+        "half) reaches the run's relative threshold, which a contrast shift does not move; "
+        "shape: present unless far weaker than the case's others (a quarter of its reference) "
+        "or placed outside the field of view by the shape check",
+    )
 
 
 def _add_calibrate(sub) -> None:

@@ -125,13 +125,7 @@ def predict_files(
             if options.overlay:
                 _write_overlay(out / "overlays" / f"{case_id}.png", image, prediction)
             rows.append(_summary_row(case_id, target, prediction, started))
-            verdict = prediction.verdict
-            if verdict is not None and verdict.status != "ok":
-                warn(f"{case_id}: {verdict.text}")
-            if prediction.orientation != "as given":
-                info(
-                    f"{case_id}: predicted {prediction.orientation} (that fits the training shape)"
-                )
+            _say_what_was_found(case_id, prediction)
         except MedlandmarkError as error:
             message = str(error) if error.path is not None else f"{path}: {error}"
             warn(message)
@@ -140,13 +134,26 @@ def predict_files(
     failed = sum(r["status"] == "failed" for r in rows)
     failures = f"; {failed} failed (see {SUMMARY_FILE})" if failed else ""
     info(f"predicted {len(rows) - failed} of {len(rows)} images into {out}{failures}")
+    _count_verdicts(rows, len(rows) - failed)
+    return rows
+
+
+def _say_what_was_found(case_id: str, prediction) -> None:
+    """One line for a doubtful or failed case, and one for an image found re-oriented."""
+    verdict = prediction.verdict
+    if verdict is not None and verdict.status != "ok":
+        warn(f"{case_id}: {verdict.text}")
+    if prediction.orientation != "as given":
+        info(f"{case_id}: predicted {prediction.orientation} (that fits the training shape)")
+
+
+def _count_verdicts(rows: list[dict], predicted: int) -> None:
     doubted = {v: sum(r["verdict"] == v for r in rows) for v in ("doubtful", "failed")}
     if any(doubted.values()):
         info(
             f"verdicts: {doubted['doubtful']} doubtful, {doubted['failed']} failed of "
-            f"{len(rows) - failed} predicted (reasons in {SUMMARY_FILE} and each landmark file)"
+            f"{predicted} predicted (reasons in {SUMMARY_FILE} and each landmark file)"
         )
-    return rows
 
 
 def _summary_row(case_id: str, target: Path, prediction, started: float) -> dict:

@@ -224,13 +224,13 @@ class Predictor:
         tta: bool = False,
         network_factory: NetworkFactory | None = None,
         onnx: str | Path | None = None,
-        shape_check: bool = True,
-        orientation: str = "auto",
-        presence: str = "absolute",
+        **judgement,
     ) -> Predictor:
         """Load a run folder, or a folder of runs (ensembles per configuration, a cascade when a
         coarse configuration and its fine one are both present). ``onnx`` runs the networks
-        with onnxruntime: a file for a single run, or ``"run"`` for each run's ``model.onnx``."""
+        with onnxruntime: a file for a single run, or ``"run"`` for each run's ``model.onnx``;
+        ``judgement`` holds the keyword arguments ``shape_check``, ``orientation`` and
+        ``presence`` of the constructor."""
         if onnx is not None and network_factory is None:
             network_factory = _onnx_factory(onnx)
         device = select_device(device)
@@ -245,15 +245,7 @@ class Predictor:
             _stage(runs, device, weights, network_factory)
             for runs in _stage_order(by_configuration, Path(model_dir))
         ]
-        return cls(
-            stages,
-            names,
-            device,
-            tta,
-            shape_check=shape_check,
-            orientation=orientation,
-            presence=presence,
-        )
+        return cls(stages, names, device, tta, **judgement)
 
     def predict(
         self,

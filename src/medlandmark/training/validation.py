@@ -98,6 +98,9 @@ def _validation(predictions, truths, peaks, offsets, radii_mm) -> Validation:
     )
 
 
+FINE_VALIDATION_SEED = 0  # the offsets of the fine patches: the same at every validation
+
+
 @torch.no_grad()
 def validate_fine(
     model: nn.Module,
@@ -108,7 +111,6 @@ def validate_fine(
     radii_mm: Sequence[float] = metrics.DEFAULT_RADII_MM,
     amp_dtype: torch.dtype | None = None,
     prediction: str = "full_resolution",
-    seed: int = 0,
 ) -> Validation:
     """A cascade's fine stage validated as prediction uses it: one patch per present landmark,
     centred on the landmark displaced by a normal offset of ``offset_sd_voxels`` per axis (the
@@ -124,7 +126,7 @@ def validate_fine(
         found = np.full(truth.shape, np.nan)
         peak = np.full(len(truth), np.nan)
         for k in np.flatnonzero(~np.isnan(truth).any(axis=1)):
-            rng = np.random.default_rng([seed, index, k])
+            rng = np.random.default_rng([FINE_VALIDATION_SEED, index, k])
             centre = truth[k] + rng.normal(0.0, 1.0, len(patch)) * np.asarray(offset_sd_voxels)
             start = np.round(centre - (patch - 1) / 2).astype(np.int64)
             window = torch.from_numpy(
