@@ -21,8 +21,8 @@ import torch
 from host import cpu_model
 
 from medlandmark import metrics
-from medlandmark.inference.networks import load_run_network
 from medlandmark.io.geometry import index_to_world
+from medlandmark.models import load_run_network
 from medlandmark.preprocessing import cache_folder, load_cached_case
 from medlandmark.records.run import read_run_record
 from medlandmark.training.validation import predict_cached_case

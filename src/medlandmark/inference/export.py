@@ -91,7 +91,7 @@ def export_onnx(
 
 def run_network(run_dir: Path, record: RunRecord, weights: str = "best") -> nn.Module:
     """The run's network on the CPU in eval mode, with its ``weights`` ("best" or "final")."""
-    from medlandmark.inference.networks import load_run_network
+    from medlandmark.models import load_run_network
 
     return load_run_network(run_dir, record, weights)
 

@@ -26,7 +26,6 @@ from medlandmark.heatmaps import (
     decode_heatmaps,
     relative_confidences,
 )
-from medlandmark.inference.networks import load_run_network
 from medlandmark.io.geometry import (
     Geometry,
     cropped_geometry,
@@ -37,7 +36,7 @@ from medlandmark.io.geometry import (
 from medlandmark.io.images import ImageData, read_image
 from medlandmark.io.landmark_formats import CaseVerdict
 from medlandmark.io.landmarks import LandmarkSet, pair_permutation, symmetric_pair_indices
-from medlandmark.models import channels_last
+from medlandmark.models import channels_last, load_run_network
 from medlandmark.preprocessing import preprocess_image
 from medlandmark.preprocessing.crops import crop_with_zeros
 from medlandmark.preprocessing.orientation import candidate_orientations

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import torch
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
@@ -9,6 +11,8 @@ from torch.utils.flop_counter import FlopCounterMode
 from medlandmark.errors import MedlandmarkError
 from medlandmark.models.registry import available_models, build_model, register_model
 from medlandmark.records.plan import Configuration, Plan
+from medlandmark.records.run import RUN_FILE, WEIGHT_FILES, RunRecord
+from medlandmark.records.weights import load_weights
 
 __all__ = [
     "available_models",
@@ -16,6 +20,7 @@ __all__ = [
     "channels_last",
     "count_parameters",
     "forward_flops",
+    "load_run_network",
     "network_for",
     "register_model",
 ]
@@ -127,3 +132,19 @@ def print_model_table(rows: list[dict]) -> None:
             f"{row['forward_flops'] / 1e9:.1f}",
         )
     console.print(table)
+
+
+def load_run_network(
+    folder: Path, record: RunRecord, weights: str = "best", device: str | torch.device = "cpu"
+) -> nn.Module:
+    """The run's network with its ``weights`` (best or final) on ``device``, in eval mode."""
+    if weights not in WEIGHT_FILES:
+        raise MedlandmarkError(f"weights must be one of {', '.join(WEIGHT_FILES)}, got '{weights}'")
+    configuration = record.plan_configuration
+    channels = len(record.plan.modalities)
+    try:
+        network = network_for(record.arch, configuration, len(record.landmarks), channels)
+    except ValueError as error:
+        raise MedlandmarkError(str(error), Path(folder) / RUN_FILE) from None
+    load_weights(Path(folder) / WEIGHT_FILES[weights], network)
+    return network.to(device).eval()

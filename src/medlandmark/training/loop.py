@@ -40,7 +40,7 @@ from medlandmark.heatmaps import (
 from medlandmark.io.files import atomic_write_bytes, atomic_write_text, remove_partials
 from medlandmark.io.geometry import index_to_world, left_right_axis
 from medlandmark.io.landmarks import symmetric_pair_indices
-from medlandmark.models import channels_last, network_for
+from medlandmark.models import channels_last, load_run_network, network_for
 from medlandmark.planning import PLANS_FILE, load_plan, preprocessed_folder
 from medlandmark.preprocessing import CachedCase, cache_folder, load_cached_case
 from medlandmark.records.plan import Configuration, Plan
@@ -58,7 +58,7 @@ from medlandmark.records.run import (
     read_run_record,
     write_run_record,
 )
-from medlandmark.records.weights import load_weights, save_weights, unwrap
+from medlandmark.records.weights import save_weights, unwrap
 from medlandmark.shape_model import ShapeModel, fit_shape_model
 from medlandmark.training import distributed
 from medlandmark.training.batches import AugmentedBatches
@@ -754,10 +754,7 @@ def recalibrate(run_dir: str | Path, device: str = "auto") -> RunRecord:
     val_cases = [load_cached_case(folder, c) for c in record.val_cases]
     record.shape_model = _shape_model([load_cached_case(folder, c) for c in record.train_cases])
     torch_device = select_device(device)
-    network = network_for(
-        record.arch, record.plan_configuration, len(record.landmarks), len(record.plan.modalities)
-    )
-    load_weights(run_dir / BEST_WEIGHTS, network)
+    network = load_run_network(run_dir, record, "best", torch_device)
     settings = record.settings
     prediction = "full_resolution" if settings is None else settings.prediction
     configuration = record.plan_configuration
@@ -765,7 +762,7 @@ def recalibrate(run_dir: str | Path, device: str = "auto") -> RunRecord:
     if configuration.stage == "fine":
         offsets = _fine_offset_sd(configuration, record.plan, record.options.get("coarse_run"))
     result = validated(
-        network.to(torch_device).eval(),
+        network,
         val_cases,
         configuration,
         torch_device,
