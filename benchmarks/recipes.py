@@ -59,11 +59,11 @@ STEP_CAP_FACTOR = 2  # steps allowed beyond the probe's estimate: the time budge
 BUDGET_FILE = (
     "budget.json"  # in a run folder, beside run.json: what the budget decided, and the time used
 )
-# The coarse (or only) stage trains on fold 0 so that its held-out fifth calibrates the presence
-# threshold and measures the coarse error the fine stage's patch offsets follow. The fine stage
-# is never validated on whole images (it only ever sees patches around coarse estimates, and a
-# sliding window over a whole 0.1 mm image costs minutes): it trains on every training case.
-FOLD_BY_STAGE = {"coarse": 0, "full": 0, "fine": "all"}
+# Every stage trains on fold 0: its held-out fifth picks the best weights and calibrates the
+# presence threshold, the verdict and the error bounds. A fine stage is validated as prediction
+# uses it (patches around the landmarks displaced by the coarse error spread), so the cascade's
+# bounds are the fine stage's own, not the coarse stage's.
+FOLD_BY_STAGE = {"coarse": 0, "full": 0, "fine": 0}
 
 
 @dataclass(frozen=True)
