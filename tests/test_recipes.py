@@ -115,7 +115,7 @@ def test_isbi2015_recipe_trains_the_cascade_and_reports_every_test_split(
     assert "| test1 | 2 | 38 |" in printed and "command: isbi2015.py --budget cpu" in printed
     runs = work / "cpu-unet-0.05min-1gb-8f" / "runs"
     fine = json.loads((runs / "2d_fine" / "run.json").read_text())
-    assert fine["fold"] == "all" and fine["options"]["coarse_run"] == str(runs / "2d_coarse")
+    assert fine["fold"] == 0 and fine["options"]["coarse_run"] == str(runs / "2d_coarse")
 
     # Test2Data appears: the rerun converts again, reuses the trained runs and reports both splits
     _link_isbi_case(source, "Test2Data", 153, as_number=301)
