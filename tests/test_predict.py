@@ -280,19 +280,19 @@ def test_overlay_option_writes_a_png_per_case(trained, tmp_path: Path) -> None:
 
 
 class _CutsEverything:
-    """A shape model stand-in that calls every landmark cut off and records what it was given."""
+    """A shape model stand-in that expects every landmark far outside the image (the field of
+    view has cut them all off) and records what it was given."""
 
-    minimum_points, handedness, rotation_limit_deg = 5, 0, None
+    minimum_points, handedness, rotation_limit_deg, inlier_mm = 1, 0, None, 3.0
 
     def __init__(self) -> None:
         self.calls: list[tuple] = []
 
-    def cut_off(self, points_mm: np.ndarray, usable: np.ndarray, geometry: Geometry) -> np.ndarray:
-        self.calls.append((points_mm.copy(), usable.copy(), geometry))
-        return np.ones(len(points_mm), dtype=bool)
+    def expected(self, points_mm: np.ndarray, usable: np.ndarray, seed: int = 0):
+        from medlandmark.shape_model import ExpectedFit
 
-    def expected(self, points_mm: np.ndarray, usable: np.ndarray, seed: int = 0) -> None:
-        return None  # no fit: nothing to re-decode
+        self.calls.append((points_mm.copy(), usable.copy()))
+        return ExpectedFit(points_mm + 1e4, np.flatnonzero(usable), 0.5)
 
 
 def test_the_shape_check_reports_cut_off_landmarks_missing_in_the_image_geometry(
@@ -310,14 +310,27 @@ def test_the_shape_check_reports_cut_off_landmarks_missing_in_the_image_geometry
         not prediction.present[0]
         and np.linalg.norm(prediction.landmarks.recorded_mm[0] - points[0]) < 0.05
     )
-    found, usable, geometry = shape.calls[0]
-    assert geometry == image.geometry and usable.tolist() == [
-        True
-    ]  # world mm of the image as given
-    assert np.linalg.norm(found[0] - points[0]) < 0.05
+    found, usable = shape.calls[0]  # world mm of the image as given
+    assert usable.tolist() == [True] and np.linalg.norm(found[0] - points[0]) < 0.05
     unchecked = Predictor.from_run(run, network_factory=_identity_factory, shape_check=False)
     unchecked.stages[0].shape_model = shape
-    assert unchecked.predict(image).present[0] and len(shape.calls) == 1
+    assert unchecked.predict(image).present[0]
+
+
+def test_a_landmark_found_outside_the_image_is_reported_missing(tmp_path: Path) -> None:
+    """A point beyond the image's box (a fine patch's zero padding can put a peak there) is not
+    in this image, whatever its confidence; a point on the last voxel is."""
+    dataset, models, points = _blob_model(tmp_path, gpu_memory_gb=24.0)
+    run = next(models.iterdir())
+    image = read_image(dataset / "images" / "c0.nii.gz")
+    predictor = Predictor.from_run(run, network_factory=_identity_factory, shape_check=False)
+    found = predictor.predict(image)
+    assert found.present[0]
+    last = np.array(image.geometry.shape, dtype=np.float64) - 1.0
+    for beyond_voxels, present in [(0.0, True), (0.4, True), (3.0, False)]:
+        first = predictor._first_pass(image, mirror=False)
+        first.points_mm[0] = index_to_world(last + beyond_voxels, image.geometry)
+        assert predictor._predict(image, first).present[0] == present, beyond_voxels
 
 
 class _PlacesItElsewhere:

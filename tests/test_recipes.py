@@ -109,10 +109,14 @@ def test_isbi2015_recipe_trains_the_cascade_and_reports_every_test_split(
         ["--budget", "cpu", "--source", str(source), "--work", str(work), *TINY]
     )
     _check_results(results, work, {"test1": 2}, ["2d_coarse", "2d_fine"])
-    assert results["splits"]["test1"]["n_points"] == 2 * 19
+    test1 = results["splits"]["test1"]  # a tiny model may place points outside: then missing
+    assert test1["n_points"] + test1["missing"]["fp"] == 2 * 19
     assert [t["target"] for t in results["targets"]] == ["mre_mm <= 1.5"]
     printed = capsys.readouterr().out
-    assert "| test1 | 2 | 38 |" in printed and "command: isbi2015.py --budget cpu" in printed
+    assert (
+        f"| test1 | 2 | {test1['n_points']} |" in printed
+        and "command: isbi2015.py --budget cpu" in printed
+    )
     runs = work / "cpu-unet-0.05min-1gb-8f" / "runs"
     fine = json.loads((runs / "2d_fine" / "run.json").read_text())
     assert fine["fold"] == 0 and fine["options"]["coarse_run"] == str(runs / "2d_coarse")

@@ -138,8 +138,10 @@ def test_shape_outliers_and_the_peak_near_a_place():
     present = np.ones(14, bool)
     present[7] = False
     geometry = Geometry.identity((250, 250))
-    outliers, expected = shape_outliers(model, found, present, geometry)
-    assert outliers.tolist() == [4]
+    fit = model.expected(found, present)
+    assert shape_outliers(model, fit, found, present, geometry).tolist() == [4]
+    assert not len(shape_outliers(model, None, found, present, geometry))  # no fit: none
+    expected = fit.expected_mm
     assert np.linalg.norm(expected[4] - (base[4] + 100.0)) < 2.0
     # two peaks: a strong one on the look-alike and a weaker one at the landmark
     index = np.array(

@@ -124,11 +124,7 @@ class ShapeModel:
     def cut_off(self, points_mm: np.ndarray, usable: np.ndarray, geometry: Geometry) -> np.ndarray:
         """``(K,)`` True for landmarks the image's field of view has cut off: expected outside
         it, or inside by less than the fit's RMS residual. All False when no fit is possible."""
-        fit = self.expected(points_mm, usable)
-        if fit is None:
-            return np.zeros(len(points_mm), dtype=bool)
-        depth = geometry.depth_inside_mm(fit.expected_mm)
-        return np.isfinite(depth) & (depth < fit.rms_mm)
+        return cut_off_by(self.expected(points_mm, usable), geometry, len(points_mm))
 
     def _consensus(
         self, points_mm: np.ndarray, candidates: np.ndarray, rng: np.random.Generator
@@ -154,6 +150,15 @@ class ShapeModel:
             if best_score is None or score > best_score:
                 best, best_score = candidates[agreeing], score
         return best if best is not None and len(best) >= self.minimum_points else None
+
+
+def cut_off_by(fit: ExpectedFit | None, geometry: Geometry, count: int) -> np.ndarray:
+    """``(count,)`` True for landmarks that ``fit`` expects outside ``geometry``'s field of view
+    or inside it by less than its RMS residual; all False without a fit."""
+    if fit is None:
+        return np.zeros(count, dtype=bool)
+    depth = geometry.depth_inside_mm(fit.expected_mm)
+    return np.isfinite(depth) & (depth < fit.rms_mm)
 
 
 def affine_fit(source_mm: np.ndarray, target_mm: np.ndarray) -> np.ndarray | None:

@@ -25,7 +25,7 @@ import numpy as np
 from medlandmark.io.geometry import Geometry
 from medlandmark.io.landmark_formats import CaseVerdict
 from medlandmark.records.run import VerdictThresholds
-from medlandmark.shape_model import ShapeModel
+from medlandmark.shape_model import ExpectedFit, ShapeModel
 
 DOUBTFUL_SPREADS = 4.0
 FAILED_SPREADS = 8.0
@@ -74,9 +74,23 @@ def case_evidence(
 ) -> CaseEvidence:
     """The evidence of one case from its landmarks ``(K, D)`` (world mm), their confidences and
     which of them passed the presence threshold."""
-    confidence = np.asarray(confidence, dtype=np.float64)
     present = np.asarray(present, dtype=bool)
     fit = None if shape_model is None else shape_model.expected(points_mm, present)
+    return evidence_of_fit(confidence, present, points_mm, shape_model, fit, geometry)
+
+
+def evidence_of_fit(
+    confidence: np.ndarray,
+    present: np.ndarray,
+    points_mm: np.ndarray,
+    shape_model: ShapeModel | None,
+    fit: ExpectedFit | None,
+    geometry: Geometry,
+) -> CaseEvidence:
+    """:func:`case_evidence` with the shape model's fit to the present landmarks already made
+    (None: no plausible fit, or no shape model)."""
+    confidence = np.asarray(confidence, dtype=np.float64)
+    present = np.asarray(present, dtype=bool)
     inside = np.ones(len(present), dtype=bool)
     disagreeing = np.zeros(len(present), dtype=bool)
     if fit is not None:

@@ -48,9 +48,9 @@ from medlandmark.records.run import (
     VerdictThresholds,
     read_run_record,
 )
-from medlandmark.shape_model import ShapeModel
+from medlandmark.shape_model import ExpectedFit, ShapeModel, cut_off_by
 from medlandmark.sliding_window import head_strides, sliding_window_outputs
-from medlandmark.verdict import CaseEvidence, case_evidence, combined_thresholds, judge
+from medlandmark.verdict import CaseEvidence, combined_thresholds, evidence_of_fit, judge
 
 Network = Callable[[torch.Tensor], Sequence[torch.Tensor]]
 NetworkFactory = Callable[[RunRecord, Path], Network]
@@ -76,6 +76,22 @@ class Prediction:
     @property
     def present(self) -> np.ndarray:
         return self.landmarks.present
+
+
+@dataclass
+class FirstPass:
+    """The first stage on one whole image: its full-resolution heatmaps ``(K, *spatial)`` on the
+    preprocessed ``geometry``, the landmarks found (world mm), their confidences, spreads and
+    presence by the presence rule, the shape model's fit to them and the case's evidence."""
+
+    heatmaps: torch.Tensor
+    geometry: Geometry
+    points_mm: np.ndarray
+    peak: np.ndarray
+    spread_mm: np.ndarray
+    present: np.ndarray
+    fit: ExpectedFit | None
+    evidence: CaseEvidence
 
 
 @dataclass
@@ -289,16 +305,23 @@ class Predictor:
 
     def _predict_oriented(self, image: ImageData) -> Prediction:
         """:meth:`_predict` on the image as given, or on the candidate orientation whose first
-        stage's landmarks fit the training shape best, mapped back to the image as given."""
+        stage's landmarks fit the training shape best, mapped back to the image as given. The
+        chosen candidate's first pass is reused (run again only to add the mirrored one)."""
         search = self.orientation == "search" or (self.orientation == "auto" and image.ndim == 2)
+        mirror = self.tta and bool(self.stages[0].pairs)
         if not search or self.stages[0].shape_model is None:
-            return self._predict(image)
-        candidates = candidate_orientations(image.geometry, turns=True)
-        scores = [self._orientation_score(o.image(image)) for o in candidates]
-        chosen = candidates[max(range(len(scores)), key=scores.__getitem__)]  # ties: the first
+            return self._predict(image, self._first_pass(image, mirror))
+        best = None
+        for candidate in candidate_orientations(image.geometry, turns=True):
+            moved = candidate.image(image)
+            first = self._first_pass(moved, mirror=False)
+            score = self._orientation_score(first)
+            if best is None or score > best[0]:  # ties: the first
+                best = (score, candidate, moved, first)
+        _, chosen, moved, first = best
+        prediction = self._predict(moved, self._first_pass(moved, True) if mirror else first)
         if chosen.is_identity:
-            return self._predict(image)
-        prediction = self._predict(chosen.image(image))
+            return prediction
         landmarks = prediction.landmarks
         landmarks.points_mm = chosen.world_back(landmarks.points_mm, image.geometry)
         if landmarks.recorded_mm is not None:
@@ -306,38 +329,52 @@ class Predictor:
         prediction.orientation = chosen.name
         return prediction
 
-    def _orientation_score(self, image: ImageData) -> tuple[float, ...]:
-        """How well the first stage's landmarks on ``image`` fit the training shape: a plausible
-        fit, neither mirrored nor turned beyond the training cases, first; then the landmarks that agree with it times their mean confidence."""
-        first = self.stages[0]
-        array, geometry = preprocess_image(image, first.plan, first.configuration)
-        heads = first.heatmaps(array, geometry, self.device, False, self.windows_per_batch)
-        decoded = first.decode(heads)
-        points = index_to_world(decoded.points[0].double().cpu().numpy(), geometry)
-        peak = confidence_of(decoded.peak[0].float().cpu(), first.target)
-        present = first.present(peak, self.presence)
-        evidence = case_evidence(peak, present, points, first.shape_model, image.geometry)
+    def _orientation_score(self, first: FirstPass) -> tuple[float, ...]:
+        """How well a first pass's landmarks fit the training shape: a plausible fit, neither
+        mirrored nor turned beyond the training cases, first; then the landmarks that agree with
+        it times their mean confidence."""
+        evidence = first.evidence
         agreeing = evidence.present_count - len(evidence.disagreeing) if evidence.fitted else 0
         plausible = evidence.fitted and not (evidence.mirrored or evidence.turned)
         return (float(plausible), agreeing * float(np.nan_to_num(evidence.mean_confidence)))
 
-    def _predict(self, image: ImageData) -> Prediction:
+    def _first_pass(self, image: ImageData, mirror: bool) -> FirstPass:
+        """The first stage on the whole image (with the mirrored pass when ``mirror``): the
+        landmarks, their presence by the presence rule, the shape fit and the case's evidence."""
         first = self.stages[0]
         array, geometry = preprocess_image(image, first.plan, first.configuration)
-        mirror = self.tta and bool(first.pairs)
         heads = first.heatmaps(array, geometry, self.device, mirror, self.windows_per_batch)
-        heatmaps = heads[0]
         decoded = first.decode(heads)
         points = index_to_world(decoded.points[0].double().cpu().numpy(), geometry)
         peak = confidence_of(decoded.peak[0].float().cpu(), first.target)
-        spread_mm = spread_in_mm(decoded.spread_per_axis[0], geometry)
         present = first.present(peak, self.presence)
-        evidence = case_evidence(peak, present, points, first.shape_model, image.geometry)
+        shape_model = first.shape_model
+        fit = None if shape_model is None else shape_model.expected(points, present)
+        return FirstPass(
+            heatmaps=heads[0],
+            geometry=geometry,
+            points_mm=points,
+            peak=peak,
+            spread_mm=spread_in_mm(decoded.spread_per_axis[0], geometry),
+            present=present,
+            fit=fit,
+            evidence=evidence_of_fit(peak, present, points, shape_model, fit, image.geometry),
+        )
+
+    def _predict(self, image: ImageData, first: FirstPass) -> Prediction:
+        """The landmarks of ``image`` from its first pass: refined by the fine stage of a
+        cascade, checked against the shape model, and reported missing outside the image."""
+        shape_model = self.stages[0].shape_model
+        points, spread_mm = first.points_mm.copy(), first.spread_mm.copy()
+        peak, present, fit = first.peak.copy(), first.present.copy(), first.fit
         if len(self.stages) > 1:
             points, spread_mm = self._refine(image, points, present, spread_mm)
-        if self.shape_check and first.shape_model is not None:
-            present &= ~first.shape_model.cut_off(points, present, image.geometry)
-            self._follow_the_shape(image, heatmaps, geometry, points, peak, spread_mm, present)
+            if shape_model is not None and self.shape_check:
+                fit = shape_model.expected(points, present)
+        if self.shape_check and shape_model is not None:
+            present &= ~cut_off_by(fit, image.geometry, len(points))
+            self._follow_the_shape(image, first, fit, points, peak, spread_mm, present)
+        present &= ~(image.geometry.depth_inside_mm(points) < 0)  # not in this image
         kept = points.copy()
         points[~present] = np.nan
         landmarks = LandmarkSet(
@@ -346,9 +383,9 @@ class Predictor:
             recorded_mm=np.where(present[:, None], np.nan, kept),
             confidence=peak,
             error_bound_mm=self._error_bounds(present),
-            verdict=judge(evidence, first.verdict_thresholds, self.names),
+            verdict=judge(first.evidence, self.stages[0].verdict_thresholds, self.names),
         )
-        return Prediction(landmarks, peak, spread_mm, evidence)
+        return Prediction(landmarks, peak, spread_mm, first.evidence)
 
     def _error_bounds(self, present: np.ndarray) -> np.ndarray | None:
         """Each present point's error bound (mm): the last stage's that validated (a cascade
@@ -362,32 +399,32 @@ class Predictor:
     def _follow_the_shape(
         self,
         image: ImageData,
-        heatmaps: torch.Tensor,
-        geometry: Geometry,
+        first: FirstPass,
+        fit: ExpectedFit | None,
         points_mm: np.ndarray,
         peak: np.ndarray,
         spread_mm: np.ndarray,
         present: np.ndarray,
     ) -> None:
-        """In place: each present landmark found far from where the others place it (a peak on a
+        """In place: each present landmark found far from where ``fit`` places it (a peak on a
         look-alike, e.g. the other side's twin) takes its heatmap's peak near that place instead:
-        the fine stage's, in a patch centred there, or the single stage's ``heatmaps``."""
+        the fine stage's, in a patch centred there, or the first pass's heatmaps."""
         shape_model = self.stages[0].shape_model
-        outliers, expected_mm = shape_outliers(shape_model, points_mm, present, image.geometry)
+        outliers = shape_outliers(shape_model, fit, points_mm, present, image.geometry)
         if not len(outliers):
             return
         if len(self.stages) > 1:
             chosen = np.isin(np.arange(len(points_mm)), outliers)
             again, again_spread = self._refine(
-                image, expected_mm, chosen, spread_mm, guided=shape_model
+                image, fit.expected_mm, chosen, spread_mm, guided=shape_model
             )
             points_mm[outliers], spread_mm[outliers] = again[outliers], again_spread[outliers]
             return
-        radius_mm = guided_radius_mm(shape_model, geometry)
+        radius_mm = guided_radius_mm(shape_model, first.geometry)
         target = self.stages[0].target
         for k in outliers:
             points_mm[k], found, spread_mm[k] = decode_near(
-                heatmaps[k], geometry, expected_mm[k], radius_mm
+                first.heatmaps[k], first.geometry, fit.expected_mm[k], radius_mm
             )
             peak[k] = confidence_of(np.float64(found), target)
 
@@ -432,17 +469,19 @@ class Predictor:
 
 
 def shape_outliers(
-    shape_model: ShapeModel, points_mm: np.ndarray, present: np.ndarray, geometry: Geometry
-) -> tuple[np.ndarray, np.ndarray]:
-    """Present landmarks found farther than the shape model's inlier distance from where the
-    other landmarks place them, that place being inside ``geometry``; their indices and the
-    expected positions ``(K, D)`` (none when no fit is possible)."""
-    fit = shape_model.expected(points_mm, present)
+    shape_model: ShapeModel,
+    fit: ExpectedFit | None,
+    points_mm: np.ndarray,
+    present: np.ndarray,
+    geometry: Geometry,
+) -> np.ndarray:
+    """Indices of the present landmarks found farther than the shape model's inlier distance
+    from where ``fit`` places them, that place being inside ``geometry`` (none without a fit)."""
     if fit is None:
-        return np.zeros(0, dtype=int), points_mm
+        return np.zeros(0, dtype=int)
     distance = np.linalg.norm(points_mm - fit.expected_mm, axis=1)
     inside = geometry.contains_world(fit.expected_mm)
-    return np.flatnonzero(present & inside & (distance > shape_model.inlier_mm)), fit.expected_mm
+    return np.flatnonzero(present & inside & (distance > shape_model.inlier_mm))
 
 
 def decode_near(
