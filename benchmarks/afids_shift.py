@@ -38,6 +38,8 @@ SHIFTED = {  # set name -> (seed, its role)
     "strong-seed1": (1, "test: reported only"),
 }
 CASES = 30
+IN_DISTRIBUTION = "in-distribution-test"
+SET_NAMES = (IN_DISTRIBUTION, *SHIFTED)
 FLIPPED_AXES = ("flipped axis 0", "flipped axis 1", "flipped axis 2")  # voxels moved, header kept
 
 
@@ -83,6 +85,14 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--work", type=Path, default=None)
     parser.add_argument("--rules", nargs="+", default=["absolute", "relative"])
     parser.add_argument(
+        "--sets",
+        nargs="+",
+        choices=SET_NAMES,
+        default=list(SET_NAMES),
+        help="which sets to predict (choose a rule on strong-seed2 first, then report "
+        "strong-seed1 with it); results.json keeps the rows of earlier runs",
+    )
+    parser.add_argument(
         "--flips",
         action="store_true",
         help="also the test split with its voxels flipped along each axis and the header kept "
@@ -94,11 +104,18 @@ def main(argv: list[str] | None = None) -> dict:
     if args.threads:
         torch.set_num_threads(args.threads)
     work = args.work or args.model.parent / "shift"
-    sets = {"in-distribution test": (args.dataset, Dataset(args.dataset).split("test"))}
+    sets = {}
+    if IN_DISTRIBUTION in args.sets:
+        sets[IN_DISTRIBUTION] = (args.dataset, Dataset(args.dataset).split("test"))
     for name, (seed, _) in SHIFTED.items():
-        data = shifted_set(args.source, work, name, seed)
-        sets[name] = (data, Dataset(data).case_ids)
-    results = {"model": str(args.model), "roles": {n: r for n, (_, r) in SHIFTED.items()}}
+        if name in args.sets:
+            data = shifted_set(args.source, work, name, seed)
+            sets[name] = (data, Dataset(data).case_ids)
+    earlier = work / "results.json"
+    results = json.loads(earlier.read_text()) if earlier.is_file() else {}
+    if results.get("model") != str(args.model):
+        results = {}
+    results.update(model=str(args.model), roles={n: r for n, (_, r) in SHIFTED.items()})
     for name, (data, case_ids) in sets.items():
         for rule in args.rules:
             folder = work / name.replace(" ", "-") / rule
@@ -119,7 +136,7 @@ def main(argv: list[str] | None = None) -> dict:
                 info(f"{flip}, {mode}: {json.dumps(row)}")
     atomic_write_text(work / "results.json", json.dumps(results, indent=1) + "\n")
     print("| set | presence | cases | MRE (mm) | missing precision | missing recall | verdicts |")
-    for name, rules in results["sets"].items():
+    for name, rules in results.get("sets", {}).items():
         for rule, row in rules.items():
             print(
                 f"| {name} | {rule} | {row['n_cases']} | {row['mre_mm']:.3f} | "

@@ -234,6 +234,32 @@ def test_fine_stage_offsets_come_from_the_coarse_runs_measured_error(
     assert validated.best is not None and validated.best.val_mre_mm > 0
     assert len(validated.error_bounds_mm) == 19  # its own bounds, for the cascade's points
     assert validated.verdict_thresholds is None  # cases are judged by the first stage
+    _check_coarse_estimates(small_isbi, tmp_path / "coarse", coarse, plan)
+
+
+def _check_coarse_estimates(root: Path, coarse_run: Path, coarse, plan) -> None:
+    """The fine stage's validation patches centre on the coarse stage's estimates of its
+    unseen cases, in the fine cache's voxels: their distance to the truth is the coarse
+    validation's MRE; a case the coarse network trained on gives none."""
+    from medlandmark.io.geometry import index_to_world
+    from medlandmark.preprocessing import cache_folder, load_cached_case
+    from medlandmark.training.validation import coarse_estimates_index
+
+    folder = cache_folder(root / "preprocessed", plan.configurations["2d_fine"])
+    cases = [load_cached_case(folder, c) for c in coarse.val_cases]
+    centres = coarse_estimates_index(str(coarse_run), cases, torch.device("cpu"))
+    distances = [
+        np.linalg.norm(
+            index_to_world(centre, case.geometry)
+            - index_to_world(case.landmarks_index, case.geometry),
+            axis=1,
+        )
+        for centre, case in zip(centres, cases, strict=True)
+    ]
+    assert np.nanmean(np.concatenate(distances)) == pytest.approx(coarse.best.val_mre_mm, rel=1e-4)
+    seen = [load_cached_case(folder, coarse.train_cases[0])]
+    assert coarse_estimates_index(str(coarse_run), seen, torch.device("cpu")) is None
+    assert coarse_estimates_index(None, cases, torch.device("cpu")) is None
 
 
 def test_training_ends_with_one_closing_line_and_resuming_a_finished_run_does_nothing(
@@ -339,3 +365,15 @@ def test_fine_validation_decodes_each_landmark_in_a_displaced_patch() -> None:
     assert result.truly_present.tolist() == [[True, True, False]]
     again = validate_fine(BlobsAreHeatmaps(), [case], [24, 24], torch.device("cpu"), [3.0, 3.0])
     np.testing.assert_array_equal(again.points_mm, result.points_mm)  # the same draw each time
+    # centred on given (coarse) estimates: one 30 voxels off loses its blob, one on it keeps it,
+    # one without an estimate falls back to the displaced landmark
+    centres = [np.array([[50.3, 30.0], [45.0, 12.6], [np.nan, np.nan]])]
+    led = validate_fine(
+        BlobsAreHeatmaps(), [case], [24, 24], torch.device("cpu"), [3.0, 3.0], centres_index=centres
+    )
+    assert led.errors_mm[0, 0] > 5.0 and led.errors_mm[0, 1] < 0.05
+    centres = [np.array([[np.nan, np.nan], [45.0, 12.6], [np.nan, np.nan]])]
+    led = validate_fine(
+        BlobsAreHeatmaps(), [case], [24, 24], torch.device("cpu"), [3.0, 3.0], centres_index=centres
+    )
+    assert led.errors_mm[0, :2].max() < 0.05

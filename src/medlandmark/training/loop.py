@@ -72,7 +72,12 @@ from medlandmark.training.options import (
 )
 from medlandmark.training.sampling import PatchSampler
 from medlandmark.training.state import TrainState, mixed_precision, total_steps
-from medlandmark.training.validation import Validation, validate, validate_fine
+from medlandmark.training.validation import (
+    Validation,
+    coarse_estimates_index,
+    validate,
+    validate_fine,
+)
 from medlandmark.verdict import case_evidence, verdict_thresholds
 
 __all__ = ["TrainOptions", "TrainingError", "fold_case_ids", "train"]
@@ -118,6 +123,7 @@ class _Run:
     amp_dtype: torch.dtype | None
     context: distributed.Context
     epoch: _Epoch = field(default_factory=_Epoch)
+    fine_centres: list[np.ndarray] | None = None  # a fine stage's patch centres in validation
 
     @property
     def per_rank_batch(self) -> int:
@@ -207,7 +213,20 @@ def _start(dataset_root: Path, run_dir: Path, options: TrainOptions, resume: boo
         device,
         amp_dtype,
         context,
+        fine_centres=_fine_centres(configuration, options.coarse_run, val_cases, device),
     )
+
+
+def _fine_centres(
+    configuration: Configuration,
+    coarse_run: str | None,
+    val_cases: list[CachedCase],
+    device: torch.device,
+) -> list[np.ndarray] | None:
+    """A fine stage's validation patch centres: its coarse stage's estimates, when it has one."""
+    if configuration.stage != "fine":
+        return None
+    return coarse_estimates_index(coarse_run, val_cases, device)
 
 
 def _initial_state(
@@ -660,6 +679,7 @@ def _validate_and_keep_best(run: _Run, row: dict) -> None:
         run.batches.sampler.fine_offset_sd_voxels,
         run.amp_dtype,
         run.settings.prediction,
+        run.fine_centres,
     )
     row["val_mre_mm"], row["val_sdr_2mm"] = result.mre_mm, result.sdr.get("2.0")
     best = run.record.best
@@ -689,9 +709,11 @@ def validated(
     fine_offset_sd_voxels: Sequence[float] | None,
     amp_dtype: torch.dtype | None = None,
     prediction: str = "full_resolution",
+    fine_centres: Sequence[np.ndarray] | None = None,
 ) -> Validation:
     """A validation as prediction uses the configuration: whole images for a single or coarse
-    stage, patches around displaced landmarks for a cascade's fine stage."""
+    stage; for a cascade's fine stage, patches around the coarse stage's estimates
+    (``fine_centres``), or around displaced landmarks without them."""
     if configuration.stage == "fine" and fine_offset_sd_voxels is not None:
         return validate_fine(
             model,
@@ -701,6 +723,7 @@ def validated(
             fine_offset_sd_voxels,
             amp_dtype=amp_dtype,
             prediction=prediction,
+            centres_index=fine_centres,
         )
     return validate(
         model, cases, configuration.patch_size, device, amp_dtype=amp_dtype, prediction=prediction
@@ -759,8 +782,9 @@ def recalibrate(run_dir: str | Path, device: str = "auto") -> RunRecord:
     prediction = "full_resolution" if settings is None else settings.prediction
     configuration = record.plan_configuration
     offsets = None
+    coarse_run = record.options.get("coarse_run")
     if configuration.stage == "fine":
-        offsets = _fine_offset_sd(configuration, record.plan, record.options.get("coarse_run"))
+        offsets = _fine_offset_sd(configuration, record.plan, coarse_run)
     result = validated(
         network,
         val_cases,
@@ -768,6 +792,7 @@ def recalibrate(run_dir: str | Path, device: str = "auto") -> RunRecord:
         torch_device,
         offsets,
         prediction=prediction,
+        fine_centres=_fine_centres(configuration, coarse_run, val_cases, torch_device),
     )
     calibrate_record(record, result, val_cases, "gaussian" if settings is None else settings.target)
     write_run_record(run_dir, record)
