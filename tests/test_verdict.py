@@ -264,3 +264,13 @@ def test_relative_presence_ignores_a_contrast_that_lowers_every_peak() -> None:
     assert stage.present(0.1 * confidence, "shape").tolist() == [True] * 4 + [False] * 2
     older = Stage(None, None, [], 0.25, [], None)  # a run without the relative threshold
     assert older.present(dimmed, "relative").tolist() == older.present(dimmed, "absolute").tolist()
+
+
+def test_the_default_presence_rule_is_shape_in_3d_and_absolute_in_2d() -> None:
+    from medlandmark.errors import MedlandmarkError
+    from medlandmark.inference.predictor import Predictor, Stage, presence_rule
+
+    assert presence_rule("auto", 3) == "shape" and presence_rule("auto", 2) == "absolute"
+    assert presence_rule("relative", 3) == "relative"
+    with pytest.raises(MedlandmarkError, match="presence must be one of auto, absolute"):
+        Predictor([Stage(None, None, [], 0.25, [], None)], ["a"], "cpu", presence="strict")

@@ -83,7 +83,7 @@ class PredictOptions:
     onnx: str | Path | None = None
     shape_check: bool = True
     orientation: str = "auto"
-    presence: str = "absolute"
+    presence: str = "auto"
 
 
 def predict_files(
