@@ -327,10 +327,17 @@ def _add_models(sub) -> None:
         "models",
         "Print each network's parameter count and forward FLOPs for a plan.",
         "Builds every architecture that fits the plan (unet; hyatt in 2D; h3de in 3D) at the\n"
-        "configuration's patch size, counting on the meta device (no memory, no compute).",
+        "configuration's patch size, counting on the meta device (no memory, no compute).\n"
+        "'models list' lists the models shipped with medlandmark, 'models show NAME' prints one's card.",
         "medlandmark models data/isbi2015 -c 2d_coarse",
     )
-    _dataset_arguments(models, "dataset folder whose plan to read", "folder with plans.json")
+    _dataset_arguments(
+        models,
+        "dataset folder whose plan to read; or 'list', or 'show NAME', for the shipped models "
+        "(./list is a folder called list)",
+        "folder with plans.json",
+    )
+    models.add_argument("name", nargs="?", default=None, help="with 'show': the shipped model")
     models.add_argument("-c", "--configuration", default=None, help="default: every configuration")
     models.set_defaults(func=_models)
 
@@ -438,6 +445,14 @@ def _add_train_tuning(train: argparse.ArgumentParser) -> None:
         default=None,
         help="fine stage: the coarse stage's run (its error sets patch offsets)",
     )
+    train.add_argument(
+        "--init-from",
+        default=None,
+        metavar="RUN_OR_MODEL",
+        help="start from another run's weights (a run folder, a folder of runs, or a shipped "
+        "model's name): landmarks matched by name, a fifth of the plan's learning rate and one "
+        "warm-up epoch unless --lr says otherwise",
+    )
 
 
 def _add_predict(sub) -> None:
@@ -449,11 +464,21 @@ def _add_predict(sub) -> None:
         "(folds), a coarse and a fine configuration form a cascade. INPUT: image files, folders of\n"
         "images, DICOM series folders, or a dataset folder. Writes OUT/<case>.<format> (confidence\n"
         "per point; points judged absent are marked missing) and OUT/summary.csv. Exit 1 when an\n"
-        "image failed (the others still complete).",
+        "image failed (the others still complete). --model NAME predicts with a shipped model\n"
+        "instead of MODEL_DIR: predict --model ceph-isbi2015-19 my_ceph.png -o out/",
         "medlandmark predict runs/isbi images/*.jpg -o predictions --format json --tta",
     )
-    predict.add_argument("model_dir", type=Path, help="run folder or folder of runs")
-    predict.add_argument("inputs", type=Path, nargs="+", help="images, folders or DICOM series")
+    predict.add_argument(
+        "paths",
+        type=Path,
+        nargs="+",
+        metavar="[MODEL_DIR] INPUT",
+        help="a run folder or folder of runs (unless --model names a shipped model), then "
+        "images, folders or DICOM series",
+    )
+    predict.add_argument(
+        "--model", default=None, metavar="NAME", help="a shipped model (medlandmark models list)"
+    )
     predict.add_argument("-o", "--out", type=Path, required=True, help="output folder")
     predict.add_argument("--format", default="json", choices=["csv", "json", "mrk.json", "fcsv"])
     predict.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
@@ -504,9 +529,9 @@ def _add_judgement_options(parser) -> None:
     )
     parser.add_argument(
         "--presence",
-        choices=["absolute", "relative", "shape"],
-        default="absolute",
-        help="absolute: a landmark is present when its confidence reaches the run's threshold; "
+        choices=["auto", "absolute", "relative", "shape"],
+        default="auto",
+        help="auto (default): shape in 3D, absolute in 2D; absolute: a landmark is present when its confidence reaches the run's threshold; "
         "relative: when its confidence over the case's reference level (the mean of its upper "
         "half) reaches the run's relative threshold, which a contrast shift does not move; "
         "shape: present unless far weaker than the case's others (a quarter of its reference) "
@@ -677,9 +702,26 @@ def _models(args: argparse.Namespace) -> int:
     from medlandmark.models import describe_models, print_model_table
     from medlandmark.planning import load_plan, preprocessed_folder
 
+    if str(args.dataset) in ("list", "show"):
+        return _shipped_models(str(args.dataset), args.name)
+    if args.name is not None:
+        raise MedlandmarkError(f"unexpected argument '{args.name}' after the dataset folder")
     plan = load_plan(preprocessed_folder(args.dataset, args.preprocessed))
     names = [args.configuration] if args.configuration else list(plan.configurations)
     print_model_table([row for name in names for row in describe_models(plan, name)])
+    return 0
+
+
+def _shipped_models(action: str, name: str | None) -> int:
+    from medlandmark.inference.shipped import print_model_card, print_shipped_models
+    from medlandmark.records.model_card import shipped_model, shipped_models
+
+    if action == "list":
+        print_shipped_models(shipped_models())
+    elif name is None:
+        raise MedlandmarkError("models show needs the name of a shipped model (models list)")
+    else:
+        print_model_card(shipped_model(name))
     return 0
 
 
@@ -708,6 +750,7 @@ def _train(args: argparse.Namespace) -> int:
         augment=dict(args.augment),
         preprocessed=None if args.preprocessed is None else str(args.preprocessed),
         coarse_run=None if args.coarse_run is None else str(args.coarse_run),
+        init_from=args.init_from,
     )
     record = train(args.dataset, args.out, options, resume=args.resume)
     return EXIT_INTERRUPTED if record.status == "interrupted" else 0
@@ -728,7 +771,15 @@ def _predict(args: argparse.Namespace) -> int:
         orientation=args.orientation,
         presence=args.presence,
     )
-    rows = predict_files(args.model_dir, args.inputs, args.out, options)
+    if args.model is not None:
+        from medlandmark.records.model_card import shipped_model
+
+        model_dir, inputs = shipped_model(args.model).runs, args.paths
+    elif len(args.paths) < 2:
+        raise MedlandmarkError("predict needs a run folder and at least one input (or --model)")
+    else:
+        model_dir, inputs = args.paths[0], args.paths[1:]
+    rows = predict_files(model_dir, inputs, args.out, options)
     return EXIT_PROBLEMS if any(r["status"] == "failed" for r in rows) else 0
 
 

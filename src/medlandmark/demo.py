@@ -95,7 +95,21 @@ def run_demo(out: str | Path, kind: str = "2d", isbi2015: str | Path | None = No
     metrics = evaluate(out / "predictions", root, out / "evaluation")
     print_summary(metrics, out / "evaluation")
     info(f"demo finished in {time.perf_counter() - started:.0f} s")
+    _show_shipped_models()
     return 0 if all(row["status"] == "ok" for row in rows) else 1
+
+
+def _show_shipped_models() -> None:
+    """How to predict with a model shipped in the package, without training one."""
+    from medlandmark.records.model_card import shipped_models
+
+    for model in shipped_models():
+        spacing = f" --spacing {model.card.spacing_mm[0]:g}" if model.card.spacing_mm else ""
+        example = "IMAGE.png" if model.card.dimensions == 2 else "SCAN.nii.gz"
+        info(
+            f"ready-made: {model.name} ({model.card.title}): medlandmark predict --model "
+            f"{model.name} {example}{spacing} -o out/   (medlandmark models show {model.name})"
+        )
 
 
 def _test_images(dataset: Dataset, recipe: DemoRecipe) -> list[Path]:

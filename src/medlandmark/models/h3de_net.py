@@ -169,7 +169,7 @@ class H3DENet(nn.Module):
         fine = (max(8, widths[0] // 2), max(8, widths[0] // 4))  # decoder widths at strides 2, 1
         self.deep_supervision = sizes.deep_supervision
         self.stem = Stem(in_channels, (fine[0], widths[0]))
-        rates = torch.linspace(0.0, sizes.drop_path, sum(sizes.depths)).tolist()
+        rates = torch.linspace(0.0, sizes.drop_path, sum(sizes.depths), device="cpu").tolist()
         starts = [sum(sizes.depths[:i]) for i in range(4)]
         self.stages = nn.ModuleList()
         for i in range(4):

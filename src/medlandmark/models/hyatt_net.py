@@ -250,7 +250,7 @@ class HyattNet(nn.Module):
                     f"HYATT-Net {name} needs {len(BASE_WIDTHS)} entries, got {value!r}"
                 )
         self.widths = stage_widths(sizes.width_multiplier, sizes.head_dim)
-        rates = torch.linspace(0.0, sizes.drop_path, sum(sizes.depths)).tolist()
+        rates = torch.linspace(0.0, sizes.drop_path, sum(sizes.depths), device="cpu").tolist()
         self.stages = nn.ModuleList()
         channels = in_channels
         settings = zip(

@@ -62,6 +62,7 @@ from medlandmark.records.weights import save_weights, unwrap
 from medlandmark.shape_model import ShapeModel, fit_shape_model
 from medlandmark.training import distributed
 from medlandmark.training.batches import AugmentedBatches
+from medlandmark.training.init_from import initial_run, load_initial_weights
 from medlandmark.training.losses import heatmap_loss
 from medlandmark.training.options import (
     TrainingError,
@@ -187,7 +188,10 @@ def _start(dataset_root: Path, run_dir: Path, options: TrainOptions, resume: boo
     folder = cache_folder(preprocessed, configuration)
     train_cases = [load_cached_case(folder, c) for c in train_ids]
     val_cases = [load_cached_case(folder, c) for c in val_ids]
-    state = _initial_state(plan, configuration, options, settings, device, amp_dtype)
+    starting = options
+    if resume and (run_dir / CHECKPOINT_FILE).is_file():  # the checkpoint holds the weights
+        starting = replace(options, init_from=None)
+    state = _initial_state(plan, configuration, starting, settings, device, amp_dtype)
     record = _run_record(run_dir, dataset, plan, options, settings, (train_ids, val_ids), resume)
     if record.shape_model is None:  # runs from before it had one get it on resumption
         record.shape_model = _shape_model(train_cases)
@@ -243,6 +247,10 @@ def _initial_state(
         model = network_for(options.arch, configuration, len(plan.landmarks), len(plan.modalities))
     except ValueError as error:
         raise TrainingError(str(error)) from None
+    if options.init_from is not None:
+        source = initial_run(options.init_from, configuration.name)
+        channels = len(plan.modalities)
+        load_initial_weights(model, source, options.arch, configuration, plan.landmarks, channels)
     model = channels_last(model.to(device), plan.spatial_dims)
     return TrainState.create(model, settings, amp_dtype, options.time_budget_s)
 

@@ -24,6 +24,8 @@ OVERRIDABLE_SETTINGS = (
     "missing_target",
     "loss",
 )
+FINE_TUNE_LEARNING_RATE_FACTOR = 0.2  # of the plan's rate, when a run starts from another's
+FINE_TUNE_WARMUP_EPOCHS = 1
 
 
 class TrainingError(MedlandmarkError):
@@ -54,6 +56,7 @@ class TrainOptions:
     recipe: str | None = None  # a paper's training (medlandmark.training.recipes)
     preprocessed: str | None = None
     coarse_run: str | None = None
+    init_from: str | None = None  # a run, a folder of runs or a shipped model to start from
     augment: dict = field(default_factory=dict)
 
 
@@ -71,6 +74,9 @@ def run_settings(plan: Plan, options: TrainOptions) -> RunSettings:
         "batch_size": configuration.batch_size,
         **_recipe_settings(options),
     }
+    if options.init_from is not None:  # fine-tuning: smaller steps, a short warm-up
+        settings["learning_rate"] *= FINE_TUNE_LEARNING_RATE_FACTOR
+        settings["warmup_epochs"] = min(settings["warmup_epochs"], FINE_TUNE_WARMUP_EPOCHS)
     for name in OVERRIDABLE_SETTINGS:
         value = getattr(options, name)
         if value is not None:

@@ -1,0 +1,154 @@
+"""Ship a trained cascade in the package: measure it in float32 and float16 on a test split,
+keep float16 when it costs at most 0.01 mm of MRE, and write the model card with what was
+measured.
+
+    .venv/bin/python benchmarks/ship_model.py ceph-isbi2015-19 \\
+        benchmarks/work/isbi2015-fine0/cpu-unet/runs --dataset benchmarks/work/isbi2015/dataset \\
+        --split test1
+
+Writes src/medlandmark/shipped_models/NAME/ (model.json, MODEL_CARD.md, runs/) and
+WORK/ship/NAME-{float32,float16}/ (the measured copies, their predictions and evaluations).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shlex
+import shutil
+import sys
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+
+import recipes
+import torch
+from host import cpu_model
+
+from medlandmark.datasets.dataset import Dataset
+from medlandmark.evaluation import evaluate
+from medlandmark.inference.batch import PredictOptions, predict_files
+from medlandmark.inference.shipped import ship_runs, write_model_card
+from medlandmark.records.model_card import SHIPPED_FOLDER, Measurement, ModelCard
+from medlandmark.records.run import read_run_record
+
+HALF_PRECISION_TOLERANCE_MM = 0.01
+ISBI_TERMS = (
+    "ISBI 2015 Grand Challenge in cephalometric X-ray images (Wang et al., Medical Image "
+    "Analysis 2016): the images and annotations are distributed for research; check the "
+    "challenge's terms before any other use. These weights inherit that restriction."
+)
+SPECS = {
+    "ceph-isbi2015-19": {
+        "title": "19 cephalometric landmarks in lateral cephalograms",
+        "input_conventions": "A lateral cephalogram (2D X-ray of the skull), any size; JPEG, PNG, "
+        "BMP, TIFF, MetaImage, NIfTI or DICOM. Trained on images of 1935 x 2400 pixels at 0.1 mm "
+        "as the challenge gives them; mirrored or turned images are found by the orientation "
+        "search (predict --orientation auto). Give the pixel spacing (--spacing) of files that "
+        "carry none: it is taken as 0.1 mm otherwise.",
+        "training_data": "ISBI 2015 challenge training images 001-150 (the mean of the senior "
+        "and junior annotations); a coarse stage at 2.02 mm and a fine stage at 0.4 mm, both "
+        "trained on folds 1-4 and validated (thresholds, error bounds, verdict limits) on fold 0 "
+        "(30 images); medlandmark's U-Net recipe at the CPU budget (benchmarks/isbi2015.py "
+        "--budget cpu, 45 minutes on 2 cores).",
+        "data_terms": ISBI_TERMS,
+        "intended_use": "Research on cephalometric analysis; a first draft of landmarks for an "
+        "expert to check (each point has a 90 % error radius and each case a verdict).",
+        "limits": "Trained on 150 images of one challenge (one clinic, one device); not validated "
+        "on other devices, other resolutions, other populations or pathologies. Not a medical "
+        "device.",
+    },
+    "brain-afids-32": {
+        "title": "32 anatomical fiducials (AFIDs) in T1-weighted brain MRI",
+        "input_conventions": "A T1-weighted brain MRI volume (NIfTI, NRRD, MetaImage or DICOM) "
+        "with a correct header: 3D headers are trusted (predict --orientation fixed). Landmarks "
+        "are returned in world millimetres (LPS), missing where the field of view cuts them off.",
+        "training_data": "40 synthetic volumes warped from the one MNI152NLin2009cAsym template "
+        "with its AFIDs ground truth (medlandmark convert afids-synth, seed 0: random affine and "
+        "elastic warps, other spacings and orientations, field-of-view crops, bias, gamma and "
+        "noise); medlandmark's U-Net cascade at the CPU budget (benchmarks/afids3d.py --budget "
+        "cpu). It has never seen a real subject's scan.",
+        "data_terms": "AFIDs landmarks CC-BY-4.0 (the AFIDs project); the MNI152NLin2009cAsym "
+        "template under the McGill copyright notice (free use with attribution).",
+        "intended_use": "Demonstration and research: a starting point to fine-tune on real "
+        "annotated scans (train --init-from), not a tool for real subjects as it is.",
+        "limits": "One brain (the template) deformed: real anatomy varies more, real scans "
+        "differ in contrast and artefacts; expect larger errors and wrong 'missing' answers on "
+        "real data until fine-tuned on it. Not a medical device.",
+    },
+}
+
+
+def measured_copy(runs: Path, out: Path, half: bool, data: Path, split: str) -> dict:
+    """Ship ``runs`` into ``out``, predict the split with it, evaluate: the metrics."""
+    copy = ship_runs(runs, out / "model", half=half)
+    dataset = Dataset(data)
+    images = [dataset.case(c).image_path for c in dataset.split(split)]
+    started = time.perf_counter()
+    predict_files(copy, images, out / "predictions", PredictOptions(device="cpu"))
+    metrics = evaluate(out / "predictions", data, out / "evaluation", radii=recipes.RADII_MM)
+    metrics["predict_s"] = round(time.perf_counter() - started, 1)
+    return metrics
+
+
+def measurement(metrics: dict, split: str, command: str) -> Measurement:
+    missing = metrics["missing"]
+    tp, fp, fn = missing["tp"], missing["fp"], missing["fn"]
+    machine = f"{cpu_model()}, {torch.get_num_threads()} threads, torch {torch.__version__}"
+    return Measurement(
+        split=split,
+        n_cases=metrics["n_cases"],
+        n_points=metrics["n_points"],
+        mre_mm=round(metrics["mre_mm"], 4),
+        sd_mm=round(metrics["sd_mm"], 4),
+        sdr_percent={k: round(v, 2) for k, v in metrics["sdr"].items()},
+        missing_precision=round(tp / (tp + fp), 4) if tp + fp else None,
+        missing_recall=round(tp / (tp + fn), 4) if tp + fn else None,
+        error_bound_coverage_percent=(metrics.get("error_bound") or {}).get("coverage_percent"),
+        per_case_mre_mm={k: round(v, 4) for k, v in metrics["per_case_mre_mm"].items()},
+        command=command,
+        machine=machine,
+        date=datetime.now(timezone.utc).date().isoformat(),
+    )
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("name", choices=sorted(SPECS))
+    parser.add_argument("runs", type=Path, help="the trained folder of runs")
+    parser.add_argument("--dataset", type=Path, required=True)
+    parser.add_argument("--split", required=True)
+    parser.add_argument("--work", type=Path, default=recipes.WORK / "ship")
+    parser.add_argument("--threads", type=int, default=None)
+    args = parser.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    command = shlex.join(sys.orig_argv if argv is None else ["ship_model.py", *argv])
+    results = {}
+    for dtype, half in (("float32", False), ("float16", True)):
+        out = args.work / f"{args.name}-{dtype}"
+        results[dtype] = measured_copy(args.runs, out, half, args.dataset, args.split)
+        print(f"{dtype}: MRE {results[dtype]['mre_mm']:.4f} mm ({results[dtype]['predict_s']} s)")
+    cost = results["float16"]["mre_mm"] - results["float32"]["mre_mm"]
+    chosen = "float16" if abs(cost) <= HALF_PRECISION_TOLERANCE_MM else "float32"
+    print(f"float16 changes the MRE by {cost:+.4f} mm: shipping {chosen}")
+    first = read_run_record(next(p.parent for p in sorted(args.runs.glob("*/run.json"))))
+    card = ModelCard(
+        name=args.name,
+        dimensions=first.plan.spatial_dims,
+        landmarks=first.landmarks,
+        spacing_mm=first.spacing_mm,
+        fp32_mre_mm=round(results["float32"]["mre_mm"], 4),
+        measured=[measurement(results[chosen], args.split, command)],
+        **SPECS[args.name],
+    )
+    target = SHIPPED_FOLDER / args.name
+    if target.exists():
+        shutil.rmtree(target)
+    shutil.copytree(args.work / f"{args.name}-{chosen}" / "model", target)
+    model = write_model_card(target, card)
+    print(json.dumps({"shipped": str(target), "size_mb": round(model.size_mb, 2)}))
+
+
+if __name__ == "__main__":
+    main()
