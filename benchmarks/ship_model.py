@@ -80,36 +80,42 @@ SPECS = {
 
 
 def measured_copy(runs: Path, out: Path, half: bool, data: Path, split: str) -> dict:
-    """Ship ``runs`` into ``out``, predict the split with it, evaluate: the metrics."""
+    """Ship ``runs`` into ``out``, predict the split with it, evaluate: the evaluation's metrics
+    with the split's summary (:func:`recipes.split_summary`) under ``summary``."""
     copy = ship_runs(runs, out / "model", half=half)
     dataset = Dataset(data)
     images = [dataset.case(c).image_path for c in dataset.split(split)]
     started = time.perf_counter()
-    predict_files(copy, images, out / "predictions", PredictOptions(device="cpu"))
+    rows = predict_files(copy, images, out / "predictions", PredictOptions(device="cpu"))
+    predict_s = time.perf_counter() - started
     metrics = evaluate(out / "predictions", data, out / "evaluation", radii=recipes.RADII_MM)
-    metrics["predict_s"] = round(time.perf_counter() - started, 1)
+    metrics["predict_s"] = round(predict_s, 1)
+    metrics["summary"] = recipes.split_summary(metrics, rows, predict_s)
     return metrics
 
 
 def measurement(metrics: dict, split: str, command: str) -> Measurement:
-    missing = metrics["missing"]
-    tp, fp, fn = missing["tp"], missing["fp"], missing["fn"]
+    summary = metrics["summary"]
     machine = f"{cpu_model()}, {torch.get_num_threads()} threads, torch {torch.__version__}"
     return Measurement(
         split=split,
-        n_cases=metrics["n_cases"],
-        n_points=metrics["n_points"],
-        mre_mm=round(metrics["mre_mm"], 4),
-        sd_mm=round(metrics["sd_mm"], 4),
-        sdr_percent={k: round(v, 2) for k, v in metrics["sdr"].items()},
-        missing_precision=round(tp / (tp + fp), 4) if tp + fp else None,
-        missing_recall=round(tp / (tp + fn), 4) if tp + fn else None,
+        n_cases=summary["n_cases"],
+        n_points=summary["n_points"],
+        mre_mm=round(summary["mre_mm"], 4),
+        sd_mm=round(summary["sd_mm"], 4),
+        sdr_percent={k: round(v, 2) for k, v in summary["sdr"].items()},
+        missing_precision=_rounded(summary["missing_precision"]),
+        missing_recall=_rounded(summary["missing_recall"]),
         error_bound_coverage_percent=(metrics.get("error_bound") or {}).get("coverage_percent"),
         per_case_mre_mm={k: round(v, 4) for k, v in metrics["per_case_mre_mm"].items()},
         command=command,
         machine=machine,
         date=datetime.now(timezone.utc).date().isoformat(),
     )
+
+
+def _rounded(value: float | None) -> float | None:
+    return None if value is None else round(value, 4)
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -383,11 +383,12 @@ class Predictor:
         shape_model = self.stages[0].shape_model
         points, spread_mm = first.points_mm.copy(), first.spread_mm.copy()
         peak, present, fit = first.peak.copy(), first.present.copy(), first.fit
-        if len(self.stages) > 1:
+        cascade = len(self.stages) > 1
+        if cascade:
             points, spread_mm = self._refine(image, points, present, spread_mm)
-            if shape_model is not None and self.shape_check:
-                fit = shape_model.expected(points, present)
         if self.shape_check and shape_model is not None:
+            if cascade:  # the refined points get their own fit
+                fit = shape_model.expected(points, present)
             present &= ~cut_off_by(fit, image.geometry, len(points))
             self._follow_the_shape(image, first, fit, points, peak, spread_mm, present)
         present &= ~(image.geometry.depth_inside_mm(points) < 0)  # not in this image

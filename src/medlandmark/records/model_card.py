@@ -10,14 +10,13 @@ fetched from a network.
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 
 from pydantic import Field, field_validator
 
 from medlandmark.errors import MedlandmarkError
-from medlandmark.records.plan import _Record, plain_name, positive_finite, validated_record
+from medlandmark.records.plan import _Record, plain_name, positive_finite, read_record_file
 
 SHIPPED_FOLDER = Path(__file__).resolve().parents[1] / "shipped_models"
 MODEL_CARD_FILE = "model.json"
@@ -71,13 +70,7 @@ class ModelCard(_Record):
 def read_model_card(folder: str | Path) -> ModelCard:
     """``folder/model.json``, checked against :class:`ModelCard`."""
     path = Path(folder) / MODEL_CARD_FILE
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise MedlandmarkError("no model.json: not a shipped model", path) from None
-    except (UnicodeDecodeError, ValueError) as error:
-        raise MedlandmarkError(f"invalid model.json ({error})", path) from None
-    return validated_record(ModelCard, data, path, "model card")
+    return read_record_file(path, ModelCard, "model card", "no model.json: not a shipped model")
 
 
 @dataclass(frozen=True)

@@ -234,6 +234,18 @@ def validated_record(kind: type[RecordT], data: object, path: str | Path, schema
         ) from None
 
 
+def read_record_file(path: Path, kind: type[RecordT], schema: str, missing: str) -> RecordT:
+    """The JSON file at ``path`` checked against ``kind``; a MedlandmarkError naming the file:
+    ``missing`` when it does not exist, otherwise what is wrong with its JSON or its fields."""
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise MedlandmarkError(missing, path) from None
+    except (UnicodeDecodeError, ValueError) as error:
+        raise MedlandmarkError(f"invalid {path.name} ({error})", path) from None
+    return validated_record(kind, data, path, schema)
+
+
 def parse_plan(data: object, path: str | Path) -> Plan:
     """``data`` (a parsed ``plans.json``) checked against :class:`Plan`."""
     if isinstance(data, dict) and data.get("version") != PLANS_VERSION:

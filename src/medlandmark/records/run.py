@@ -13,7 +13,6 @@ from typing import Any, ClassVar, Literal
 
 from pydantic import Field, field_validator, model_validator
 
-from medlandmark.errors import MedlandmarkError
 from medlandmark.io.files import atomic_write_text
 from medlandmark.records.plan import (
     Configuration,
@@ -22,7 +21,7 @@ from medlandmark.records.plan import (
     _Record,
     plain_name,
     positive_finite,
-    validated_record,
+    read_record_file,
 )
 
 RUN_FILE = "run.json"
@@ -197,13 +196,7 @@ class RunRecord(_Record):
 def read_run_record(folder: str | Path) -> RunRecord:
     """``folder/run.json``, checked against :class:`RunRecord`."""
     path = Path(folder) / RUN_FILE
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise MedlandmarkError("no run.json: not a trained run", path) from None
-    except (UnicodeDecodeError, ValueError) as error:
-        raise MedlandmarkError(f"invalid run.json ({error})", path) from None
-    return validated_record(RunRecord, data, path, "run")
+    return read_record_file(path, RunRecord, "run", "no run.json: not a trained run")
 
 
 def write_run_record(folder: str | Path, record: RunRecord) -> None:
