@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import csv
 import errno
+import gc
 import io
 import math
 import os
@@ -370,9 +371,18 @@ def _interrupt(run: _Run, stop: _StopRequest) -> RunRecord:
     run.record.train_seconds = round(run.state.clock.seconds, 1)
     _write_record(run.run_dir, run.record, run.context)
     stop.restore()
-    distributed.stop(run.context)
+    _leave_group(run)
     info(f"stopped at step {run.state.step} ({stop.requested}); resume with --resume")
     return run.record
+
+
+def _leave_group(run: _Run) -> None:
+    """Drop the DDP wrapper (its reducer holds the process group) while the interpreter is fully
+    alive, then leave the group: a reducer freed at interpreter exit can abort the process."""
+    if run.context.distributed:
+        run.state.model = unwrap(run.state.model)
+        gc.collect()
+    distributed.stop(run.context)
 
 
 def _finish(run: _Run) -> RunRecord:
@@ -391,7 +401,7 @@ def _finish(run: _Run) -> RunRecord:
         checksum = float(sum(p.detach().double().sum() for p in parameters))
         record.weight_checksum_per_rank = distributed.gather(checksum, context)
     _write_record(run.run_dir, record, context)
-    distributed.stop(context)
+    _leave_group(run)
     if context.is_main:
         info(_closing_line(run.run_dir, record))
     return record
