@@ -113,3 +113,19 @@ def test_a_shipped_model_is_a_source_by_name() -> None:
     for model in shipped_models():
         configuration = read_run_record(next(model.runs.iterdir())).configuration
         assert initial_run(model.name, configuration).parent == model.runs
+
+
+def test_plans_from_a_run_gives_another_dataset_the_same_networks(source_run, tmp_path) -> None:
+    from medlandmark.cli import main
+    from medlandmark.datasets.synthetic import make_synthetic_dataset
+    from medlandmark.planning import load_plan
+
+    _, run = source_run
+    other = make_synthetic_dataset(tmp_path / "other", num_cases=6, size_px=64, seed=9)
+    assert main(["plan", str(other), "--plans-from", str(run.parent), "-q"]) == 0
+    plan, source = load_plan(other / "preprocessed"), read_run_record(run).plan
+    assert plan.configurations == source.configurations and plan.dataset_path == str(other)
+    assert main(["preprocess", str(other), "--workers", "1", "-q"]) == 0
+    options = TrainOptions(epochs=1, iterations_per_epoch=1, seed=3, init_from=str(run))
+    assert train(other, tmp_path / "tuned", options).status == "finished"
+    assert main(["plan", str(other), "--plans-from", str(tmp_path / "nowhere"), "-q"]) == 2

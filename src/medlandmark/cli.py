@@ -299,6 +299,13 @@ def _add_plan(sub) -> None:
     plan.add_argument(
         "--workers", type=_positive_int, default=2, help="parallel readers (default 2)"
     )
+    plan.add_argument(
+        "--plans-from",
+        default=None,
+        metavar="RUN_OR_MODEL",
+        help="copy the plan of a trained run, folder of runs or shipped model (its spacing, "
+        "patches and networks; the dataset's landmarks) instead of planning: for train --init-from",
+    )
     plan.set_defaults(func=_plan)
 
 
@@ -677,8 +684,11 @@ def _check(args: argparse.Namespace) -> int:
 
 
 def _plan(args: argparse.Namespace) -> int:
-    from medlandmark.planning import plan_dataset
+    from medlandmark.planning import plan_dataset, plan_like
 
+    if args.plans_from is not None:
+        plan_like(args.dataset, args.plans_from, args.preprocessed)
+        return 0
     plan_dataset(
         args.dataset,
         args.preprocessed,

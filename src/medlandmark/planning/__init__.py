@@ -16,7 +16,9 @@ from medlandmark.planning.fingerprint import (
     write_fingerprint,
 )
 from medlandmark.planning.planner import BASE_FEATURES, make_plan, plan_summary
+from medlandmark.records.model_card import shipped_model
 from medlandmark.records.plan import PLANS_FILE, Plan, load_plan, write_plan
+from medlandmark.records.run import RUN_FILE, read_run_record
 
 FINGERPRINT_FILE = "fingerprint.json"
 
@@ -25,6 +27,8 @@ __all__ = [
     "load_plan",
     "make_plan",
     "plan_dataset",
+    "plan_like",
+    "transferred_plan",
     "plan_summary",
     "preprocessed_folder",
 ]
@@ -72,6 +76,76 @@ def plan_dataset(
     info(plan_summary(plan))
     info(f"wrote {path}")
     return plan
+
+
+def plan_like(
+    dataset_root: str | Path, source: str, preprocessed: str | Path | None = None
+) -> Plan:
+    """Write ``plans.json`` for a dataset from a trained run's plan (nnU-Net's plan transfer),
+    so that ``train --init-from SOURCE`` finds networks of the same sizes. ``source`` is a run
+    folder, a folder of runs or a shipped model's name."""
+    source_plan = trained_plan(source)
+    plan = transferred_plan(dataset_root, source_plan, preprocessed, f"--plans-from {source}")
+    shared = len(set(plan.landmarks) & set(source_plan.landmarks))
+    info(plan_summary(plan))
+    info(
+        f"wrote the plan of {source} for {dataset_root} ({shared} of the dataset's "
+        f"{len(plan.landmarks)} landmarks are among its {len(source_plan.landmarks)})"
+    )
+    return plan
+
+
+def transferred_plan(
+    dataset_root: str | Path,
+    source_plan: Plan,
+    preprocessed: str | Path | None = None,
+    source_name: str = "the source plan",
+) -> Plan:
+    """``source_plan`` written for another dataset: the same spacing, normalisation, patches
+    and networks, the dataset's own name, landmarks and channels."""
+    dataset, root = Dataset(dataset_root), Path(dataset_root)
+    spec = dataset.spec
+    if spec.spatial_dims != source_plan.spatial_dims:
+        raise MedlandmarkError(
+            f"{source_name}: a {source_plan.spatial_dims}D plan cannot serve a "
+            f"{spec.spatial_dims}D dataset",
+            root,
+        )
+    if len(spec.modalities) != len(source_plan.modalities):
+        raise MedlandmarkError(
+            f"{source_name}: the plan reads {len(source_plan.modalities)} channel(s) "
+            f"({', '.join(source_plan.modalities)}), the dataset has {len(spec.modalities)}",
+            root,
+        )
+    plan = source_plan.model_copy(
+        update={
+            "dataset": spec.name,
+            "landmarks": list(spec.landmarks),
+            "modalities": list(spec.modalities),
+            "fingerprint_signature": None,
+            "dataset_path": str(root.resolve()),
+        }
+    )
+    write_plan(preprocessed_folder(dataset_root, preprocessed), plan)
+    return plan
+
+
+def trained_plan(source: str) -> Plan:
+    """The plan a run folder, a folder of runs or a shipped model (by name) was trained with."""
+    path = Path(source)
+    if not path.exists():
+        try:
+            path = shipped_model(source).runs
+        except MedlandmarkError as error:
+            raise MedlandmarkError(
+                f"{source}: neither a run folder nor a shipped model ({error})"
+            ) from None
+    if (path / RUN_FILE).is_file():
+        return read_run_record(path).plan
+    runs = sorted(path.glob(f"*/{RUN_FILE}"))
+    if not runs:
+        raise MedlandmarkError("no run.json here or in its sub-folders: not a trained run", path)
+    return read_run_record(runs[0].parent).plan
 
 
 def _cached_fingerprint(path: Path, dataset: Dataset) -> dict | None:
