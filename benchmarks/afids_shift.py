@@ -35,6 +35,8 @@ TEMPLATE = "tpl-MNI152NLin2009cAsym_res-01_T1w.nii.gz"
 FCSV = "tpl-MNI152NLin2009cAsym_res-01_desc-groundtruth_afids.fcsv"
 SHIFTED = {  # set name -> (seed, its role)
     "strong-seed2": (2, "validation: the presence rule is chosen here"),
+    "strong-seed3": (3, "validation: the presence rule is chosen here"),
+    "strong-seed4": (4, "validation: the presence rule is chosen here"),
     "strong-seed1": (1, "test: reported only"),
 }
 CASES = 30
