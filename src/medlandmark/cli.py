@@ -143,10 +143,55 @@ def build_parser() -> argparse.ArgumentParser:
         _add_predict,
         _add_export,
         _add_evaluate,
+        _add_review,
         _add_demo,
     ):
         add_verb(sub)
     return parser
+
+
+def _add_review(sub) -> None:
+    review = _verb(
+        sub,
+        "review",
+        "Check and correct predicted landmarks in the browser.",
+        "Serves a local web app listing the cases of PREDICTIONS (failed and doubtful first) over\n"
+        "their images: drag a landmark to move it, mark it missing or present, undo; 3D volumes\n"
+        "show three world-aligned slices. Every change is saved at once into CORRECTED, a dataset\n"
+        "folder (dataset.json, images/, landmarks/ in world mm) that check passes and train\n"
+        "accepts; CORRECTED/corrections.jsonl logs who changed what. PREDICTIONS is only read.",
+        "medlandmark review predictions/test1 --images data/isbi2015 -o data/isbi2015-reviewed",
+    )
+    review.add_argument("predictions", help="folder of predicted landmark files (predict -o)")
+    review.add_argument(
+        "--images", required=True, help="the images: a dataset folder or a folder of images"
+    )
+    review.add_argument(
+        "-o",
+        "--out",
+        default=None,
+        help="corrected dataset folder (default: PREDICTIONS-corrected beside it)",
+    )
+    review.add_argument(
+        "--spacing",
+        type=_positive,
+        nargs="+",
+        default=None,
+        metavar="MM",
+        help="pixel spacing (x y) for PNG/JPEG/BMP/TIFF (a dataset folder's dataset.json gives it)",
+    )
+    review.add_argument("--port", type=_positive_int, default=8765, help="(default 8765)")
+    review.add_argument(
+        "--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1, this machine)"
+    )
+    review.add_argument(
+        "--allow-remote",
+        action="store_true",
+        help="needed to listen on an address other machines can reach",
+    )
+    review.add_argument("--no-browser", action="store_true", help="do not open a browser")
+    review.add_argument("--user", default=None, help="name in the correction log (default: login)")
+    review.set_defaults(func=_review)
 
 
 def _add_convert(sub) -> None:
@@ -791,6 +836,16 @@ def _predict(args: argparse.Namespace) -> int:
         model_dir, inputs = args.paths[0], args.paths[1:]
     rows = predict_files(model_dir, inputs, args.out, options)
     return EXIT_PROBLEMS if any(r["status"] == "failed" for r in rows) else 0
+
+
+def _review(args: argparse.Namespace) -> int:
+    from medlandmark.review import ReviewSession, serve
+
+    predictions = Path(args.predictions)
+    out = args.out or predictions.parent / f"{predictions.name}-corrected"
+    session = ReviewSession(predictions, args.images, out, args.spacing, args.user)
+    serve(session, args.host, args.port, args.allow_remote, not args.no_browser)
+    return 0
 
 
 def _calibrate(args: argparse.Namespace) -> int:
