@@ -248,3 +248,15 @@ def test_a_folder_corrected_through_the_app_trains_from_another_run(tmp_path) ->
     assert main(["preprocess", str(out), "--workers", "1", "-q"]) == 0
     options = TrainOptions(epochs=1, iterations_per_epoch=1, fold="all", init_from=str(run))
     assert train(out, tmp_path / "tuned", options).status == "finished"
+
+
+def test_a_metaimage_case_is_saved_with_its_data_file(tmp_path) -> None:
+    geometry = Geometry((1.0, 1.0, 2.0), (0.0, 0.0, 0.0), np.eye(3), (8, 9, 10))
+    write_image(tmp_path / "images" / "mha.mhd", np.ones((1, 8, 9, 10), np.float32), geometry)
+    names, points = ["A", "B", "C", "D"], np.array([[1.0, 2, 3], [2, 3, 4], [3, 2, 5], [4, 4, 4]])
+    write_landmarks(tmp_path / "predictions" / "mha.json", LandmarkSet(names, points))
+    session = ReviewSession(tmp_path / "predictions", tmp_path / "images", tmp_path / "out")
+    loaded = session.landmarks("mha")
+    session.save("mha", [list(p) for p in points], loaded.version)
+    assert check_dataset(tmp_path / "out").ok
+    assert len(list((tmp_path / "out" / "images").iterdir())) == 2  # header and data

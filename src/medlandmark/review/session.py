@@ -114,7 +114,7 @@ class ReviewSession:
                 self.out,
             )
         self._cases = _review_cases(self.predictions, dict(collect_inputs([images])))
-        self._lock = threading.Lock()
+        self._lock = threading.RLock()  # save() may read the image
         self._images: OrderedDict[str, ImageData] = OrderedDict()
 
     def cases(self) -> list[ReviewCase]:
