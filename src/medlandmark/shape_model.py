@@ -121,6 +121,18 @@ class ShapeModel:
             rotation_deg_of(matrix),
         )
 
+    def mirrors(self, fit: ExpectedFit) -> bool:
+        """Whether ``fit`` mirrors the shape every training case had."""
+        return self.handedness != 0 and fit.handedness != self.handedness
+
+    def turns_too_far(self, fit: ExpectedFit) -> bool:
+        """Whether ``fit`` turns the reference beyond the most turned training case (+ slack)."""
+        return self.rotation_limit_deg is not None and fit.rotation_deg > self.rotation_limit_deg
+
+    def plausible(self, fit: ExpectedFit | None) -> bool:
+        """A fit exists, neither mirrors the training shape nor turns beyond the training cases."""
+        return fit is not None and not (self.mirrors(fit) or self.turns_too_far(fit))
+
     def cut_off(self, points_mm: np.ndarray, usable: np.ndarray, geometry: Geometry) -> np.ndarray:
         """``(K,)`` True for landmarks the image's field of view has cut off: expected outside
         it, or inside by less than the fit's RMS residual. All False when no fit is possible."""

@@ -99,11 +99,8 @@ def evidence_of_fit(
         disagreeing = present & inside & ~np.isin(np.arange(len(present)), fit.inliers)
     found = present & inside
     outside = found & ~geometry.contains_world(points_mm)
-    mirrored = (
-        fit is not None and shape_model.handedness != 0 and fit.handedness != shape_model.handedness
-    )
-    limit = None if shape_model is None else shape_model.rotation_limit_deg
-    turned = fit is not None and limit is not None and fit.rotation_deg > limit
+    mirrored = fit is not None and shape_model.mirrors(fit)
+    turned = fit is not None and shape_model.turns_too_far(fit)
     return CaseEvidence(
         mean_confidence=float(np.mean(confidence[inside])) if inside.any() else float("nan"),
         missing_share=float(np.mean(~present[inside])) if inside.any() else 0.0,
