@@ -274,3 +274,30 @@ def test_the_default_presence_rule_is_shape_in_3d_and_absolute_in_2d() -> None:
     assert presence_rule("relative", 3) == "relative"
     with pytest.raises(MedlandmarkError, match="presence must be one of auto, absolute"):
         Predictor([Stage(None, None, [], 0.25, [], None)], ["a"], "cpu", presence="strict")
+
+
+def test_without_a_plausible_fit_the_shape_rule_lets_the_peaks_decide() -> None:
+    from types import SimpleNamespace
+
+    from medlandmark.inference.predictor import Predictor, Stage
+    from medlandmark.io.geometry import Geometry
+    from medlandmark.shape_model import ExpectedFit, ShapeModel
+
+    reference = np.array([[0.0, 0, 0], [10, 0, 0], [0, 10, 0], [0, 0, 10], [10, 10, 10]])
+    model = ShapeModel(reference, 2.0, (0.8, 1.2), handedness=1, rotation_limit_deg=30.0)
+    sizes = SimpleNamespace(batch_size=1)  # all the predictor reads of the configuration here
+    stage = Stage(sizes, None, [], 0.5, [], None, shape_model=model)
+    predictor = Predictor([stage], list("abcde"), "cpu", presence="shape")
+    geometry = Geometry.identity((12, 12, 12))
+    peak = np.array([0.9, 0.8, 0.3, 0.7, 0.2])
+    expected = reference.copy()
+    expected[4] = [30.0, 30.0, 30.0]  # beyond the field of view
+    kept = ExpectedFit(expected, np.arange(4), 0.5, handedness=1, rotation_deg=5.0)
+    mirrored = ExpectedFit(expected, np.arange(4), 0.5, handedness=-1, rotation_deg=5.0)
+    turned = ExpectedFit(expected, np.arange(4), 0.5, handedness=1, rotation_deg=90.0)
+    assert predictor._missing_by_shape(kept, peak, geometry).tolist() == [False] * 4 + [True]
+    by_peaks = [False, False, True, False, True]
+    for fit in (None, mirrored, turned):
+        assert predictor._missing_by_shape(fit, peak, geometry).tolist() == by_peaks
+    absolute = Predictor([stage], list("abcde"), "cpu", presence="absolute")
+    assert absolute._missing_by_shape(None, peak, geometry).tolist() == [False] * 5

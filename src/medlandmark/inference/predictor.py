@@ -389,7 +389,7 @@ class Predictor:
         if self.shape_check and shape_model is not None:
             if cascade:  # the refined points get their own fit
                 fit = shape_model.expected(points, present)
-            present &= ~cut_off_by(fit, image.geometry, len(points))
+            present &= ~self._missing_by_shape(fit, peak, image.geometry)
             self._follow_the_shape(image, first, fit, points, peak, spread_mm, present)
         present &= ~(image.geometry.depth_inside_mm(points) < 0)  # not in this image
         kept = points.copy()
@@ -403,6 +403,19 @@ class Predictor:
             verdict=judge(first.evidence, self.stages[0].verdict_thresholds, self.names),
         )
         return Prediction(landmarks, peak, spread_mm, first.evidence)
+
+    def _missing_by_shape(
+        self, fit: ExpectedFit | None, peak: np.ndarray, geometry: Geometry
+    ) -> np.ndarray:
+        """``(K,)`` True for landmarks the shape check reports missing: those ``fit`` expects
+        beyond the field of view. Under the ``shape`` presence rule a case without a plausible
+        fit has no such evidence, so there its peaks decide as the ``absolute`` rule does."""
+        first = self.stages[0]
+        if presence_rule(
+            self.presence, geometry.ndim
+        ) == "shape" and not first.shape_model.plausible(fit):
+            return ~first.present(peak, "absolute")
+        return cut_off_by(fit, geometry, len(peak))
 
     def _error_bounds(self, present: np.ndarray) -> np.ndarray | None:
         """Each present point's error bound (mm): the last stage's that validated (a cascade
@@ -425,8 +438,11 @@ class Predictor:
     ) -> None:
         """In place: each present landmark found far from where ``fit`` places it (a peak on a
         look-alike, e.g. the other side's twin) takes its heatmap's peak near that place instead:
-        the fine stage's, in a patch centred there, or the first pass's heatmaps."""
+        the fine stage's, in a patch centred there, or the first pass's heatmaps. Nothing moves
+        when the fit is not plausible (mirrored, or turned beyond the training cases)."""
         shape_model = self.stages[0].shape_model
+        if not shape_model.plausible(fit):  # a mirrored or over-turned fit is no guide
+            return
         outliers = shape_outliers(shape_model, fit, points_mm, present, image.geometry)
         if not len(outliers):
             return
