@@ -9,7 +9,7 @@ import pytest
 from medlandmark.io.geometry import Geometry, index_to_world
 from medlandmark.io.images import ImageData
 from medlandmark.preprocessing.orientation import candidate_orientations
-from medlandmark.shape_model import apply_affine, fit_shape_model, rotation_deg_of
+from medlandmark.shape_model import ShapeModel, apply_affine, fit_shape_model, rotation_deg_of
 from medlandmark.verdict import case_evidence, judge
 
 RADIOGRAPH = Geometry((0.1, 0.1), (0.0, 0.0), ((0.0, 1.0), (1.0, 0.0)), (40, 30))  # ISBI-like
@@ -87,6 +87,8 @@ class _Shape:
     """A shape model stand-in with the attributes the predictor reads."""
 
     minimum_points, handedness, rotation_limit_deg, inlier_mm = 1, 0, None, 1.0
+    mirrors, turns_too_far = ShapeModel.mirrors, ShapeModel.turns_too_far
+    plausible = ShapeModel.plausible
 
     def expected(self, points_mm, usable, seed: int = 0):
         return None

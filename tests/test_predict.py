@@ -20,6 +20,7 @@ from medlandmark.io.images import read_image, write_image
 from medlandmark.io.landmarks import LandmarkSet, read_landmarks, write_landmarks
 from medlandmark.planning import plan_dataset
 from medlandmark.records.run import RunRecord, read_run_record, write_run_record
+from medlandmark.shape_model import ShapeModel
 
 BLOB_SIGMA_MM = 4.0
 
@@ -284,6 +285,8 @@ class _CutsEverything:
     view has cut them all off) and records what it was given."""
 
     minimum_points, handedness, rotation_limit_deg, inlier_mm = 1, 0, None, 3.0
+    mirrors, turns_too_far = ShapeModel.mirrors, ShapeModel.turns_too_far
+    plausible = ShapeModel.plausible
 
     def __init__(self) -> None:
         self.calls: list[tuple] = []
@@ -338,6 +341,8 @@ class _PlacesItElsewhere:
     where it was found (as when the network's peak sits on a look-alike)."""
 
     inlier_mm, minimum_points, handedness, rotation_limit_deg = 3.0, 1, 0, None
+    mirrors, turns_too_far = ShapeModel.mirrors, ShapeModel.turns_too_far
+    plausible = ShapeModel.plausible
 
     def __init__(self, offset_mm: np.ndarray) -> None:
         self.offset_mm = offset_mm
