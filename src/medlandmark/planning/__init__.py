@@ -16,7 +16,7 @@ from medlandmark.planning.fingerprint import (
     write_fingerprint,
 )
 from medlandmark.planning.planner import BASE_FEATURES, make_plan, plan_summary
-from medlandmark.records.model_card import shipped_model
+from medlandmark.records.model_card import run_or_model_folder
 from medlandmark.records.plan import PLANS_FILE, Plan, load_plan, write_plan
 from medlandmark.records.run import RUN_FILE, read_run_record
 
@@ -132,14 +132,7 @@ def transferred_plan(
 
 def trained_plan(source: str) -> Plan:
     """The plan a run folder, a folder of runs or a shipped model (by name) was trained with."""
-    path = Path(source)
-    if not path.exists():
-        try:
-            path = shipped_model(source).runs
-        except MedlandmarkError as error:
-            raise MedlandmarkError(
-                f"{source}: neither a run folder nor a shipped model ({error})"
-            ) from None
+    path = run_or_model_folder(source)
     if (path / RUN_FILE).is_file():
         return read_run_record(path).plan
     runs = sorted(path.glob(f"*/{RUN_FILE}"))

@@ -114,3 +114,17 @@ def shipped_model(name: str, folder: Path = SHIPPED_FOLDER) -> ShippedModel:
             "describes them); give a run folder instead to predict with your own"
         )
     return models[name]
+
+
+def run_or_model_folder(source: str) -> Path:
+    """``source`` as a folder: a run folder or folder of runs as given, else the runs of the
+    shipped model it names; an error naming both readings when it is neither."""
+    path = Path(source)
+    if path.exists():
+        return path
+    try:
+        return shipped_model(source).runs
+    except MedlandmarkError as error:
+        raise MedlandmarkError(
+            f"{source}: neither a run folder nor a shipped model ({error})"
+        ) from None

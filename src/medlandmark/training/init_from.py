@@ -18,7 +18,7 @@ from torch import nn
 from medlandmark.console import info
 from medlandmark.errors import MedlandmarkError
 from medlandmark.models import network_for
-from medlandmark.records.model_card import shipped_model
+from medlandmark.records.model_card import run_or_model_folder
 from medlandmark.records.plan import Configuration
 from medlandmark.records.run import BEST_WEIGHTS, RUN_FILE, RunRecord, read_run_record
 from medlandmark.records.weights import unwrap
@@ -30,14 +30,10 @@ MIXED = -1  # a tensor whose landmark axis also holds other channels
 def initial_run(source: str, configuration: str) -> Path:
     """The run folder whose best weights start this run: ``source`` itself, its run of
     ``configuration`` (a folder of runs; the first fold), or the same in a shipped model."""
-    path = Path(source)
-    if not path.exists():
-        try:
-            path = shipped_model(source).runs
-        except MedlandmarkError as error:
-            raise TrainingError(
-                f"--init-from {source}: neither a run folder nor a shipped model ({error})"
-            ) from None
+    try:
+        path = run_or_model_folder(source)
+    except MedlandmarkError as error:
+        raise TrainingError(f"--init-from {error.detail}") from None
     if (path / RUN_FILE).is_file():
         return path
     for folder in sorted(p.parent for p in path.glob(f"*/{RUN_FILE}")):
