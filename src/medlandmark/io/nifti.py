@@ -19,6 +19,7 @@ import numpy as np
 from medlandmark.io.files import full_suffix
 
 RAS_TO_LPS = np.diag([-1.0, -1.0, 1.0, 1.0])
+QUATERNION_HALF_TURN = 1e-7  # a^2 below this: a half turn (nifti1_io's quatern_to_mat44)
 
 
 @dataclass(frozen=True)
@@ -148,9 +149,18 @@ def nifti_transforms(header: NiftiHeader) -> NiftiTransforms:
 
 
 def _qform(pixdim, quatern) -> np.ndarray:
-    """The qform: rotation from the quaternion (b, c, d), scaled by pixdim (qfac flips z)."""
+    """The qform: rotation from the quaternion (b, c, d), scaled by pixdim (qfac flips z).
+
+    As nifti1_io (which ITK uses) reads it: when a^2 = 1 - (b^2 + c^2 + d^2) is below 1e-7 the
+    rotation is a half turn (a = 0, (b, c, d) renormalised); a half turn stored in float32
+    otherwise reads as a turn off by 0.015 degrees."""
     b, c, d, *offset = (float(v) for v in quatern)
-    a = math.sqrt(max(0.0, 1.0 - (b * b + c * c + d * d)))
+    a_squared = 1.0 - (b * b + c * c + d * d)
+    if a_squared < QUATERNION_HALF_TURN:
+        norm = math.sqrt(b * b + c * c + d * d)
+        a, b, c, d = 0.0, b / norm, c / norm, d / norm
+    else:
+        a = math.sqrt(a_squared)
     rotation = np.array(
         [
             [a * a + b * b - c * c - d * d, 2 * (b * c - a * d), 2 * (b * d + a * c)],
