@@ -33,10 +33,7 @@ import torch
 from recipes import SHARED_DATA, WORK
 
 from medlandmark.datasets.dataset import Dataset, load_spec, write_spec
-from medlandmark.evaluation import evaluate
-from medlandmark.inference.batch import PredictOptions, predict_files
 from medlandmark.io.files import atomic_write_text
-from medlandmark.metrics import DEFAULT_RADII_MM as RADII_MM
 from medlandmark.planning import plan_dataset, transferred_plan
 from medlandmark.preprocessing import preprocess_dataset
 from medlandmark.records.plan import load_plan
@@ -112,18 +109,6 @@ def prepare(work: Path, source: Path, few: list[str]) -> dict[str, tuple[Path, P
     return {**folders, "full": (full, None)}
 
 
-def test_summary(full: Path, runs: Path, out: Path, device: str, limit: int | None) -> dict:
-    """Predict the full dataset's test split (its first ``limit`` cases: smoke tests) with
-    ``runs`` and evaluate it."""
-    dataset = Dataset(full)
-    images = [dataset.case(i).image_path for i in dataset.split(TEST_SPLIT)[:limit]]
-    predictions, started = out / "predictions" / TEST_SPLIT, time.perf_counter()
-    rows = predict_files(runs, images, predictions, PredictOptions(device=device))
-    seconds = time.perf_counter() - started
-    metrics = evaluate(predictions, full, out / "evaluation" / TEST_SPLIT, radii=RADII_MM)
-    return recipes.split_summary(metrics, rows, seconds)
-
-
 def run_arm(
     arm: Arm,
     work: Path,
@@ -143,7 +128,9 @@ def run_arm(
     load_at_start = os.getloadavg()
     training = TrainOptions(arch="unet", seed=0, device=args.device, init_from=init_from)
     trained = recipes.train_stages(root, pre, out, plan, budget, training)
-    test = test_summary(folders["full"][0], out / "runs", out, args.device, args.test_limit)
+    full = folders["full"][0]
+    cases = Dataset(full).split(TEST_SPLIT)[: args.test_limit]
+    test = recipes.evaluate_split(full, TEST_SPLIT, cases, out / "runs", out, args.device)
     record = {
         "arm": arm.name,
         "cases": BASE_CASES if arm.cases == "base" else Dataset(root).split("train"),

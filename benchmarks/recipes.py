@@ -461,21 +461,25 @@ def budgeted_options(options: TrainOptions, probe: dict, budget_s: float) -> Tra
 
 def evaluate_test_splits(root: Path, runs: Path, out: Path, device: str) -> dict[str, dict]:
     """Predict and evaluate every split but ``train``; the summary of each."""
-    dataset, results = Dataset(root), {}
-    for split, case_ids in dataset.splits().items():
-        if split == "train":
-            continue
-        images = [dataset.case(case_id).image_path for case_id in case_ids]
-        started = time.perf_counter()
-        rows = predict_files(
-            runs, images, out / "predictions" / split, PredictOptions(device=device)
-        )
-        seconds = time.perf_counter() - started
-        metrics = evaluate(
-            out / "predictions" / split, root, out / "evaluation" / split, radii=RADII_MM
-        )
-        results[split] = split_summary(metrics, rows, seconds)
-    return results
+    return {
+        split: evaluate_split(root, split, case_ids, runs, out, device)
+        for split, case_ids in Dataset(root).splits().items()
+        if split != "train"
+    }
+
+
+def evaluate_split(
+    root: Path, split: str, case_ids: list[str], runs: Path, out: Path, device: str
+) -> dict:
+    """Predict ``case_ids`` of the dataset at ``root`` with ``runs`` into
+    ``out/predictions/<split>``, evaluate them into ``out/evaluation/<split>``; the summary."""
+    dataset, predictions = Dataset(root), out / "predictions" / split
+    images = [dataset.case(case_id).image_path for case_id in case_ids]
+    started = time.perf_counter()
+    rows = predict_files(runs, images, predictions, PredictOptions(device=device))
+    seconds = time.perf_counter() - started
+    metrics = evaluate(predictions, root, out / "evaluation" / split, radii=RADII_MM)
+    return split_summary(metrics, rows, seconds)
 
 
 def split_summary(metrics: dict, rows: list[dict], predict_s: float) -> dict:

@@ -1,5 +1,5 @@
 """One table row per benchmark run, for the side-by-side comparisons of RESULTS.md: parameters,
-seconds per step, steps, the validation curve, and the main test split's MRE, SD, SDR and
+seconds per step, steps, each stage's validation curve, and the main test split's MRE, SD, SDR and
 missing-landmark precision and recall.
 
     .venv/bin/python benchmarks/side_by_side.py benchmarks/work/isbi2015/cpu-unet \\
@@ -22,8 +22,8 @@ from medlandmark.models import network_for
 from medlandmark.records.run import LOG_FILE, read_run_record
 
 HEADER = (
-    "| network (training) | parameters | s/step | steps x batch | validation MRE by step (first "
-    "stage) | test MRE | SD | SDR 2 / 2.5 / 3 / 4 mm | present called missing | missing "
+    "| network (training) | parameters | s/step | steps x batch | validation MRE by step (coarse; "
+    "fine) | test MRE | SD | SDR 2 / 2.5 / 3 / 4 mm | present called missing | missing "
     "precision / recall |"
 )
 
@@ -54,7 +54,10 @@ def table_row(work: Path) -> str:
     stages = [stage_facts(work / "runs" / s["configuration"]) for s in results["stages"]]
     split = results["splits"][results["main_split"]]
     training = results.get("recipe") or "medlandmark"
-    curve = " -> ".join(f"{mre:.2f} ({step})" for step, mre in stages[0]["curve"])
+    curve = "; ".join(
+        " -> ".join(f"{mre:.2f} ({step})" for step, mre in s["curve"]) or "not validated"
+        for s in stages
+    )
     missing = split["missing"]
     called_missing = f"{missing['fp']} of {missing['fp'] + missing['tn']}"
     precision, recall = split.get("missing_precision"), split.get("missing_recall")

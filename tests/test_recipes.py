@@ -24,6 +24,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 import afids3d  # noqa: E402
 import isbi2015  # noqa: E402
 import recipes  # noqa: E402
+import side_by_side  # noqa: E402
 
 TINY = [
     "--minutes",
@@ -120,6 +121,11 @@ def test_isbi2015_recipe_trains_the_cascade_and_reports_every_test_split(
     runs = work / "cpu-unet-0.05min-1gb-8f" / "runs"
     fine = json.loads((runs / "2d_fine" / "run.json").read_text())
     assert fine["fold"] == 0 and fine["options"]["coarse_run"] == str(runs / "2d_coarse")
+    row = side_by_side.table_row(runs.parent)  # the RESULTS.md row: both stages' curves
+    cells = [c.strip() for c in row.strip("|").split("|")]
+    assert len(cells) == side_by_side.HEADER.count("|") - 1
+    assert cells[0] == "unet (medlandmark)" and cells[5] == f"**{test1['mre_mm']:.3f} mm**"
+    assert cells[4].count(";") == 1 and "not validated" not in cells[4], cells[4]
 
     # Test2Data appears: the rerun converts again, reuses the trained runs and reports both splits
     _link_isbi_case(source, "Test2Data", 153, as_number=301)
