@@ -22,8 +22,8 @@ from medlandmark.models import network_for
 from medlandmark.records.run import LOG_FILE, read_run_record
 
 HEADER = (
-    "| network (training) | parameters | s/step | steps x batch | validation MRE by step (coarse; "
-    "fine) | test MRE | SD | SDR 2 / 2.5 / 3 / 4 mm | present called missing | missing "
+    "| network (training) | parameters | s/step | steps x batch | validation MRE by step (each "
+    "stage; coarse first) | test MRE | SD | SDR 2 / 2.5 / 3 / 4 mm | present called missing | missing "
     "precision / recall |"
 )
 

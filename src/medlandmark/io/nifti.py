@@ -155,12 +155,12 @@ def _qform(pixdim, quatern) -> np.ndarray:
     rotation is a half turn (a = 0, (b, c, d) renormalised); a half turn stored in float32
     otherwise reads as a turn off by 0.015 degrees."""
     b, c, d, *offset = (float(v) for v in quatern)
-    a_squared = 1.0 - (b * b + c * c + d * d)
-    if a_squared < QUATERNION_HALF_TURN:
-        norm = math.sqrt(b * b + c * c + d * d)
+    squared = b * b + c * c + d * d
+    if 1.0 - squared < QUATERNION_HALF_TURN:
+        norm = math.sqrt(squared)
         a, b, c, d = 0.0, b / norm, c / norm, d / norm
     else:
-        a = math.sqrt(a_squared)
+        a = math.sqrt(1.0 - squared)
     rotation = np.array(
         [
             [a * a + b * b - c * c - d * d, 2 * (b * c - a * d), 2 * (b * d + a * c)],
