@@ -163,3 +163,43 @@ def test_the_shipped_cephalometric_model_reproduces_its_card(tmp_path: Path) -> 
     per_case = json.loads((tmp_path / "e" / "metrics.json").read_text())["per_case_mre_mm"]
     for case in cases:
         assert per_case[case] == pytest.approx(card.measured[0].per_case_mre_mm[case], abs=0.01)
+
+
+def _afids_test_cases(out: Path, indices: list[int]) -> list[str]:
+    """Cases of the AFIDs benchmark's test split (seed 0, default variation), regenerated one by
+    one from the shared template: case k depends only on the seed and k."""
+    from medlandmark.datasets import afids_synth as synth
+    from medlandmark.datasets.dataset import write_spec
+    from medlandmark.io.images import write_image
+    from medlandmark.io.landmarks import write_landmarks
+
+    source = shared_path("afids_mni152")
+    template = source / "tpl-MNI152NLin2009cAsym_res-01_T1w.nii.gz"
+    fcsv = source / "tpl-MNI152NLin2009cAsym_res-01_desc-groundtruth_afids.fcsv"
+    loaded = synth.load_template(template, fcsv)
+    options = synth.VARIATIONS["default"]
+    ids = [f"synth{index:03d}" for index in indices]
+    for index, case_id in zip(indices, ids, strict=True):
+        case = synth.synth_case(loaded, synth.draw_case(synth.case_rng(0, index), options), options)
+        write_image(out / "images" / f"{case_id}.nii.gz", case.array, case.geometry)
+        write_landmarks(out / "landmarks" / f"{case_id}.mrk.json", case.landmarks, space="LPS")
+    write_spec(out, synth._synth_spec(template, ids, 0, "default"))
+    return ids
+
+
+@pytest.mark.shared_data
+def test_the_shipped_brain_model_reproduces_its_card(tmp_path: Path) -> None:
+    """predict --model brain-afids-32 on two regenerated test volumes, then evaluate: each
+    case's MRE is the one on the model card (measured on all 20 by benchmarks/ship_model.py)."""
+    if "brain-afids-32" not in {m.name for m in shipped_models()}:
+        pytest.skip("brain-afids-32 is not shipped in this checkout")
+    card = shipped_model("brain-afids-32").card
+    cases = _afids_test_cases(tmp_path / "dataset", [43, 58])
+    images = [str(tmp_path / "dataset" / "images" / f"{case}.nii.gz") for case in cases]
+    out = tmp_path / "predicted"
+    assert cli(["predict", "--model", "brain-afids-32", *images, "-o", str(out)]) == 0
+    evaluated = ["evaluate", "--pred", str(out), "--gt", str(tmp_path / "dataset")]
+    assert cli([*evaluated, "--out", str(tmp_path / "e")]) == 0
+    per_case = json.loads((tmp_path / "e" / "metrics.json").read_text())["per_case_mre_mm"]
+    for case in cases:
+        assert per_case[case] == pytest.approx(card.measured[0].per_case_mre_mm[case], abs=0.01)
