@@ -72,6 +72,7 @@ def test_a_shipped_copy_drops_local_paths_halves_the_weights_and_predicts_the_sa
     shipped_runs = ship_runs(runs, out, half=True)
     record = json.loads((shipped_runs / "2d" / "run.json").read_text())
     assert record.get("dataset_path") is None
+    assert record["plan"].get("dataset_path") is None
     assert "preprocessed" not in record["options"] and "coarse_run" not in record["options"]
     tensors = load_file(str(shipped_runs / "2d" / "model_best.safetensors"))
     assert all(v.dtype == torch.float16 for v in tensors.values() if v.is_floating_point())
@@ -125,6 +126,8 @@ def test_every_shipped_card_matches_its_runs() -> None:
     for model in shipped_models(SHIPPED_FOLDER):
         first = next(iter(sorted(model.runs.glob("*/run.json"))))
         assert json.loads(first.read_text())["landmarks"] == model.card.landmarks
+        for run in model.runs.glob("*/run.json"):  # no path of the machine that shipped it
+            assert "dataset_path" not in json.loads(run.read_text())["plan"], run
         assert model.card_text == card_markdown(model.card)
         assert model.size_mb < 25.0
 

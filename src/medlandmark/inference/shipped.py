@@ -38,6 +38,7 @@ def ship_runs(runs: Path, out: Path, half: bool = True) -> Path:
     for folder in folders:
         record = read_run_record(folder)
         record.dataset_path = None
+        record.plan.dataset_path = None
         record.options = {k: v for k, v in record.options.items() if k not in PATH_OPTIONS}
         target = out / RUNS_FOLDER / folder.name
         target.mkdir(parents=True)
