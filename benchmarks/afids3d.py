@@ -11,7 +11,8 @@ recall; the numbers also go to WORK/<run>/results.json (paste them into benchmar
 Options: --source (default ../shared/data/afids_mni152), --work (default benchmarks/work/afids3d,
 reused when run again: an interrupted benchmark resumes), --arch unet|h3de, --minutes,
 --gpu-memory / --base-features / --target-spacing (plan overrides), --device, --seed (training),
---threads (PyTorch CPU threads: 1 on a machine busy with other jobs).
+--threads (PyTorch CPU threads: 1 on a machine busy with other jobs), --augment NAME=VALUE
+(an augmentation setting of every stage, as train --augment; named in the run folder).
 """
 
 from __future__ import annotations

@@ -10,7 +10,8 @@ go to WORK/<run>/results.json (paste them into benchmarks/RESULTS.md).
 Options: --source (default ../shared/data/isbi2015), --work (default benchmarks/work/isbi2015,
 reused when run again: an interrupted benchmark resumes), --arch unet|hyatt, --minutes,
 --gpu-memory / --base-features / --target-spacing (plan overrides), --device, --seed,
---threads (PyTorch CPU threads: 1 on a machine busy with other jobs).
+--threads (PyTorch CPU threads: 1 on a machine busy with other jobs), --augment NAME=VALUE
+(an augmentation setting of every stage, as train --augment; named in the run folder).
 """
 
 from __future__ import annotations

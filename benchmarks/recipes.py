@@ -21,6 +21,7 @@ import json
 import math
 import os
 import platform
+import re
 import shlex
 import shutil
 import sys
@@ -33,6 +34,7 @@ from pathlib import Path
 import torch
 from host import cpu_model
 
+from medlandmark.cli import name_value_argument
 from medlandmark.console import info, warn
 from medlandmark.datasets.check import check_dataset, print_check_report
 from medlandmark.datasets.dataset import Dataset
@@ -166,6 +168,15 @@ def argument_parser(benchmark: Benchmark, doc: str) -> argparse.ArgumentParser:
         help="PyTorch CPU threads (default: one per core); 1 on a machine busy with other jobs",
     )
     parser.add_argument("--seed", type=int, default=0, help="training seed")
+    parser.add_argument(
+        "--augment",
+        type=name_value_argument,
+        action="append",
+        default=[],
+        metavar="NAME=VALUE",
+        help="an augmentation setting of every stage (repeatable, as train --augment), e.g. "
+        "p_field_of_view_cut=0.3",
+    )
     return parser
 
 
@@ -237,7 +248,13 @@ def _run_benchmark(benchmark: Benchmark, args: argparse.Namespace, command: str)
     preprocess_dataset(root, preprocessed, configurations=stages)
     out = work / run_name(args)
     arch = recipe_arch(args.recipe, args.arch)
-    training = TrainOptions(arch=arch, recipe=args.recipe, seed=args.seed, device=args.device)
+    training = TrainOptions(
+        arch=arch,
+        recipe=args.recipe,
+        seed=args.seed,
+        device=args.device,
+        augment=dict(args.augment),
+    )
     trained = train_stages(root, preprocessed, out, plan, budget, training)
     splits = evaluate_test_splits(root, out / "runs", out, args.device)
     results = {
@@ -278,9 +295,16 @@ def run_name(args: argparse.Namespace) -> str:
         f"{args.base_features}f" if args.base_features is not None else "",
         f"{args.target_spacing:g}mm" if args.target_spacing is not None else "",
         f"seed{args.seed}" if args.seed else "",
+        *(augment_tag(name, value) for name, value in args.augment),
     ]
     trainer = args.recipe or recipe_arch(None, args.arch)
     return "-".join([args.budget, trainer, *filter(None, overrides)])
+
+
+def augment_tag(name: str, value: object) -> str:
+    """An augmentation override as a folder-name part: ``p_field_of_view_cut=0.3`` gives
+    ``aug-p_field_of_view_cut0.3``."""
+    return "aug-" + re.sub(r"[^A-Za-z0-9_.]+", "", f"{name}{value}")
 
 
 # --- dataset and plan ----------------------------------------------------------------------------

@@ -140,8 +140,10 @@ def test_afids3d_recipe_reports_missing_landmarks(tmp_path, short_probe, monkeyp
     monkeypatch.setattr(afids3d, "SYNTH_OPTIONS", SynthOptions(spacing_scale=3.0))
     work = tmp_path / "work"
     source = shared_path("afids_mni152")
+    augment = ["--augment", "p_field_of_view_cut=0.3"]  # every stage trains with the override
     results = afids3d.main(
-        ["--budget", "gpu", "--arch", "unet", "--source", str(source), "--work", str(work), *TINY]
+        ["--budget", "gpu", "--arch", "unet", "--source", str(source), "--work", str(work)]
+        + [*TINY, *augment]
     )
     _check_results(
         results, work, {"test": 2}, ["3d_fullres"]
@@ -152,8 +154,11 @@ def test_afids3d_recipe_reports_missing_landmarks(tmp_path, short_probe, monkeyp
     truly_missing = counts["tp"] + counts["fn"]
     assert figures["missing_recall"] == (counts["tp"] / truly_missing if truly_missing else None)
     assert {t["target"] for t in results["targets"]} == {"mre_mm <= 1.3", "missing_recall >= 0.95"}
-    record = json.loads(next(work.glob("*/runs/*/run.json")).read_text())
+    run_json = next(work.glob("*/runs/*/run.json"))
+    record = json.loads(run_json.read_text())
     assert record["shape_model"] is not None  # what reports the landmarks the field of view cut off
+    assert record["options"]["augment"] == {"p_field_of_view_cut": 0.3}
+    assert run_json.parents[2].name.endswith("-aug-p_field_of_view_cut0.3")
 
 
 @given(

@@ -88,7 +88,7 @@ def _fold(text: str) -> int | str:
         ) from None
 
 
-def _setting(text: str) -> tuple[str, object]:
+def name_value_argument(text: str) -> tuple[str, object]:
     """``NAME=VALUE`` with the value read as JSON (a number, a list...) or else kept as text."""
     name, equals, value = text.partition("=")
     if not equals or not name.strip():
@@ -466,7 +466,7 @@ def _add_train_tuning(train: argparse.ArgumentParser) -> None:
     train.add_argument("--missing-target", choices=["mask", "zero"], default=None)
     train.add_argument(
         "--augment",
-        type=_setting,
+        type=name_value_argument,
         action="append",
         default=[],
         metavar="NAME=VALUE",
