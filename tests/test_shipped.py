@@ -173,8 +173,6 @@ def _afids_test_cases(out: Path, indices: list[int]) -> list[str]:
     one from the shared template: case k depends only on the seed and k."""
     from medlandmark.datasets import afids_synth as synth
     from medlandmark.datasets.dataset import write_spec
-    from medlandmark.io.images import write_image
-    from medlandmark.io.landmarks import write_landmarks
 
     source = shared_path("afids_mni152")
     template = source / "tpl-MNI152NLin2009cAsym_res-01_T1w.nii.gz"
@@ -183,10 +181,8 @@ def _afids_test_cases(out: Path, indices: list[int]) -> list[str]:
     options = synth.VARIATIONS["default"]
     ids = [f"synth{index:03d}" for index in indices]
     for index, case_id in zip(indices, ids, strict=True):
-        case = synth.synth_case(loaded, synth.draw_case(synth.case_rng(0, index), options), options)
-        write_image(out / "images" / f"{case_id}.nii.gz", case.array, case.geometry)
-        write_landmarks(out / "landmarks" / f"{case_id}.mrk.json", case.landmarks, space="LPS")
-    write_spec(out, synth._synth_spec(template, ids, 0, "default"))
+        synth.write_synth_case(loaded, out, case_id, synth.case_rng(0, index), options)
+    write_spec(out, synth.synth_spec(template, ids, 0, "default"))
     return ids
 
 

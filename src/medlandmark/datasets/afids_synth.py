@@ -237,15 +237,22 @@ def convert_afids_synth(
         refuse_other_files_of_case(out, case_id)
     (out / DATASET_FILE).unlink(missing_ok=True)  # a folder without it shows an unfinished run
     for index, case_id in enumerate(console.progress(ids, description=f"warping {template.name}")):
-        case = synth_case(source, draw_case(case_rng(seed, index), options), options)
-        write_image(out / "images" / f"{case_id}.nii.gz", case.array, case.geometry)
-        write_landmarks(out / "landmarks" / f"{case_id}.mrk.json", case.landmarks, space="LPS")
+        write_synth_case(source, out, case_id, case_rng(seed, index), options)
     stale = sorted({c.case_id for c in discover_cases(out)[0]} - set(ids))
     if stale:
         console.warn(f"{out} also holds cases this run did not write: {', '.join(stale[:10])}")
-    write_spec(out, _synth_spec(template, ids, seed, variation))
+    write_spec(out, synth_spec(template, ids, seed, variation))
     console.info(f"wrote {cases} warped AFIDs cases to {out} (seed {seed})")
     return out
+
+
+def write_synth_case(
+    template: Template, out: Path, case_id: str, rng: np.random.Generator, options: SynthOptions
+) -> None:
+    """One warped case (image and landmarks) into dataset folder ``out``."""
+    case = synth_case(template, draw_case(rng, options), options)
+    write_image(out / "images" / f"{case_id}.nii.gz", case.array, case.geometry)
+    write_landmarks(out / "landmarks" / f"{case_id}.mrk.json", case.landmarks, space="LPS")
 
 
 def synth_case_ids(cases: int) -> list[str]:
@@ -472,7 +479,8 @@ def bias_field(shape: tuple[int, ...], coefficients: np.ndarray, max_log_bias: f
     return np.exp(np.broadcast_to(log_bias, shape)).astype(np.float32)
 
 
-def _synth_spec(template: Path, case_ids: list[str], seed: int, variation: str) -> DatasetSpec:
+def synth_spec(template: Path, case_ids: list[str], seed: int, variation: str) -> DatasetSpec:
+    """The dataset.json of afids-synth cases ``case_ids`` (splits as :func:`synth_splits`)."""
     return DatasetSpec(
         name="afids_synth",
         spatial_dims=3,
