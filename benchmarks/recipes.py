@@ -38,6 +38,7 @@ from medlandmark.cli import name_value_argument
 from medlandmark.console import info, warn
 from medlandmark.datasets.check import check_dataset, print_check_report
 from medlandmark.datasets.dataset import Dataset
+from medlandmark.errors import MedlandmarkError
 from medlandmark.evaluation import evaluate
 from medlandmark.inference.batch import PredictOptions, predict_files
 from medlandmark.io.files import atomic_write_text
@@ -47,6 +48,7 @@ from medlandmark.preprocessing import preprocess_dataset
 from medlandmark.records.plan import Plan
 from medlandmark.records.run import LOG_FILE, RUN_FILE
 from medlandmark.training.loop import TrainOptions, train
+from medlandmark.training.options import augment_config
 from medlandmark.training.recipes import RECIPES, recipe_arch
 
 REPO = Path(__file__).resolve().parents[1]
@@ -183,7 +185,12 @@ def argument_parser(benchmark: Benchmark, doc: str) -> argparse.ArgumentParser:
 def main(benchmark: Benchmark, doc: str, argv: list[str] | None = None) -> dict:
     """Parse a recipe's command line (``sys.argv`` when ``argv`` is None) and run it; the command
     recorded in ``results.json`` is the one typed, or ``<name>.py ARGV``."""
-    args = argument_parser(benchmark, doc).parse_args(argv)
+    parser = argument_parser(benchmark, doc)
+    args = parser.parse_args(argv)
+    try:
+        augment_config(dict(args.augment))  # refused before the dataset and plan steps
+    except MedlandmarkError as error:
+        parser.error(str(error))
     command = shlex.join(sys.orig_argv if argv is None else [f"{benchmark.name}.py", *argv])
     return run_benchmark(benchmark, args, command)
 

@@ -161,6 +161,15 @@ def test_afids3d_recipe_reports_missing_landmarks(tmp_path, short_probe, monkeyp
     assert run_json.parents[2].name.endswith("-aug-p_field_of_view_cut0.3")
 
 
+def test_a_recipe_refuses_an_unknown_augmentation_before_any_work(tmp_path, capsys):
+    work = tmp_path / "work"
+    with pytest.raises(SystemExit) as stop:
+        afids3d.main(["--budget", "cpu", "--work", str(work), "--augment", "nonsense=1"])
+    assert stop.value.code == 2
+    assert "bad augmentation setting: nonsense" in capsys.readouterr().err
+    assert not work.exists()  # no dataset converted, nothing planned
+
+
 @given(
     step_s=st.floats(0.01, 10.0),
     validation_s=st.floats(0.0, 30.0),
