@@ -68,7 +68,8 @@ SPECS = {
         "with its AFIDs ground truth (medlandmark convert afids-synth, seed 0: random affine and "
         "elastic warps, other spacings and orientations, field-of-view crops, bias, gamma and "
         "noise); medlandmark's U-Net cascade at the CPU budget (benchmarks/afids3d.py --budget "
-        "cpu). It has never seen a real subject's scan.",
+        "cpu), with nnU-Net's 3D rotation range (+-30 degrees). It has never seen a real "
+        "subject's scan.",
         "data_terms": "AFIDs landmarks CC-BY-4.0 (the AFIDs project); the MNI152NLin2009cAsym "
         "template under the McGill copyright notice (free use with attribution).",
         "intended_use": "Demonstration and research: a starting point to fine-tune on real "
@@ -76,9 +77,9 @@ SPECS = {
         "limits": "One brain (the template) deformed: real anatomy varies more, real scans "
         "differ in contrast and artefacts; expect larger errors and wrong 'missing' answers on "
         "real data until fine-tuned on it. On synthetic volumes with stronger variation than "
-        "training (thin slabs, 2-3 mm spacings, larger turns) a third to a half of the cases are "
-        "flagged doubtful or failed, and their 'missing' answers are unreliable (benchmarks/"
-        "RESULTS.md, issue 17). Not a medical device.",
+        "training (thin slabs, 2-3 mm spacings, larger turns) about half of the cases are "
+        "flagged doubtful or failed; the errors and wrong 'missing' answers sit in those, mostly "
+        "volumes cut to a thin slab (benchmarks/RESULTS.md, issue 17). Not a medical device.",
     },
 }
 

@@ -67,7 +67,7 @@ class AugmentConfig(BaseModel):
     p_rotation: float = Field(0.2, ge=0.0, le=1.0)
     rotation_2d_deg: float = Field(30.0, ge=0.0, le=180.0, description="2D: angle in +-this")
     rotation_3d_deg: tuple[float, float, float] = Field(
-        (15.0, 15.0, 15.0), description="3D: angles about array axes 0, 1, 2, each in +-this"
+        (30.0, 30.0, 30.0), description="3D: angles about array axes 0, 1, 2, each in +-this"
     )
     p_scale: float = Field(0.2, ge=0.0, le=1.0)
     scale: tuple[float, float] = (0.7, 1.4)
