@@ -21,6 +21,7 @@ from pathlib import Path
 
 import recipes
 import torch
+from afids3d import FCSV, TEMPLATE
 from orientation import write_transformed_split
 from recipes import SHARED_DATA
 
@@ -31,8 +32,6 @@ from medlandmark.evaluation import evaluate
 from medlandmark.inference.batch import PredictOptions, predict_files
 from medlandmark.io.files import atomic_write_text
 
-TEMPLATE = "tpl-MNI152NLin2009cAsym_res-01_T1w.nii.gz"
-FCSV = "tpl-MNI152NLin2009cAsym_res-01_desc-groundtruth_afids.fcsv"
 SHIFTED = {  # set name -> (seed, its role)
     "strong-seed2": (2, "validation: the presence rule is chosen here"),
     "strong-seed3": (3, "validation: the presence rule is chosen here"),

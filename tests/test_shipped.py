@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -25,6 +26,9 @@ from medlandmark.records.model_card import (
 from medlandmark.training.loop import TrainOptions, train
 
 from .conftest import shared_path, synthetic_training_set
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+import afids3d  # noqa: E402  (the benchmark that made brain-afids-32's test split)
 
 
 def _card(name: str, landmarks: list[str]) -> ModelCard:
@@ -169,20 +173,20 @@ def test_the_shipped_cephalometric_model_reproduces_its_card(tmp_path: Path) -> 
 
 
 def _afids_test_cases(out: Path, indices: list[int]) -> list[str]:
-    """Cases of the AFIDs benchmark's test split (seed 0, default variation), regenerated one by
-    one from the shared template: case k depends only on the seed and k."""
+    """Cases of the AFIDs benchmark's test split (benchmarks/afids3d.py's template, seed and
+    options), regenerated one by one: case k depends only on the seed and k."""
     from medlandmark.datasets import afids_synth as synth
     from medlandmark.datasets.dataset import write_spec
 
     source = shared_path("afids_mni152")
-    template = source / "tpl-MNI152NLin2009cAsym_res-01_T1w.nii.gz"
-    fcsv = source / "tpl-MNI152NLin2009cAsym_res-01_desc-groundtruth_afids.fcsv"
-    loaded = synth.load_template(template, fcsv)
-    options = synth.VARIATIONS["default"]
-    ids = [f"synth{index:03d}" for index in indices]
+    template = source / afids3d.TEMPLATE
+    loaded = synth.load_template(template, source / afids3d.FCSV)
+    every_id = synth.synth_case_ids(afids3d.CASES)
+    ids = [every_id[index] for index in indices]
     for index, case_id in zip(indices, ids, strict=True):
-        synth.write_synth_case(loaded, out, case_id, synth.case_rng(0, index), options)
-    write_spec(out, synth.synth_spec(template, ids, 0, "default"))
+        rng = synth.case_rng(afids3d.DATA_SEED, index)
+        synth.write_synth_case(loaded, out, case_id, rng, afids3d.SYNTH_OPTIONS)
+    write_spec(out, synth.synth_spec(template, ids, afids3d.DATA_SEED, "default"))
     return ids
 
 
