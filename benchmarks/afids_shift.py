@@ -62,12 +62,18 @@ def measured(
     rule: str,
     device: str,
     orientation: str = "auto",
+    window_orientation: str = "auto",
 ) -> dict:
     """Predict the cases with the presence ``rule``; the summary of their evaluation."""
     dataset = Dataset(data)
     images = [dataset.case(c).image_path for c in case_ids]
     started = time.perf_counter()
-    options = PredictOptions(device=device, presence=rule, orientation=orientation)
+    options = PredictOptions(
+        device=device,
+        presence=rule,
+        orientation=orientation,
+        window_orientation=window_orientation,
+    )
     rows = predict_files(model, images, out / "predictions", options)
     seconds = time.perf_counter() - started
     metrics = evaluate(out / "predictions", data, out / "evaluation", radii=recipes.RADII_MM)
@@ -99,6 +105,13 @@ def main(argv: list[str] | None = None) -> dict:
         help="also the test split with its voxels flipped along each axis and the header kept "
         "(a wrong header), predicted with --orientation fixed and search",
     )
+    parser.add_argument(
+        "--window-orientation",
+        choices=["auto", "image", "anatomy"],
+        default="auto",
+        help="the cascade's fine windows along the image's axes or turned to the anatomy "
+        "(auto, as predict: turned in 3D)",
+    )
     parser.add_argument("--threads", type=int, default=None)
     parser.add_argument("--device", default="auto")
     args = parser.parse_args(argv)
@@ -120,7 +133,15 @@ def main(argv: list[str] | None = None) -> dict:
     for name, (data, case_ids) in sets.items():
         for rule in args.rules:
             folder = work / name.replace(" ", "-") / rule
-            row = measured(args.model, data, case_ids, folder, rule, args.device)
+            row = measured(
+                args.model,
+                data,
+                case_ids,
+                folder,
+                rule,
+                args.device,
+                window_orientation=args.window_orientation,
+            )
             results.setdefault("sets", {}).setdefault(name, {})[rule] = row
             info(f"{name}, {rule}: {json.dumps(row)}")
     if args.flips:

@@ -14,7 +14,7 @@ from torch import nn
 
 from medlandmark.datasets.dataset import DatasetSpec, write_spec
 from medlandmark.inference.batch import PredictOptions, predict_files
-from medlandmark.inference.predictor import Predictor, swap_channels
+from medlandmark.inference.predictor import Predictor, fine_window, swap_channels
 from medlandmark.io.geometry import Geometry, index_to_world
 from medlandmark.io.images import read_image, write_image
 from medlandmark.io.landmarks import LandmarkSet, read_landmarks, write_landmarks
@@ -126,6 +126,59 @@ def test_cascade_refines_at_full_resolution_and_stays_exact(cascade_blobs) -> No
         fine = np.linalg.norm(cascade.predict(image).landmarks.points_mm[0] - point)
         coarse = np.linalg.norm(coarse_only.predict(image).landmarks.points_mm[0] - point)
         assert fine < 0.05, (case, fine, coarse)
+
+
+class TurnsEveryWindow:
+    """A stand-in shape model whose every fit asks for windows turned by one fixed rotation."""
+
+    minimum_points = 8
+
+    def __init__(self, direction: np.ndarray) -> None:
+        self.direction = direction
+
+    def expected(self, points_mm: np.ndarray, usable: np.ndarray) -> None:
+        return None  # one landmark: no fit, the verdict says so
+
+    def window_direction(self, fit) -> np.ndarray:
+        return self.direction
+
+
+def test_fine_windows_turned_to_the_anatomy_stay_exact_in_world_mm(cascade_blobs) -> None:
+    dataset, models, points = cascade_blobs
+    for name in (p.name for p in models.iterdir()):
+        record = models / name / "run.json"
+        if not name.endswith(("_coarse", "_fine")) and record.is_file():
+            record.rename(models / name / "run.json.off")  # keep the cascade alone
+    turned = Predictor.from_run(
+        models, network_factory=_identity_factory, shape_check=False, window_orientation="anatomy"
+    )
+    fine_geometry = Rotation.from_euler("zyx", [35, -25, 50], degrees=True).as_matrix()
+    turned.stages[0].shape_model = TurnsEveryWindow(fine_geometry)
+    for case, point in enumerate(points):
+        image = read_image(dataset / "images" / f"c{case}.nii.gz")
+        error = np.linalg.norm(turned.predict(image).landmarks.points_mm[0] - point)
+        assert error < 0.1, (case, error)
+
+
+def test_a_fine_window_turned_or_not_holds_the_same_voxels_where_their_grids_meet() -> None:
+    geometry = Geometry(
+        (1.0, 1.0, 1.0), (5.0, -3.0, 2.0), tuple(map(tuple, np.eye(3))), (20, 22, 24)
+    )
+    array = np.random.default_rng(0).normal(size=(1, *geometry.shape)).astype(np.float32)
+    patch = np.array([6, 6, 6])
+    near = index_to_world(np.array([9.2, 11.2, 12.2]), geometry)
+    straight, _ = fine_window(array, geometry, near, patch)
+    assert np.array_equal(straight, array[:, 7:13, 9:15, 10:16])  # whole voxels, nearest start
+    centre = index_to_world(np.array([9.5, 11.5, 12.5]), geometry)
+    quarter = np.array([[1.0, 0, 0], [0, 0, -1.0], [0, 1.0, 0]])  # a quarter turn of axes 1, 2
+    turned, turned_geometry = fine_window(array, geometry, centre, patch, quarter)
+    assert np.allclose(turned_geometry.direction_matrix, quarter)
+    assert np.allclose(index_to_world(np.full(3, 2.5), turned_geometry), centre)
+    # a quarter turn about a point between voxels maps voxel centres to voxel centres
+    straight, _ = fine_window(array, geometry, centre, patch)
+    assert np.allclose(turned[0], np.rot90(straight[0], k=-1, axes=(1, 2)), atol=1e-6)
+    outside, _ = fine_window(array, geometry, centre + 100.0, patch, quarter)
+    assert not outside.any()  # zero, the normalised mean, beyond the array
 
 
 def test_absent_landmark_is_reported_missing_with_its_position_kept(tmp_path: Path) -> None:
@@ -341,8 +394,9 @@ class _PlacesItElsewhere:
     where it was found (as when the network's peak sits on a look-alike)."""
 
     inlier_mm, minimum_points, handedness, rotation_limit_deg = 3.0, 1, 0, None
+    typical_orientation = None  # fine windows keep the image's axes
     mirrors, turns_too_far = ShapeModel.mirrors, ShapeModel.turns_too_far
-    plausible = ShapeModel.plausible
+    plausible, window_direction = ShapeModel.plausible, ShapeModel.window_direction
 
     def __init__(self, offset_mm: np.ndarray) -> None:
         self.offset_mm = offset_mm

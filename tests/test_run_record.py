@@ -109,6 +109,10 @@ BROKEN = {
         lambda r: r["shape_model"].update(inlier_mm=0),
         "inlier_mm",
     ),
+    "a typical orientation that is no rotation": (
+        lambda r: r["shape_model"].update(typical_orientation=[[2.0, 0.0], [0.0, 1.0]]),
+        "typical_orientation",
+    ),
 }
 
 

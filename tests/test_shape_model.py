@@ -8,7 +8,13 @@ import numpy as np
 import pytest
 
 from medlandmark.io.geometry import Geometry
-from medlandmark.shape_model import ShapeModel, affine_fit, apply_affine, fit_shape_model
+from medlandmark.shape_model import (
+    ShapeModel,
+    affine_fit,
+    apply_affine,
+    fit_shape_model,
+    rotation_deg_of,
+)
 
 
 def _random_affine(rng: np.random.Generator, ndim: int) -> np.ndarray:
@@ -152,3 +158,43 @@ def test_shape_outliers_and_the_peak_near_a_place():
     heatmap = strong[0, 0] + 0.4 * weak[0, 0]
     point, peak, _ = decode_near(heatmap, geometry, expected[4], model.inlier_mm)
     assert np.linalg.norm(point - (base[4] + 100.0)) < 0.2 and peak == pytest.approx(0.4, abs=0.02)
+
+
+def _turn(degrees: float, axis: int) -> np.ndarray:
+    """A rotation ``(3, 3)`` by ``degrees`` about array axis ``axis``."""
+    a = np.radians(degrees)
+    i, j = [k for k in range(3) if k != axis]
+    turn = np.eye(3)
+    turn[i, i] = turn[j, j] = np.cos(a)
+    turn[i, j], turn[j, i] = -np.sin(a), np.sin(a)
+    return turn
+
+
+def test_the_typical_orientation_turns_a_case_to_how_training_arrays_held_the_anatomy():
+    rng = np.random.default_rng(3)
+    base = rng.uniform(-40, 40, (14, 3))
+    held = np.eye(3)[::-1] @ _turn(12, 0)  # how every training array held the anatomy (det -1)
+    shapes, directions = [], []
+    for angle, axis in [(0, 0), (10, 0), (-8, 1), (14, 2), (5, 1), (-12, 0), (9, 2)]:
+        turn = _turn(angle, axis)  # the case's pose in the world
+        shapes.append(base @ turn + rng.uniform(-10, 10, 3) + rng.normal(0, 0.2, base.shape))
+        directions.append(turn.T @ held)  # its array axes: anatomy held the same way
+    model = fit_shape_model(shapes, directions)
+    assert model.typical_orientation is not None
+    assert np.allclose(model.typical_orientation @ model.typical_orientation.T, np.eye(3))
+    again = ShapeModel.from_dict(json.loads(json.dumps(model.to_dict())))
+    assert np.allclose(again.typical_orientation, model.typical_orientation)
+
+    case = base @ _turn(20, 1) @ _turn(-18, 2) + 7.0  # turned beyond every training case
+    fit = model.expected(case, np.ones(len(case), dtype=bool))
+    direction = model.window_direction(fit)
+    # seen along the window's axes, the case's anatomy is held as the training arrays held it
+    seen, trained = case @ direction, shapes[1] @ directions[1]
+    assert rotation_deg_of(affine_fit(trained, seen)) < 1.0
+    assert rotation_deg_of(affine_fit(shapes[1], case)) > 20.0  # and it was not before
+
+    mirrored = model.expected(case * np.array([-1.0, 1.0, 1.0]), np.ones(len(case), dtype=bool))
+    assert model.window_direction(mirrored) is None  # a mirrored fit is no guide
+    too_far = model.expected(case @ _turn(40, 0), np.ones(len(case), dtype=bool))
+    assert model.turns_too_far(too_far) and model.window_direction(too_far) is None
+    assert fit_shape_model(shapes).window_direction(fit) is None  # no typical orientation known

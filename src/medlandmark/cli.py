@@ -589,6 +589,14 @@ def _add_judgement_options(parser) -> None:
         "shape: present unless far weaker than the case's others (a quarter of its reference) "
         "or placed outside the field of view by the shape check",
     )
+    parser.add_argument(
+        "--window-orientation",
+        choices=["auto", "image", "anatomy"],
+        default="auto",
+        help="a cascade's fine windows: along the image's axes (image), or turned so that the "
+        "anatomy the first stage found lies as in the training images (anatomy); auto "
+        "(default): anatomy in 3D, image in 2D",
+    )
 
 
 def _add_calibrate(sub) -> None:
@@ -825,6 +833,7 @@ def _predict(args: argparse.Namespace) -> int:
         shape_check=args.shape_check,
         orientation=args.orientation,
         presence=args.presence,
+        window_orientation=args.window_orientation,
     )
     if args.model is not None:
         from medlandmark.records.model_card import shipped_model

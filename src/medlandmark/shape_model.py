@@ -39,6 +39,7 @@ class ExpectedFit:
     rms_mm: float
     handedness: int = 1
     rotation_deg: float = 0.0  # how far the fitted map turns the reference
+    matrix: np.ndarray | None = None  # the affine map (D + 1, D) from the reference to the case
 
 
 @dataclass(frozen=True)
@@ -47,13 +48,15 @@ class ShapeModel:
     a found landmark agrees with the fit, the allowed singular values of the affine map, and the
     handedness every training case had (+1 or -1; 0 when they differed or it is unknown), and
     how far a fit may turn the reference (the most turned training case plus a slack; None: no
-    limit known)."""
+    limit known), and the training cases' typical orientation: the mean orthogonal map ``(D, D)``
+    from the reference to their preprocessed arrays' axes (mm; None: not known)."""
 
     reference_mm: np.ndarray
     inlier_mm: float
     singular_values: tuple[float, float]
     handedness: int = 0
     rotation_limit_deg: float | None = None
+    typical_orientation: np.ndarray | None = None
 
     @property
     def minimum_points(self) -> int:
@@ -67,6 +70,9 @@ class ShapeModel:
             "singular_values": list(self.singular_values),
             "handedness": self.handedness,
             "rotation_limit_deg": self.rotation_limit_deg,
+            "typical_orientation": None
+            if self.typical_orientation is None
+            else self.typical_orientation.tolist(),
         }
 
     @classmethod
@@ -78,12 +84,14 @@ class ShapeModel:
         low, high = data["singular_values"]
         handedness = int(data.get("handedness", 0))
         limit = data.get("rotation_limit_deg")
+        typical = data.get("typical_orientation")
         return cls(
             reference,
             float(data["inlier_mm"]),
             (float(low), float(high)),
             handedness,
             None if limit is None else float(limit),
+            None if typical is None else np.array(typical, dtype=np.float64),
         )
 
     def expected(
@@ -119,6 +127,7 @@ class ShapeModel:
             float(np.sqrt(np.mean(residual**2))),
             handedness_of(matrix),
             rotation_deg_of(matrix),
+            matrix,
         )
 
     def mirrors(self, fit: ExpectedFit) -> bool:
@@ -132,6 +141,18 @@ class ShapeModel:
     def plausible(self, fit: ExpectedFit | None) -> bool:
         """A fit exists, neither mirrors the training shape nor turns beyond the training cases."""
         return fit is not None and not (self.mirrors(fit) or self.turns_too_far(fit))
+
+    def window_direction(self, fit: ExpectedFit | None) -> np.ndarray | None:
+        """The direction matrix (columns: world axes of the window's array axes) of a window that
+        shows the anatomy ``fit`` found as the training arrays typically did: the fit's rotation
+        undone, then the typical orientation applied. None without a plausible fit or a typical
+        orientation (then windows keep the image's axes)."""
+        if self.typical_orientation is None or not self.plausible(fit) or fit.matrix is None:
+            return None
+        turn = orthogonal_part(fit.matrix[: self.reference_mm.shape[1]])
+        if np.linalg.det(turn) < 0:
+            return None
+        return turn.T @ self.typical_orientation
 
     def cut_off(self, points_mm: np.ndarray, usable: np.ndarray, geometry: Geometry) -> np.ndarray:
         """``(K,)`` True for landmarks the image's field of view has cut off: expected outside
@@ -201,14 +222,54 @@ def rotation_deg_of(matrix: np.ndarray) -> float:
     return float(np.degrees(np.arccos(np.clip(cosine, -1.0, 1.0))))
 
 
+def orthogonal_part(linear: np.ndarray) -> np.ndarray:
+    """The orthogonal matrix nearest to ``linear`` ``(D, D)`` (its polar factor)."""
+    u, _, vt = np.linalg.svd(linear)
+    return u @ vt
+
+
+def mean_orthogonal(matrices: Sequence[np.ndarray]) -> np.ndarray:
+    """The orthogonal matrix nearest to the mean of orthogonal ``matrices`` of one handedness
+    (the chordal mean), with that handedness."""
+    u, _, vt = np.linalg.svd(np.mean(matrices, axis=0))
+    if np.sign(np.linalg.det(u @ vt)) != np.sign(np.linalg.det(matrices[0])):
+        u[:, -1] *= -1
+    return u @ vt
+
+
+def typical_orientation_of(
+    reference_mm: np.ndarray,
+    shapes_mm: Sequence[np.ndarray],
+    directions: Sequence[np.ndarray],
+) -> np.ndarray | None:
+    """The mean orthogonal map from ``reference_mm`` to the cases' array axes (mm): each case's
+    affine fit to the reference (cases with fewer than ``2 (D + 1)`` common landmarks left out),
+    times its array ``directions`` ``(D, D)``, made orthogonal; None when the cases' maps differ
+    in handedness or none can be fitted."""
+    turns = []
+    for shape, direction in zip(shapes_mm, directions, strict=True):
+        common = np.isfinite(shape).all(axis=1) & np.isfinite(reference_mm).all(axis=1)
+        if common.sum() < 2 * (shape.shape[1] + 1):
+            continue
+        matrix = affine_fit(reference_mm[common], shape[common])
+        if matrix is not None:
+            turns.append(orthogonal_part(matrix[: shape.shape[1]] @ np.asarray(direction)))
+    if not turns or len({bool(np.linalg.det(t) > 0) for t in turns}) != 1:
+        return None
+    return mean_orthogonal(turns)
+
+
 def apply_affine(matrix: np.ndarray, points_mm: np.ndarray) -> np.ndarray:
     """Points ``(N, D)`` mapped by an affine ``(D + 1, D)`` matrix from :func:`affine_fit`."""
     return np.c_[points_mm, np.ones(len(points_mm))] @ matrix
 
 
-def fit_shape_model(shapes_mm: Sequence[np.ndarray]) -> ShapeModel | None:
+def fit_shape_model(
+    shapes_mm: Sequence[np.ndarray], directions: Sequence[np.ndarray] | None = None
+) -> ShapeModel | None:
     """The shape model of training landmark sets ``(K, D)`` each (NaN rows missing), or None
-    with fewer than :data:`MIN_CASES` usable cases or too few landmarks for an affine fit."""
+    with fewer than :data:`MIN_CASES` usable cases or too few landmarks for an affine fit;
+    the cases' array ``directions`` give it their typical orientation."""
     shapes = [np.asarray(s, dtype=np.float64) for s in shapes_mm]
     ndim = shapes[0].shape[1] if shapes else 0
     usable = [s for s in shapes if np.isfinite(s).all(axis=1).sum() >= 2 * (ndim + 1)]
@@ -252,10 +313,12 @@ def fit_shape_model(shapes_mm: Sequence[np.ndarray]) -> ShapeModel | None:
         return None
     rms = float(np.sqrt(np.mean(np.concatenate(residuals) ** 2)))
     values = np.concatenate(values)
+    typical = None if directions is None else typical_orientation_of(reference, shapes, directions)
     return ShapeModel(
         reference,
         max(INLIER_RMS_FACTOR * rms, 1e-6),
         (float(values.min() / SINGULAR_VALUE_SLACK), float(values.max() * SINGULAR_VALUE_SLACK)),
         hands.pop() if len(hands) == 1 else 0,
         min(max(angles) + ROTATION_SLACK_DEG, 180.0),
+        typical,
     )

@@ -84,6 +84,7 @@ class PredictOptions:
     shape_check: bool = True
     orientation: str = "auto"
     presence: str = "auto"
+    window_orientation: str = "auto"
 
 
 def predict_files(
@@ -112,6 +113,7 @@ def predict_files(
         shape_check=options.shape_check,
         orientation=options.orientation,
         presence=options.presence,
+        window_orientation=options.window_orientation,
     )
     spacing = options.spacing_xy_mm or predictor.stages[0].spacing_mm
     rows = []

@@ -28,6 +28,7 @@ from medlandmark.heatmaps import (
 )
 from medlandmark.io.geometry import (
     Geometry,
+    centred_geometry,
     cropped_geometry,
     index_to_world,
     left_right_axis,
@@ -38,7 +39,7 @@ from medlandmark.io.landmark_formats import CaseVerdict
 from medlandmark.io.landmarks import LandmarkSet, pair_permutation, symmetric_pair_indices
 from medlandmark.models import channels_last, load_run_network
 from medlandmark.preprocessing import preprocess_image
-from medlandmark.preprocessing.crops import crop_with_zeros
+from medlandmark.preprocessing.crops import crop_with_zeros, sample_on_geometry
 from medlandmark.preprocessing.orientation import candidate_orientations
 from medlandmark.records.plan import Configuration, Plan
 from medlandmark.records.run import (
@@ -170,6 +171,7 @@ class Stage:
 
 
 ORIENTATION_MODES = ("auto", "search", "fixed")
+WINDOW_ORIENTATIONS = ("auto", "image", "anatomy")
 PRESENCE_RULES = ("auto", "absolute", "relative", "shape")
 SHAPE_RULE_FLOOR = 0.25  # of the case's reference level: far weaker than anything found
 
@@ -201,7 +203,7 @@ def swap_channels(
 class Predictor:
     """Predict landmarks with one stage, or a coarse-to-fine cascade of two.
 
-    ``windows_per_batch`` sliding windows go through a network at once (default: the plan's
+    The attribute ``windows_per_batch``: sliding windows through a network at once (the plan's
     training batch size, which fits the device); out of memory halves it, then moves to the CPU.
     ``shape_check`` reports missing the landmarks that the training constellation, fitted to the
     landmarks found, places beyond the image's field of view (:mod:`medlandmark.shape_model`).
@@ -210,6 +212,10 @@ class Predictor:
     and predicts on the one whose landmarks fit the training shape best; ``auto`` searches 2D
     images (radiographs: no header says which way the anatomy faces) and trusts 3D headers.
     ``presence``: how a landmark is judged present (:meth:`Stage.present`).
+    ``window_orientation``: a cascade's fine windows run along the image's axes (``image``), or
+    (``anatomy``) on a grid turned so that the anatomy the first stage's shape fit found lies
+    as the training arrays typically held it (runs without a typical orientation, or a case
+    without a plausible fit, keep the image's axes); ``auto`` turns them in 3D only.
     """
 
     def __init__(
@@ -218,10 +224,10 @@ class Predictor:
         names: list[str],
         device: torch.device,
         tta: bool = False,
-        windows_per_batch: int | None = None,
         shape_check: bool = True,
         orientation: str = "auto",
         presence: str = "auto",
+        window_orientation: str = "auto",
     ):
         self.stages, self.names, self.device, self.tta = stages, names, torch.device(device), tta
         self.shape_check = shape_check
@@ -235,8 +241,13 @@ class Predictor:
                 f"presence must be one of {', '.join(PRESENCE_RULES)}, got '{presence}'"
             )
         self.presence = presence
-        planned = min(s.configuration.batch_size for s in stages)
-        self.windows_per_batch = max(1, windows_per_batch or planned)
+        if window_orientation not in WINDOW_ORIENTATIONS:
+            raise MedlandmarkError(
+                f"window orientation must be one of {', '.join(WINDOW_ORIENTATIONS)}, "
+                f"got '{window_orientation}'"
+            )
+        self.window_orientation = window_orientation
+        self.windows_per_batch = max(1, min(s.configuration.batch_size for s in stages))
 
     @classmethod
     def from_run(
@@ -252,8 +263,8 @@ class Predictor:
         """Load a run folder, or a folder of runs (ensembles per configuration, a cascade when a
         coarse configuration and its fine one are both present). ``onnx`` runs the networks
         with onnxruntime: a file for a single run, or ``"run"`` for each run's ``model.onnx``;
-        ``judgement`` holds the keyword arguments ``shape_check``, ``orientation`` and
-        ``presence`` of the constructor."""
+        ``judgement`` holds the keyword arguments ``shape_check``, ``orientation``,
+        ``presence`` and ``window_orientation`` of the constructor."""
         if onnx is not None and network_factory is None:
             network_factory = _onnx_factory(onnx)
         device = select_device(device)
@@ -385,7 +396,7 @@ class Predictor:
         peak, present, fit = first.peak.copy(), first.present.copy(), first.fit
         cascade = len(self.stages) > 1
         if cascade:
-            points, spread_mm = self._refine(image, points, present, spread_mm)
+            points, spread_mm = self._refine(image, points, present, spread_mm, fit)
         if self.shape_check and shape_model is not None:
             if cascade:  # the refined points get their own fit
                 fit = shape_model.expected(points, present)
@@ -449,7 +460,7 @@ class Predictor:
         if len(self.stages) > 1:
             chosen = np.isin(np.arange(len(points_mm)), outliers)
             again, again_spread = self._refine(
-                image, fit.expected_mm, chosen, spread_mm, guided=shape_model
+                image, fit.expected_mm, chosen, spread_mm, fit, guided=shape_model
             )
             points_mm[outliers], spread_mm[outliers] = again[outliers], again_spread[outliers]
             return
@@ -467,24 +478,27 @@ class Predictor:
         points_mm: np.ndarray,
         present: np.ndarray,
         spread_mm: np.ndarray,
+        fit: ExpectedFit | None,
         guided: ShapeModel | None = None,
     ):
         """The cascade's fine stage: a patch of the fine configuration centred on each coarse
-        estimate, at full resolution; the landmark's own channel refines its position (when
+        estimate, at full resolution, turned by :attr:`window_orientation` and ``fit`` (the
+        first stage's shape fit); the landmark's own channel refines its position (when
         ``guided``, its peak near the patch centre, within :func:`guided_radius_mm`)."""
         fine = self.stages[1]
         array, geometry = preprocess_image(image, fine.plan, fine.configuration)
         patch = np.asarray(fine.configuration.patch_size)
         refined, refined_spread = points_mm.copy(), spread_mm.copy()
         radius_mm = None if guided is None else guided_radius_mm(guided, geometry)
+        direction = None
+        turn = self.window_orientation == "anatomy" or (
+            self.window_orientation == "auto" and image.ndim == 3
+        )
+        if turn and self.stages[0].shape_model is not None:
+            direction = self.stages[0].shape_model.window_direction(fit)
+        mirror = self.tta and bool(fine.pairs)
         for k in np.flatnonzero(present):
-            centre = world_to_index(points_mm[k], geometry)
-            start = np.round(centre - (patch - 1) / 2).astype(int)
-            window = crop_with_zeros(array, start, patch)
-            mirror = self.tta and bool(fine.pairs)
-            window_geometry = cropped_geometry(
-                geometry, [int(v) for v in start], [int(v) for v in patch]
-            )
+            window, window_geometry = fine_window(array, geometry, points_mm[k], patch, direction)
             heads = fine.heatmaps(
                 window, window_geometry, self.device, mirror, self.windows_per_batch
             )
@@ -495,10 +509,31 @@ class Predictor:
                 )
                 continue
             decoded = fine.decode(heads[:, k : k + 1])
-            index = decoded.points[0, 0].double().cpu().numpy() + start
-            refined[k] = index_to_world(index, geometry)
-            refined_spread[k] = spread_in_mm(decoded.spread_per_axis[0], geometry)[0]
+            refined[k] = index_to_world(
+                decoded.points[0, 0].double().cpu().numpy(), window_geometry
+            )
+            refined_spread[k] = spread_in_mm(decoded.spread_per_axis[0], window_geometry)[0]
         return refined, refined_spread
+
+
+def fine_window(
+    array: np.ndarray,
+    geometry: Geometry,
+    centre_mm: np.ndarray,
+    patch: np.ndarray,
+    direction: np.ndarray | None = None,
+) -> tuple[np.ndarray, Geometry]:
+    """A ``patch``-sized window of a preprocessed ``array`` centred on ``centre_mm`` and its
+    geometry: cut along the array's axes (whole voxels), or with ``direction`` (columns: world
+    axes of the window's array axes) sampled on a grid turned to it, trilinearly."""
+    if direction is None:
+        start = np.round(world_to_index(centre_mm, geometry) - (patch - 1) / 2).astype(int)
+        window_geometry = cropped_geometry(
+            geometry, [int(v) for v in start], [int(v) for v in patch]
+        )
+        return crop_with_zeros(array, start, patch), window_geometry
+    window_geometry = centred_geometry(centre_mm, direction, geometry.spacing_mm, patch)
+    return sample_on_geometry(array, geometry, window_geometry), window_geometry
 
 
 def shape_outliers(

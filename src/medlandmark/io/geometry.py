@@ -221,6 +221,25 @@ def resampled_geometry(geometry: Geometry, shape: Sequence[int]) -> Geometry:
     return Geometry(tuple(spacing), tuple(origin), geometry.direction, tuple(int(n) for n in shape))
 
 
+def centred_geometry(
+    centre_mm: Sequence[float],
+    direction: np.ndarray,
+    spacing_mm: Sequence[float],
+    shape: Sequence[int],
+) -> Geometry:
+    """Geometry of a ``shape`` grid whose array axes run along ``direction``'s columns (world
+    unit vectors) and whose centre (index ``(shape - 1) / 2``) lies at ``centre_mm``."""
+    direction = np.asarray(direction, dtype=np.float64)
+    half = (np.asarray(shape, dtype=np.float64) - 1) / 2
+    origin = np.asarray(centre_mm, dtype=np.float64) - direction @ (np.asarray(spacing_mm) * half)
+    return Geometry(
+        tuple(float(s) for s in spacing_mm),
+        tuple(origin),
+        tuple(map(tuple, direction)),
+        tuple(int(n) for n in shape),
+    )
+
+
 def transposed_geometry(geometry: Geometry, axes: Sequence[int]) -> Geometry:
     """Geometry of ``array.transpose(axes)`` (spatial axes only)."""
     axes = list(axes)

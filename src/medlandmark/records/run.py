@@ -11,6 +11,7 @@ import math
 from pathlib import Path
 from typing import Any, ClassVar, Literal
 
+import numpy as np
 from pydantic import Field, field_validator, model_validator
 
 from medlandmark.io.files import atomic_write_text
@@ -76,6 +77,7 @@ class ShapeModelRecord(_Record):
     singular_values: tuple[float, float]
     handedness: Literal[-1, 0, 1] = 0  # the training cases' (0: mixed, or a run from before)
     rotation_limit_deg: float | None = Field(default=None, ge=0, le=180)  # None: a run from before
+    typical_orientation: list[list[float]] | None = None  # orthogonal (D, D); None: from before
 
     @model_validator(mode="after")
     def _consistent(self) -> ShapeModelRecord:
@@ -89,6 +91,13 @@ class ShapeModelRecord(_Record):
         low, high = self.singular_values
         if not (math.isfinite(low) and math.isfinite(high) and 0 < low <= high):
             raise ValueError(f"singular_values must be 0 < low <= high, got {[low, high]}")
+        if self.typical_orientation is not None:
+            matrix = np.asarray(self.typical_orientation, dtype=np.float64)
+            ndim = len(rows[0])
+            if matrix.shape != (ndim, ndim) or not np.allclose(
+                matrix @ matrix.T, np.eye(ndim), atol=1e-6
+            ):
+                raise ValueError(f"typical_orientation must be an orthogonal {ndim}x{ndim} matrix")
         return self
 
     @property

@@ -508,7 +508,10 @@ def fold_case_ids(
 
 def _shape_model(cases: list[CachedCase]) -> ShapeModelRecord | None:
     """The training landmarks' constellation (:mod:`medlandmark.shape_model`), for ``run.json``."""
-    model = fit_shape_model([index_to_world(c.landmarks_index, c.geometry) for c in cases])
+    model = fit_shape_model(
+        [index_to_world(c.landmarks_index, c.geometry) for c in cases],
+        [c.geometry.direction_matrix for c in cases],
+    )
     return None if model is None else ShapeModelRecord.model_validate(model.to_dict())
 
 
