@@ -68,8 +68,9 @@ SPECS = {
         "with its AFIDs ground truth (medlandmark convert afids-synth, seed 0: random affine and "
         "elastic warps, other spacings and orientations, field-of-view crops, bias, gamma and "
         "noise); medlandmark's U-Net cascade at the CPU budget (benchmarks/afids3d.py --budget "
-        "cpu), with nnU-Net's 3D rotation range (+-30 degrees). It has never seen a real "
-        "subject's scan.",
+        "cpu), with nnU-Net's 3D rotation range (+-30 degrees); its run.json holds the training "
+        "arrays' typical orientation, to which prediction turns the fine windows (predict "
+        "--window-orientation, anatomy by default in 3D). It has never seen a real subject's scan.",
         "data_terms": "AFIDs landmarks CC-BY-4.0 (the AFIDs project); the MNI152NLin2009cAsym "
         "template under the McGill copyright notice (free use with attribution).",
         "intended_use": "Demonstration and research: a starting point to fine-tune on real "
