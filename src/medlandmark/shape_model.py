@@ -214,8 +214,7 @@ def rotation_deg_of(matrix: np.ndarray) -> float:
     """The angle (degrees, 0-180) of the rotation in an affine map from :func:`affine_fit`: its
     linear part's nearest rotation (or rotation times a mirror), whatever the scaling."""
     ndim = matrix.shape[1]
-    u, _, vt = np.linalg.svd(matrix[:ndim].T)
-    rotation = u @ vt
+    rotation = orthogonal_part(matrix[:ndim].T)
     if np.linalg.det(rotation) < 0:  # a mirror: measure the rotation that follows it
         rotation = rotation @ np.diag([-1.0] + [1.0] * (ndim - 1))
     cosine = (np.trace(rotation) - (ndim - 2)) / 2
